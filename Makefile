@@ -1,0 +1,42 @@
+# pql-pipeline. The two commands a newcomer needs: `make demo` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install stack stack-down stack-status test test-fast demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+stack: install
+	@deploy/stack.sh up
+
+stack-down:
+	@deploy/stack.sh down
+
+stack-status:
+	@deploy/stack.sh status
+
+# The whole suite. Tests start their own Kafka and Redis on separate ports (see tests/conftest.py).
+test: install
+	$(BIN)/pytest -q
+
+# Only the tests that need no running services.
+test-fast: install
+	$(BIN)/pytest -q -m 'not stack'
+
+demo: stack
+	$(BIN)/python -m streams.demo
+
+bench: install
+	$(BIN)/python -m benchmarks.run
+
+clean: stack-down
+	rm -rf .stack $(VENV) *.egg-info

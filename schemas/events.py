@@ -1,0 +1,127 @@
+"""Input contract: Segment-spec events (also what RudderStack sends).
+
+Unknown fields are kept (``extra="allow"``). Event time is ``timestamp``; a timestamp without a zone
+is read as UTC. Parsing never raises anything but :class:`InvalidEvent`.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+UTC = timezone.utc
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+ONE_MS = timedelta(milliseconds=1)
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
+
+    messageId: Annotated[str, Field(min_length=1)]
+    timestamp: datetime
+    userId: str | None = None
+    anonymousId: str | None = None
+    context: dict[str, Any] = {}
+
+    @property
+    def ms(self) -> int:
+        """Event time in integer milliseconds since the epoch (exact, no float rounding)."""
+        ts = self.timestamp
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+        return (ts - EPOCH) // ONE_MS
+
+    @property
+    def group_id(self) -> str | None:
+        """The account named on the event itself (``context.groupId``)."""
+        gid = self.context.get("groupId")
+        return str(gid) if gid not in (None, "") else None
+
+    @property
+    def name(self) -> str | None:
+        """The name rules match on: ``event`` for track, ``name`` for page/screen."""
+        return None
+
+
+class Track(_Event):
+    type: Literal["track"]
+    event: Annotated[str, Field(min_length=1)]
+    properties: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.event
+
+
+class Page(_Event):
+    type: Literal["page"]
+    name_: str | None = Field(default=None, alias="name")
+    properties: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str | None:
+        return self.name_
+
+
+class Screen(Page):
+    type: Literal["screen"]  # type: ignore[assignment]
+
+
+class Identify(_Event):
+    type: Literal["identify"]
+    traits: dict[str, Any] = {}
+
+
+class Group(_Event):
+    type: Literal["group"]
+    groupId: Annotated[str, Field(min_length=1)]
+    traits: dict[str, Any] = {}
+
+
+class Alias(_Event):
+    type: Literal["alias"]
+    previousId: str | None = None
+
+
+Event = Annotated[Union[Track, Page, Screen, Identify, Group, Alias], Field(discriminator="type")]
+EVENT = TypeAdapter(Event)
+
+# Bounded set of reasons (they are metric label values and DLQ reasons).
+REASONS = ("not_json", "not_object", "unknown_type", "missing_field", "bad_timestamp", "invalid_field")
+
+
+class InvalidEvent(ValueError):
+    """An input that is not a usable Segment event. ``reason`` is one of REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _explain(err: ValidationError) -> InvalidEvent:
+    first = err.errors(include_url=False)[0]
+    kind, loc = first["type"], [str(p) for p in first["loc"]]
+    field = ".".join(loc[1:]) if len(loc) > 1 else ".".join(loc)
+    if kind == "json_invalid":
+        return InvalidEvent("not_json", first["msg"])
+    if kind in ("model_attributes_type", "model_type", "dict_type") and len(loc) <= 1:
+        return InvalidEvent("not_object", "an event must be a JSON object")
+    if kind == "union_tag_not_found":
+        return InvalidEvent("missing_field", "missing field 'type'")
+    if kind == "union_tag_invalid":
+        return InvalidEvent("unknown_type", f"unknown type {first.get('ctx', {}).get('tag')!r}")
+    if kind == "missing":
+        return InvalidEvent("missing_field", f"missing field {field!r}")
+    if field == "timestamp":
+        return InvalidEvent("bad_timestamp", f"unparsable timestamp {first.get('input')!r}")
+    return InvalidEvent("invalid_field", f"field {field!r}: {first['msg']}")
+
+
+def parse_event(raw: bytes | str) -> Event:
+    """Validate one JSON document as a Segment event, or raise InvalidEvent."""
+    try:
+        return EVENT.validate_json(raw)
+    except ValidationError as err:
+        raise _explain(err) from None

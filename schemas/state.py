@@ -1,0 +1,40 @@
+"""State contract: what the engine keeps per account (a Faust table value; JSON in the changelog).
+
+Times are integer milliseconds since the epoch. ``hits`` rows are
+``[ms, messageId, event, distinct_key, props]``: ``distinct_key`` is a short hash (never the raw
+value, which may be an e-mail address) and ``props`` holds only the fields a rule's ``where`` or
+``ratio`` names.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class Evidence(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    messageId: str
+    event: str
+    timestamp: str
+    properties: dict[str, Any] = {}
+
+
+class Reach(BaseModel):
+    at: int                      # latest reach time (event time, ms)
+    message_id: str              # the event that reached it
+    evidence: list[Evidence]
+
+
+class AccountState(BaseModel):
+    account_id: str
+    traits: dict[str, Any] = {}              # merged group traits, latest call wins per trait
+    traits_at: int | None = None             # event time of the group call the traits came from
+    newest: int = 0                          # newest event time applied
+    pruned_at: int = 0                       # `newest` at the last expiry sweep
+    seen: dict[str, int] = {}                # messageId -> event time, for dedupe
+    hits: dict[str, list[list[Any]]] = {}    # milestone -> matching events kept for its window
+    reached: dict[str, Reach] = {}           # milestone -> latest reach
+    last_handoff: int | None = None          # event time of the last handoff (cooldown)
+    last_handoff_id: str | None = None

@@ -1,0 +1,171 @@
+"""`pql replay`: the backtest. Runs the live engine over a JSONL file, in file order.
+
+Events are read as a partition delivers them. Output (stdout) is one CloudEvent per line and is
+byte-identical for the same input; the summary and per-line rejections go to stderr.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Iterable
+
+from pydantic import ValidationError
+
+from detectors import identity
+from detectors.engine import Engine
+from schemas.events import Group, Identify, InvalidEvent, parse_event
+from schemas.mql import MqlRecord
+from schemas.state import AccountState
+
+SHOW_LINES = 20  # line numbers listed per invalid reason in the summary
+
+
+@dataclass
+class Summary:
+    lines: int = 0
+    by_type: Counter = field(default_factory=Counter)
+    invalid: dict[str, list[int]] = field(default_factory=dict)
+    unattributed: int = 0
+    duplicates: int = 0
+    milestones: Counter = field(default_factory=Counter)
+    qualifications: int = 0
+    handoffs: int = 0
+    suppressed: Counter = field(default_factory=Counter)
+    accounts: int = 0
+    seconds: float = 0.0
+
+    def render(self) -> str:
+        valid = sum(self.by_type.values())
+        bad = sum(len(v) for v in self.invalid.values())
+        rate = self.lines / self.seconds if self.seconds else 0.0
+        out = [
+            f"events read:     {self.lines} ({valid} valid, {bad} invalid) in {self.seconds:.2f}s, {rate:,.0f}/s",
+            "by type:         " + _counts(self.by_type),
+        ]
+        for reason, lines in sorted(self.invalid.items()):
+            shown = ", ".join(map(str, lines[:SHOW_LINES])) + (", ..." if len(lines) > SHOW_LINES else "")
+            out.append(f"invalid {reason}: {len(lines)} (lines {shown})")
+        out += [
+            f"unattributed:    {self.unattributed}",
+            f"duplicates:      {self.duplicates}",
+            "milestones:      " + _counts(self.milestones),
+            f"qualifications:  {self.qualifications}",
+            f"handoffs:        {self.handoffs}",
+            "suppressed:      " + _counts(self.suppressed),
+            f"accounts:        {self.accounts}",
+        ]
+        return "\n".join(out)
+
+
+def _counts(c: Counter) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
+
+
+class MqlFileError(ValueError):
+    pass
+
+
+def load_mql(path: str | Path) -> dict[str, MqlRecord]:
+    """Read `{"account_id","stage","owner"}` lines; a bad line stops with its number and field."""
+    records: dict[str, MqlRecord] = {}
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = MqlRecord.model_validate_json(raw)
+            except ValidationError as err:
+                e = err.errors(include_url=False)[0]
+                where = ".".join(str(p) for p in e["loc"]) or "line"
+                raise MqlFileError(f"{path}:{n}: {where}: {e['msg']}") from None
+            records[rec.account_id] = rec
+    return records
+
+
+class Replay:
+    """The replay loop; holds identity links and account states in plain dicts."""
+
+    def __init__(self, engine: Engine, mql: dict[str, MqlRecord], milestones: bool = False):
+        self.engine = engine
+        self.mql = mql
+        self.milestones = milestones
+        self.links: dict[str, list] = {}
+        self.states: dict[str, AccountState] = {}
+        self.summary = Summary()
+
+    def feed(self, lineno: int, raw: bytes, out: IO[str], err: IO[str]) -> None:
+        s = self.summary
+        s.lines += 1
+        try:
+            event = parse_event(raw)
+        except InvalidEvent as bad:
+            s.invalid.setdefault(bad.reason, []).append(lineno)
+            err.write(f"line {lineno}: {bad.reason}: {bad.detail}\n")
+            return
+        s.by_type[event.type] += 1
+        if isinstance(event, Group):
+            for key in identity.user_keys(event):
+                new = identity.link(event, self.links.get(key))
+                if new is not None:
+                    self.links[key] = new
+        elif isinstance(event, Identify) or event.type == "alias":
+            return
+        account = identity.resolve(event, self.links)
+        if account is None:
+            s.unattributed += 1
+            return
+        if not self.engine.relevant(event):
+            return
+        state, obs, decision = self.engine.step(self.states.get(account), event, account, self.mql.get)
+        self.states[account] = state
+        if obs.duplicate:
+            s.duplicates += 1
+        for m in obs.milestones:
+            s.milestones[m.data.milestone] += 1
+            if self.milestones:
+                out.write(m.to_json() + "\n")
+        if decision is not None:
+            s.qualifications += 1
+            if decision.type == "pql.handoff":
+                s.handoffs += 1
+            else:
+                s.suppressed[decision.data.reason] += 1
+            out.write(decision.to_json() + "\n")
+
+
+def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], out: IO[str], err: IO[str],
+           milestones: bool = False, progress=None) -> Summary:
+    r = Replay(engine, mql, milestones)
+    started = time.perf_counter()
+    for n, raw in enumerate(lines, 1):
+        if raw.strip():
+            r.feed(n, raw, out, err)
+        if progress is not None and n % 8192 == 0:
+            progress(n)
+    r.summary.accounts = len(r.states)
+    r.summary.seconds = time.perf_counter() - started
+    return r.summary
+
+
+def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool) -> Summary:
+    """Replay a file to stdout/stderr, with a progress bar when stderr is a terminal."""
+    out, err = sys.stdout, sys.stderr
+    with open(events, "rb") as f:
+        if not err.isatty():
+            return replay(f, engine, mql, out, err, milestones)
+        import click
+
+        size = Path(events).stat().st_size
+        with click.progressbar(length=size, label="replay", file=err) as bar:
+            last = [0]
+
+            def progress(_n: int) -> None:
+                pos = f.tell()
+                bar.update(pos - last[0])
+                last[0] = pos
+
+            return replay(f, engine, mql, out, err, milestones, progress)
+
