@@ -76,10 +76,10 @@ class Engine:
         return name is not None and (event.type, name) in self.listening
 
     def observe(self, state: AccountState | None, event: Any, account_id: str) -> tuple[AccountState, Observation]:
-        if state is None:
-            state = AccountState(account_id=account_id)
-        obs = Observation()
         msg, ms = event.messageId, event.ms
+        if state is None:
+            state = AccountState(account_id=account_id, newest=ms, pruned_at=ms)
+        obs = Observation()
         if msg in state.seen:
             obs.duplicate = True
             return state, obs
@@ -113,10 +113,12 @@ class Engine:
 
     def _traits(self, state: AccountState, event: Group, ms: int) -> None:
         if state.traits_at is None or ms >= state.traits_at:
-            state.traits = {**state.traits, **event.traits}
-            state.traits_at = ms
+            state.traits.update(event.traits)
+            if state.traits_at != ms:
+                state.traits_at = ms
         else:  # an older call only fills traits we do not have yet
-            state.traits = {**event.traits, **state.traits}
+            for k, v in event.traits.items():
+                state.traits.setdefault(k, v)
 
     def _expire(self, state: AccountState) -> None:
         lo = state.newest - self.horizon

@@ -8,6 +8,7 @@ Windows are closed at both ends: an event exactly ``within`` before another is i
 from __future__ import annotations
 
 import hashlib
+from bisect import insort
 from typing import Any
 
 from detectors.conditions import MISSING, compile_conditions, getter
@@ -70,9 +71,11 @@ class Detector:
             if value is MISSING or value is None:
                 return None  # nothing to count distinctly
             key = distinct_key(value)
-        rows.append([ms, event.messageId, event.name, key, self._props(event)])
-        if self.within is not None:
-            rows.sort(key=lambda r: r[0])  # event-time order; equal times keep arrival order
+        row = [ms, event.messageId, event.name, key, self._props(event)]
+        if self.within is not None and rows and rows[-1][0] > ms:
+            insort(rows, row, key=_time)  # keep event-time order; equal times keep arrival order
+        else:
+            rows.append(row)
         if self.kind == "sequence":
             return self._sequence(rows, ms)
         return self._count(rows, ms)
@@ -117,6 +120,10 @@ class Detector:
         if self.within is not None and rows:
             lo = newest - self.within
             rows[:] = [r for r in rows if r[0] >= lo]
+
+
+def _time(row: list[Any]) -> int:
+    return row[0]
 
 
 def _evidence(row: list[Any]) -> Evidence:

@@ -6,6 +6,7 @@ is read as UTC. Parsing never raises anything but :class:`InvalidEvent`.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from functools import cached_property
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -13,18 +14,19 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_MS = timedelta(milliseconds=1)
+LATEST = datetime(2200, 1, 1, tzinfo=UTC)  # event times past this (or before 1970) are rejected
 
 
 class _Event(BaseModel):
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
 
     messageId: Annotated[str, Field(min_length=1)]
-    timestamp: datetime
+    timestamp: Annotated[datetime, Field(ge=EPOCH, lt=LATEST)]  # checked in pydantic-core
     userId: str | None = None
     anonymousId: str | None = None
-    context: dict[str, Any] = {}
+    context: dict[str, Any] = Field(default_factory=dict)
 
-    @property
+    @cached_property
     def ms(self) -> int:
         """Event time in integer milliseconds since the epoch (exact, no float rounding)."""
         ts = self.timestamp
@@ -47,7 +49,7 @@ class _Event(BaseModel):
 class Track(_Event):
     type: Literal["track"]
     event: Annotated[str, Field(min_length=1)]
-    properties: dict[str, Any] = {}
+    properties: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -57,7 +59,7 @@ class Track(_Event):
 class Page(_Event):
     type: Literal["page"]
     name_: str | None = Field(default=None, alias="name")
-    properties: dict[str, Any] = {}
+    properties: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def name(self) -> str | None:
@@ -70,13 +72,13 @@ class Screen(Page):
 
 class Identify(_Event):
     type: Literal["identify"]
-    traits: dict[str, Any] = {}
+    traits: dict[str, Any] = Field(default_factory=dict)
 
 
 class Group(_Event):
     type: Literal["group"]
     groupId: Annotated[str, Field(min_length=1)]
-    traits: dict[str, Any] = {}
+    traits: dict[str, Any] = Field(default_factory=dict)
 
 
 class Alias(_Event):
@@ -115,7 +117,8 @@ def _explain(err: ValidationError) -> InvalidEvent:
     if kind == "missing":
         return InvalidEvent("missing_field", f"missing field {field!r}")
     if field == "timestamp":
-        return InvalidEvent("bad_timestamp", f"unparsable timestamp {first.get('input')!r}")
+        why = "out of range (1970..2199)" if kind in ("greater_than_equal", "less_than") else "unparsable"
+        return InvalidEvent("bad_timestamp", f"{why} timestamp {first.get('input')!r}")
     return InvalidEvent("invalid_field", f"field {field!r}: {first['msg']}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Evidence(BaseModel):
@@ -18,7 +18,7 @@ class Evidence(BaseModel):
     messageId: str
     event: str
     timestamp: str
-    properties: dict[str, Any] = {}
+    properties: dict[str, Any] = Field(default_factory=dict)
 
 
 class Reach(BaseModel):
@@ -29,12 +29,12 @@ class Reach(BaseModel):
 
 class AccountState(BaseModel):
     account_id: str
-    traits: dict[str, Any] = {}              # merged group traits, latest call wins per trait
+    traits: dict[str, Any] = Field(default_factory=dict)              # merged group traits, latest call wins per trait
     traits_at: int | None = None             # event time of the group call the traits came from
     newest: int = 0                          # newest event time applied
     pruned_at: int = 0                       # `newest` at the last expiry sweep
-    seen: dict[str, int] = {}                # messageId -> event time, for dedupe
-    hits: dict[str, list[list[Any]]] = {}    # milestone -> matching events kept for its window
-    reached: dict[str, Reach] = {}           # milestone -> latest reach
+    seen: dict[str, int] = Field(default_factory=dict)                # messageId -> event time, for dedupe
+    hits: dict[str, list[list[Any]]] = Field(default_factory=dict)    # milestone -> matching events kept for its window
+    reached: dict[str, Reach] = Field(default_factory=dict)           # milestone -> latest reach
     last_handoff: int | None = None          # event time of the last handoff (cooldown)
     last_handoff_id: str | None = None

@@ -1,0 +1,122 @@
+"""Synthetic product-usage traffic: Segment events for N accounts, deterministic for a seed.
+
+The mix: every account sends a `group` call and everyday noise (page views, features used); some
+accounts invite teammates, some approach a plan limit, some complete the activation workflow, some
+connect an integration. Most never qualify. A few events are sent twice, a few are malformed, and
+some track calls carry no `context.groupId` (they resolve through the user's group call).
+"""
+from __future__ import annotations
+
+import json
+import random
+from datetime import datetime, timezone
+from typing import Iterator
+
+from detectors.timefmt import iso
+
+WORDS = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Wonka", "Tyrell", "Soylent",
+         "Cyberdyne", "Aperture", "Vandelay", "Pied Piper", "Massive", "Dunder", "Oscorp", "Gringotts"]
+NOISE = ["Feature Used", "Dashboard Viewed", "Report Exported", "Search Performed", "Settings Updated"]
+ACTIVATION = ["Source Connected", "Job Run", "Results Viewed"]
+INTEGRATIONS = ["salesforce", "hubspot", "slack", "github", "jira"]
+# persona -> share of accounts
+PERSONAS = [("browser", 0.55), ("inviter", 0.12), ("limit", 0.10), ("activator", 0.10), ("integrator", 0.08),
+            ("champion", 0.05)]
+
+
+def _persona(rng: random.Random) -> str:
+    x, acc = rng.random(), 0.0
+    for name, share in PERSONAS:
+        acc += share
+        if x < acc:
+            return name
+    return PERSONAS[0][0]
+
+
+class Simulator:
+    def __init__(self, accounts: int = 1000, seed: int = 7, start: datetime | None = None,
+                 span_ms: int = 7 * 86_400_000, dup_rate: float = 0.01, bad_rate: float = 0.005):
+        self.rng = random.Random(seed)
+        self.n = accounts
+        self.start = int((start or datetime(2026, 11, 16, tzinfo=timezone.utc)).timestamp() * 1000)
+        self.span = span_ms
+        self.dup_rate, self.bad_rate = dup_rate, bad_rate
+        self.personas = [_persona(self.rng) for _ in range(accounts)]
+        self.progress = [0] * accounts  # per-account step in its story
+        self.seq = 0
+
+    def account(self, i: int) -> str:
+        return f"acct-{i:06d}"
+
+    def _doc(self, i: int, ms: int, user: int, kind: str, **fields) -> dict:
+        self.seq += 1
+        doc = {"type": kind, "messageId": f"sim-{self.seq:09d}", "timestamp": iso(ms),
+               "userId": f"{self.account(i)}-u{user}", **fields}
+        return doc
+
+    def _track(self, i: int, ms: int, event: str, **props) -> dict:
+        user = self.rng.randrange(2)
+        doc = self._doc(i, ms, user, "track", event=event, properties=props)
+        if self.rng.random() < 0.9:  # the rest resolve through the user's group call
+            doc["context"] = {"groupId": self.account(i), "library": {"name": "pql-simulate"}}
+        return doc
+
+    def _group(self, i: int, ms: int, user: int) -> dict:
+        r = random.Random(i)  # traits are stable per account
+        return self._doc(i, ms, user, "group", groupId=self.account(i), traits={
+            "name": f"{r.choice(WORDS)} {i}", "employees": r.choice([2, 5, 8, 12, 25, 60, 150, 800]),
+            "plan": r.choice(["free", "trial", "trial", "team"]), "industry": r.choice(["saas", "retail", "fintech"])})
+
+    def _story(self, i: int, ms: int) -> dict:
+        persona, step = self.personas[i], self.progress[i]
+        self.progress[i] += 1
+        rng = self.rng
+        if step < 2:  # the account's first users send their group call first
+            return self._group(i, ms, step)
+        if persona in ("inviter", "champion") and rng.random() < 0.15:
+            return self._track(i, ms, "Invite Sent", invitee_email=f"teammate{rng.randrange(6)}@{self.account(i)}.example",
+                               role=rng.choice(["member", "admin"]))
+        if persona in ("limit", "champion") and rng.random() < 0.1:
+            return self._track(i, ms, "Usage Recorded", used=rng.randrange(20, 101), limit=100,
+                               metric="events")
+        if persona in ("activator", "champion") and rng.random() < 0.12:
+            return self._track(i, ms, ACTIVATION[step % 3], source=rng.choice(["postgres", "s3", "bigquery"]))
+        if persona in ("integrator", "champion") and rng.random() < 0.05:
+            return self._track(i, ms, "Integration Connected", integration=rng.choice(INTEGRATIONS))
+        if rng.random() < 0.01:  # an anonymous visitor no group call ties to an account
+            self.seq += 1
+            return {"type": "track", "event": rng.choice(NOISE + ["Invite Sent"]), "messageId": f"sim-{self.seq:09d}",
+                    "timestamp": iso(ms), "anonymousId": f"anon-{rng.randrange(10**6)}", "properties": {}}
+        if rng.random() < 0.4:
+            return self._doc(i, ms, rng.randrange(2), "page", name=rng.choice(["Home", "Docs", "Pricing", "Billing"]),
+                             context={"groupId": self.account(i)}, properties={"path": "/"})
+        return self._track(i, ms, rng.choice(NOISE), feature=rng.choice(["charts", "alerts", "sql", "api"]))
+
+    def events(self, count: int) -> Iterator[bytes]:
+        """`count` lines (JSON, one event each, plus the odd duplicate or malformed line)."""
+        rng = self.rng
+        last: bytes | None = None
+        for k in range(count):
+            ms = self.start + (self.span * k) // max(count, 1)
+            r = rng.random()
+            if last is not None and r < self.dup_rate:
+                yield last  # an exact redelivery
+                continue
+            if r > 1 - self.bad_rate:
+                yield rng.choice([b'{"type":"track","event":"Job Run"', b'{"type":"track","event":"x","messageId":"m"}',
+                                  b'{"type":"nope","messageId":"m","timestamp":"2026-11-20T00:00:00Z"}',
+                                  b'{"type":"track","event":"x","messageId":"m","timestamp":"last tuesday"}'])
+                continue
+            i = min(int(rng.paretovariate(1.2)) - 1, self.n - 1) if rng.random() < 0.3 else rng.randrange(self.n)
+            last = json.dumps(self._story(i, ms), separators=(",", ":")).encode()
+            yield last
+
+
+def key_of(line: bytes) -> bytes | None:
+    """Kafka key for a line: the account when the event names one."""
+    try:
+        doc = json.loads(line)
+        gid = doc.get("groupId") if doc.get("type") == "group" else (doc.get("context") or {}).get("groupId")
+        return str(gid).encode() if gid else None
+    except (ValueError, AttributeError):
+        return None

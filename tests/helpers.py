@@ -1,0 +1,60 @@
+"""Small builders for engine tests: rules from dicts, events from keyword arguments."""
+from __future__ import annotations
+
+import io
+import json
+from datetime import datetime, timedelta, timezone
+
+from detectors.engine import Engine
+from schemas.events import parse_event
+from schemas.rules import Rules
+from streams.replay import replay
+
+T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+def at(**delta) -> str:
+    """ISO timestamp T0 + delta, e.g. at(days=7)."""
+    return (T0 + timedelta(**delta)).isoformat().replace("+00:00", "Z")
+
+
+def rules(milestones: dict, score: int = 60, window: str = "30d", **extra) -> Rules:
+    return Rules.model_validate(
+        {"version": "v1", "milestones": milestones, "qualify": {"score": score, "window": window}, **extra}
+    )
+
+
+_n = [0]
+
+
+def track(event: str, ts: str, account: str | None = "acme", user: str = "u1", mid: str | None = None,
+          **props) -> dict:
+    _n[0] += 1
+    doc = {"type": "track", "event": event, "timestamp": ts, "userId": user,
+           "messageId": mid or f"m{_n[0]}", "properties": props}
+    if account:
+        doc["context"] = {"groupId": account}
+    return doc
+
+
+def group(account: str, ts: str, user: str = "u1", mid: str | None = None, **traits) -> dict:
+    _n[0] += 1
+    return {"type": "group", "groupId": account, "timestamp": ts, "userId": user,
+            "messageId": mid or f"g{_n[0]}", "traits": traits}
+
+
+def run(r: Rules, docs: list, mql: dict | None = None, milestones: bool = False):
+    """Replay docs through the engine; returns (list of output dicts, summary, stderr text)."""
+    out, err = io.StringIO(), io.StringIO()
+    lines = [(d if isinstance(d, (bytes, str)) else json.dumps(d)) for d in docs]
+    lines = [ln.encode() if isinstance(ln, str) else ln for ln in lines]
+    summary = replay(lines, Engine(r), mql or {}, out, err, milestones=milestones)
+    return [json.loads(x) for x in out.getvalue().splitlines()], summary, err.getvalue()
+
+
+def kinds(outputs: list) -> list[str]:
+    return [o["type"] for o in outputs]
+
+
+def event(doc: dict):
+    return parse_event(json.dumps(doc))
