@@ -41,3 +41,27 @@ def link(event: Group, current: Link | None) -> Link | None:
     if current is not None and current[1] > event.ms:
         return None
     return [event.groupId, event.ms]
+
+
+SKIP, UNATTRIBUTED = "skip", "unattributed"
+
+
+def route(event: Any, links: dict[str, Link], relevant) -> tuple[str | None, str | None, list[tuple[str, Link]]]:
+    """Shared by `pql replay` and the live ingest, so both attribute events identically.
+
+    Updates `links` from a group call. Returns (account, why_not, new_links): account is the
+    account to hand the event to, else why_not is SKIP (nothing a rule can use) or UNATTRIBUTED
+    (a rule would use it, but no account is known).
+    """
+    if isinstance(event, Group):
+        changed = []
+        for key in user_keys(event):
+            new = link(event, links.get(key))
+            if new is not None:
+                links[key] = new
+                changed.append((key, new))
+        return event.groupId, None, changed
+    if event.type not in ("track", "page", "screen") or not relevant(event):
+        return None, SKIP, []
+    account = resolve(event, links)
+    return (account, None, []) if account is not None else (None, UNATTRIBUTED, [])

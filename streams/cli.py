@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 import click
+from pydantic import ValidationError
 
 from schemas.rules import Rules, RulesError, load_rules
 
@@ -60,6 +61,156 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool)
         sys.exit(2)
     summary = rp.run(events, engine, mql, milestones)
     click.echo(summary.render(), err=True)
+
+
+def _settings():
+    from streams.config import SettingsError, load_settings
+
+    try:
+        return load_settings()
+    except SettingsError as err:
+        click.echo(f"pql: bad setting: {err}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+def worker() -> None:
+    """Run the live worker (ingest + detection + CRM agents) until stopped.
+
+    Configuration comes from PQL_* environment variables (see the README).
+    """
+    import logging
+
+    from streams.app import run_worker
+    from streams.topics import TopicError
+
+    s = _settings()
+    logging.basicConfig(level=s.log_level.upper().replace("WARN", "WARNING"),
+                        format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
+    r = _rules(str(s.rules))
+    try:
+        run_worker(s, r)
+    except TopicError as err:
+        click.echo(f"pql: {err}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--topic", help="Topic to publish to (default: product.events with PQL_TOPIC_PREFIX).")
+@click.option("--rate", type=float, help="Events per second (default: as fast as possible).")
+def publish(file: str, topic: str | None, rate: float | None) -> None:
+    """Publish a JSONL FILE of Segment events to Kafka, keyed by account."""
+    from pathlib import Path
+
+    from streams.publish import Publisher, publish as run
+    from streams.topics import Topics
+
+    s = _settings()
+    pub = Publisher(s.confluent(), topic or Topics.of(s).events)
+    with open(file, "rb") as f:
+        if sys.stderr.isatty():
+            with click.progressbar(length=Path(file).stat().st_size, label="publish", file=sys.stderr) as bar:
+                last = [0]
+
+                def progress(_n: int) -> None:
+                    bar.update(f.tell() - last[0])
+                    last[0] = f.tell()
+
+                took = run(f, pub, rate, progress)
+        else:
+            took = run(f, pub, rate)
+    click.echo(f"published {pub.sent} events to {pub.topic} in {took:.2f}s ({pub.sent / max(took, 1e-9):,.0f}/s); "
+               f"{pub.keyed} keyed by account, {pub.sent - pub.keyed} unkeyed, {pub.failed} failed", err=True)
+    sys.exit(1 if pub.failed else 0)
+
+
+@main.command()
+@click.option("--accounts", default=1000, show_default=True, help="Number of accounts.")
+@click.option("--events", "count", default=100_000, show_default=True, help="Number of events.")
+@click.option("--rate", type=float, help="Events per second (Kafka only; default: as fast as possible).")
+@click.option("--seed", default=7, show_default=True)
+@click.option("--now", is_flag=True, help="Stamp events with the current time instead of a simulated week.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), help="Write JSONL here instead of Kafka.")
+def simulate(accounts: int, count: int, rate: float | None, seed: int, now: bool, out: str | None) -> None:
+    """Synthetic product-usage traffic, to Kafka (product.events) or to a JSONL file."""
+    from streams.simulate import Simulator
+
+    sim = Simulator(accounts=accounts, seed=seed, live=now)
+    lines = sim.events(count)
+    if out:
+        with open(out, "wb") as f:
+            for line in lines:
+                f.write(line + b"\n")
+        click.echo(f"wrote {count} events for {accounts} accounts to {out}", err=True)
+        return
+    from streams.publish import Publisher, publish as run
+    from streams.topics import Topics
+
+    s = _settings()
+    pub = Publisher(s.confluent(), Topics.of(s).events)
+    took = run(lines, pub, rate)
+    click.echo(f"simulated {pub.sent} events for {accounts} accounts to {pub.topic} in {took:.2f}s", err=True)
+
+
+@main.group()
+def mql() -> None:
+    """Read and write the MQL state in Redis."""
+
+
+def _store():
+    from streams.mqlstore import MqlStore
+
+    s = _settings()
+    return MqlStore(s.redis_url, s.redis_prefix)
+
+
+@mql.command("set")
+@click.argument("account")
+@click.option("--stage", required=True, help="Lead, MQL, SAL, SQL, Opportunity, Customer, Recycled, Disqualified")
+@click.option("--owner", help="Owner (sales rep id).")
+def mql_set(account: str, stage: str, owner: str | None) -> None:
+    """Set an account's MQL stage and owner."""
+    from datetime import datetime, timezone
+
+    from schemas.mql import MqlRecord
+
+    try:
+        rec = MqlRecord(account_id=account, stage=stage, owner=owner,
+                        timestamp=datetime.now(timezone.utc).isoformat())
+    except ValidationError as err:
+        click.echo(f"pql: {err.errors(include_url=False)[0]['loc'][0]}: {err.errors(include_url=False)[0]['msg']}",
+                   err=True)
+        sys.exit(2)
+    _store().put(rec)
+    click.echo(f"{account}: {rec.stage}" + (f", owner {rec.owner}" if rec.owner else ""))
+
+
+@mql.command("get")
+@click.argument("account")
+def mql_get(account: str) -> None:
+    """Show an account's MQL record (JSON), exit 1 when there is none."""
+    rec = _store().get(account)
+    if rec is None:
+        click.echo(f"{account}: no MQL record", err=True)
+        sys.exit(1)
+    click.echo(rec.model_dump_json())
+
+
+@mql.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def mql_import(file: str) -> None:
+    """Load MQL records from JSONL ({"account_id","stage","owner"}, as `pql replay --mql`)."""
+    from streams.replay import MqlFileError, load_mql
+
+    try:
+        records = load_mql(file)
+    except MqlFileError as err:
+        click.echo(f"pql: bad MQL file: {err}", err=True)
+        sys.exit(2)
+    store = _store()
+    applied = sum(store.put(r) for r in records.values())
+    click.echo(f"imported {applied} of {len(records)} records from {file}")
 
 
 if __name__ == "__main__":

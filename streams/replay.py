@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from detectors import identity
 from detectors.engine import Engine
-from schemas.events import Group, Identify, InvalidEvent, parse_event
+from schemas.events import InvalidEvent, parse_event
 from schemas.mql import MqlRecord
 from schemas.state import AccountState
 
@@ -106,18 +106,9 @@ class Replay:
             err.write(f"line {lineno}: {bad.reason}: {bad.detail}\n")
             return
         s.by_type[event.type] += 1
-        if isinstance(event, Group):
-            for key in identity.user_keys(event):
-                new = identity.link(event, self.links.get(key))
-                if new is not None:
-                    self.links[key] = new
-        elif isinstance(event, Identify) or event.type == "alias":
-            return
-        account = identity.resolve(event, self.links)
+        account, why_not, _ = identity.route(event, self.links, self.engine.relevant)
         if account is None:
-            s.unattributed += 1
-            return
-        if not self.engine.relevant(event):
+            s.unattributed += why_not == identity.UNATTRIBUTED
             return
         state, obs, decision = self.engine.step(self.states.get(account), event, account, self.mql.get)
         self.states[account] = state

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from datetime import datetime, timezone
 from typing import Iterator
 
@@ -35,7 +36,8 @@ def _persona(rng: random.Random) -> str:
 
 class Simulator:
     def __init__(self, accounts: int = 1000, seed: int = 7, start: datetime | None = None,
-                 span_ms: int = 7 * 86_400_000, dup_rate: float = 0.01, bad_rate: float = 0.005):
+                 span_ms: int = 7 * 86_400_000, dup_rate: float = 0.01, bad_rate: float = 0.005,
+                 live: bool = False):
         self.rng = random.Random(seed)
         self.n = accounts
         self.start = int((start or datetime(2026, 11, 16, tzinfo=timezone.utc)).timestamp() * 1000)
@@ -44,13 +46,15 @@ class Simulator:
         self.personas = [_persona(self.rng) for _ in range(accounts)]
         self.progress = [0] * accounts  # per-account step in its story
         self.seq = 0
+        self.prefix = f"s{seed}-"  # messageIds differ between seeds
+        self.live = live  # stamp events with the wall clock (for live demos and latency runs)
 
     def account(self, i: int) -> str:
         return f"acct-{i:06d}"
 
     def _doc(self, i: int, ms: int, user: int, kind: str, **fields) -> dict:
         self.seq += 1
-        doc = {"type": kind, "messageId": f"sim-{self.seq:09d}", "timestamp": iso(ms),
+        doc = {"type": kind, "messageId": f"{self.prefix}{self.seq:09d}", "timestamp": iso(ms),
                "userId": f"{self.account(i)}-u{user}", **fields}
         return doc
 
@@ -85,7 +89,7 @@ class Simulator:
             return self._track(i, ms, "Integration Connected", integration=rng.choice(INTEGRATIONS))
         if rng.random() < 0.01:  # an anonymous visitor no group call ties to an account
             self.seq += 1
-            return {"type": "track", "event": rng.choice(NOISE + ["Invite Sent"]), "messageId": f"sim-{self.seq:09d}",
+            return {"type": "track", "event": rng.choice(NOISE + ["Invite Sent"]), "messageId": f"{self.prefix}{self.seq:09d}",
                     "timestamp": iso(ms), "anonymousId": f"anon-{rng.randrange(10**6)}", "properties": {}}
         if rng.random() < 0.4:
             return self._doc(i, ms, rng.randrange(2), "page", name=rng.choice(["Home", "Docs", "Pricing", "Billing"]),
@@ -97,7 +101,7 @@ class Simulator:
         rng = self.rng
         last: bytes | None = None
         for k in range(count):
-            ms = self.start + (self.span * k) // max(count, 1)
+            ms = int(time.time() * 1000) if self.live else self.start + (self.span * k) // max(count, 1)
             r = rng.random()
             if last is not None and r < self.dup_rate:
                 yield last  # an exact redelivery

@@ -1,0 +1,203 @@
+"""The live worker: a Faust app around the detection engine.
+
+Agents (concurrency 1 each; faust-streaming issue 606):
+- `detect`   <app>-accounts envelopes -> table `accounts` -> pql.handoffs / pql.signals
+- `crm`      crm.lifecycle -> Redis MQL store
+plus the ingest tier (streams/ingest.py) as a task, and /metrics on the web port.
+
+Exactly one handoff: processing_guarantee="exactly_once". Faust gives each source partition p a
+transactional producer and commits that partition's input offsets in its transaction. Every write
+`detect` makes for an event of partition p goes to partition p of a co-partitioned topic (the
+`accounts` changelog, pql.handoffs, pql.signals) through that same producer, so state, outputs and
+offsets commit together or not at all. See README "Exactly one handoff".
+"""
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+
+import faust
+from faust.serializers import codecs
+from pydantic import ValidationError
+
+from detectors.engine import Engine
+from schemas.cloudevents import HANDOFF
+from schemas.events import InvalidEvent, parse_event
+from schemas.mql import MqlRecord
+from schemas.rules import Rules
+from schemas.state import AccountState
+from streams import envelope, metrics
+from streams.config import Settings
+from streams.ingest import Ingest, Router
+from streams.mqlstore import AsyncMqlStore
+from streams.topics import Topics
+
+log = logging.getLogger("pql.worker")
+CE_HEADERS = [("content-type", b"application/cloudevents+json")]
+
+
+class StateCodec(codecs.Codec):
+    """Account state <-> JSON in the changelog."""
+
+    def _dumps(self, obj: AccountState) -> bytes:
+        return obj.model_dump_json().encode()
+
+    def _loads(self, s: bytes) -> AccountState:
+        return AccountState.model_validate_json(s)
+
+
+codecs.register("pql_state", StateCodec())
+
+
+def _credentials(s: Settings):
+    if s.kafka_security_protocol == "PLAINTEXT":
+        return None
+    ssl_context = None
+    if s.kafka_security_protocol in ("SSL", "SASL_SSL"):
+        ssl_context = ssl.create_default_context(cafile=str(s.kafka_ssl_cafile) if s.kafka_ssl_cafile else None)
+        if s.kafka_ssl_certfile:
+            ssl_context.load_cert_chain(str(s.kafka_ssl_certfile), str(s.kafka_ssl_keyfile) if s.kafka_ssl_keyfile else None)
+    if s.kafka_security_protocol.startswith("SASL"):
+        return faust.SASLCredentials(username=s.kafka_sasl_username, password=s.kafka_sasl_password,
+                                     mechanism=s.kafka_sasl_mechanism or "PLAIN", ssl_context=ssl_context)
+    return faust.SSLCredentials(ssl_context)
+
+
+def build(settings: Settings, rules: Rules) -> faust.App:
+    s, topics, engine = settings, Topics.of(settings), Engine(rules)
+    (s.data_dir / s.app_id).mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        s.app_id,
+        broker=f"kafka://{s.kafka_bootstrap}",
+        broker_credentials=_credentials(s),
+        store=s.store,
+        datadir=str(s.data_dir / s.app_id),
+        processing_guarantee="exactly_once",
+        producer_acks=-1,
+        topic_replication_factor=s.replication,
+        topic_partitions=s.partitions,
+        broker_commit_interval=s.commit_interval,
+        broker_commit_every=100_000,
+        consumer_auto_offset_reset="earliest",
+        web_port=s.web_port,
+        web_bind=s.web_host,
+        web_host=s.web_host,
+        stream_wait_empty=False,
+    )
+    P = s.partitions
+    accounts_topic = app.topic(topics.accounts, key_type=bytes, value_type=bytes, key_serializer="raw",
+                               value_serializer="raw", partitions=P)
+    crm_topic = app.topic(topics.crm, key_serializer="raw", value_serializer="raw")
+    accounts = app.Table("accounts", partitions=P)
+    accounts.value_serializer = "pql_state"  # set before Faust creates the changelog topic object
+    mql = AsyncMqlStore(s.redis_url, s.redis_prefix, s.redis_retry_max, on_error=metrics.redis_errors.inc)
+    metrics.rules_info.labels(rules.version).set(1)
+    metrics.build_info.labels(_version()).set(1)
+
+    def tid(source_topic: str, partition: int) -> str:
+        """The transactional id Faust uses for this source partition (TransactionManager's format)."""
+        return f"{app.conf.id}-{app.assignor.group_for_topic(source_topic)}-{partition}"
+
+    async def send_tx(topic: str, key: str, value: bytes, partition: int, transactional_id: str) -> None:
+        await app.producer.send(topic, key.encode(), value, partition, None, CE_HEADERS,
+                                transactional_id=transactional_id)
+
+    async def send_now(topic: str, key: bytes | None, value: bytes, partition: int | None,
+                       headers: list | None = None) -> None:
+        """Outside any transaction, and wait for the ack (the DLQ: at-least-once)."""
+        fut = await app.producer.send(topic, key, value, partition, None, headers)
+        await fut
+
+    @app.agent(accounts_topic, concurrency=1)
+    async def detect(stream):
+        async for ev in stream.events():
+            p = ev.message.partition
+            t = tid(topics.accounts, p)
+            touched: dict[str, AccountState] = {}
+            for account, raw in envelope.unpack(ev.value):
+                started = time.perf_counter()
+                try:
+                    event = parse_event(raw)
+                except InvalidEvent:  # the ingest tier validated it; only a foreign producer gets here
+                    metrics.events_invalid.labels("invalid_field").inc()
+                    continue
+                state = touched.get(account) or accounts.get(account)
+                state, obs = engine.observe(state, event, account)
+                touched[account] = state
+                if obs.duplicate:
+                    metrics.events_duplicate.inc()
+                for m in obs.milestones:
+                    metrics.milestones_reached.labels(m.data.milestone).inc()
+                    await send_tx(topics.signals, account, m.to_json().encode(), p, t)
+                if obs.qualified is not None:
+                    metrics.qualifications.inc()
+                    record, took = await mql.get(account)
+                    metrics.mql_lookup.observe(took)
+                    state, decision = engine.decide(state, obs.qualified, record)
+                    if decision.type == HANDOFF:
+                        await send_tx(topics.handoffs, account, decision.to_json().encode(), p, t)
+                        metrics.handoffs_published.labels("pql", decision.data.precedence).inc()
+                        metrics.event_to_handoff.observe(max(0.0, time.time() - event.ms / 1000))
+                    else:
+                        await send_tx(topics.signals, account, decision.to_json().encode(), p, t)
+                        metrics.handoffs_suppressed.labels(decision.data.reason).inc()
+                metrics.event_processing.observe(time.perf_counter() - started)
+            for account, state in touched.items():
+                accounts[account] = state  # one changelog write per account per envelope
+
+    @app.agent(crm_topic, concurrency=1)
+    async def crm(stream):
+        async for ev in stream.events():
+            try:
+                rec = MqlRecord.model_validate_json(ev.value or b"")
+            except ValidationError as err:
+                e = err.errors(include_url=False)[0]
+                detail = f"{'.'.join(str(x) for x in e['loc']) or 'record'}: {e['msg']}"
+                metrics.events_invalid.labels("bad_crm_record").inc()
+                await send_now(topics.dlq, ev.key, ev.value or b"", None, [
+                    ("pql.error.reason", b"bad_crm_record"), ("pql.error.detail", detail.encode()),
+                    ("pql.error.topic", ev.message.topic.encode()),
+                    ("pql.error.partition", str(ev.message.partition).encode()),
+                    ("pql.error.offset", str(ev.message.offset).encode())])
+                continue
+            await mql.put(rec)
+
+    @app.task
+    async def ingest() -> None:
+        loop = Ingest(s.confluent(), f"{s.app_id}-ingest", Router(engine, topics, P), topics, s.ingest_batch)
+        app.pql_ingest = loop
+        await loop.run()
+
+    @app.page("/metrics")
+    async def metrics_page(web, request):
+        return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
+
+    @app.page("/health")
+    async def health(web, request):
+        return web.json({"status": "ok", "rules_version": rules.version})
+
+    app.pql_topics = topics
+    app.pql_table = accounts
+    return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pql-pipeline")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def run_worker(settings: Settings, rules: Rules) -> None:
+    """Create topics, then run the Faust worker until stopped (SIGTERM/SIGINT)."""
+    from streams.topics import ensure_topics
+
+    ensure_topics(settings, Topics.of(settings))
+    app = build(settings, rules)
+    worker = faust.Worker(app, loglevel=settings.log_level.upper() if settings.log_level != "warn" else "WARNING",
+                          quiet=True)
+    worker.execute_from_commandline()
+

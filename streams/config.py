@@ -1,0 +1,68 @@
+"""Configuration: every setting is a `PQL_*` environment variable (pydantic-settings)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RULES = ROOT / "examples" / "rules.yaml"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PQL_", extra="ignore")
+
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "pql:"
+    rules: Path = DEFAULT_RULES
+    app_id: str = Field(default="pql-pipeline", pattern=r"^[A-Za-z0-9._-]+$")
+    topic_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
+    partitions: int = Field(default=4, ge=1, le=1024)
+    replication: int = Field(default=1, ge=1)
+    web_port: int = Field(default=6066, ge=1, le=65535)
+    web_host: str = "127.0.0.1"
+    store: str = Field(default="memory://", pattern=r"^(memory|rocksdb|rocksdict|aerospike)://")
+    data_dir: Path = Path(".stack/worker-data")
+    commit_interval: float = Field(default=0.1, gt=0, description="seconds between transaction commits")
+    ingest_batch: int = Field(default=5000, ge=1)
+    redis_retry_max: float = Field(default=5.0, gt=0, description="longest wait between Redis retries, s")
+    log_level: Literal["debug", "info", "warn", "error"] = "info"
+    # Kafka security, passed through to both clients
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+
+    def topic(self, name: str) -> str:
+        return self.topic_prefix + name
+
+    def confluent(self) -> dict:
+        """librdkafka settings for confluent-kafka clients."""
+        conf = {"bootstrap.servers": self.kafka_bootstrap, "security.protocol": self.kafka_security_protocol}
+        optional = {
+            "sasl.mechanism": self.kafka_sasl_mechanism, "sasl.username": self.kafka_sasl_username,
+            "sasl.password": self.kafka_sasl_password, "ssl.ca.location": self.kafka_ssl_cafile,
+            "ssl.certificate.location": self.kafka_ssl_certfile, "ssl.key.location": self.kafka_ssl_keyfile,
+        }
+        conf.update({k: str(v) for k, v in optional.items() if v is not None})
+        return conf
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def load_settings(**overrides) -> Settings:
+    """Settings from the environment; a bad value stops with the variable's name."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        e = err.errors(include_url=False)[0]
+        name = "PQL_" + "_".join(str(p) for p in e["loc"]).upper()
+        raise SettingsError(f"{name}: {e['msg']} (got {e.get('input')!r})") from None

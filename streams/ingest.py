@@ -1,0 +1,194 @@
+"""Ingest tier: product.events -> envelopes for the Faust tier, rejects -> dead-letter topic.
+
+Runs inside the worker process as an asyncio task around a confluent-kafka consumer (its own
+consumer group, `<app id>-ingest`). Per batch: validate every message, attribute it to an account,
+drop what no rule can use, pack the rest into one envelope per destination partition, publish,
+wait for the acks, then commit the input offsets. At-least-once: after a crash a batch may be sent
+again, and the detection tier ignores the repeats (messageId dedupe), so nothing is lost and
+nothing counts twice.
+
+Identity is resolved here, in input order, with the same function `pql replay` uses
+(detectors/identity.route): group calls update a user -> account map that is also written to the
+compacted topic `<app>-links`; every worker loads that topic at start and keeps reading it, so a
+link learned on one worker reaches the others (a global table).
+
+Rejects go to the DLQ with the original key and bytes, and headers pql.error.reason / detail /
+topic / partition / offset.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from detectors import identity
+from detectors.engine import Engine
+from schemas.events import InvalidEvent, parse_event
+from streams import envelope, metrics
+from streams.topics import Topics
+
+log = logging.getLogger("pql.ingest")
+
+
+@dataclass
+class Batch:
+    """What one batch of input turns into."""
+
+    envelopes: dict[tuple[str, int], list[tuple[str, bytes]]] = field(default_factory=lambda: defaultdict(list))
+    rejects: list[tuple[object, str, str]] = field(default_factory=list)  # (message, reason, detail)
+    links: list[tuple[str, list]] = field(default_factory=list)  # new user -> [account, ms]
+
+
+class Router:
+    def __init__(self, engine: Engine, topics: Topics, partitions: int):
+        self.engine, self.topics, self.partitions = engine, topics, partitions
+        self.links: dict[str, list] = {}
+
+    def route(self, raw: bytes, batch: Batch, msg: object = None) -> None:
+        try:
+            event = parse_event(raw)
+        except InvalidEvent as bad:
+            batch.rejects.append((msg, bad.reason, bad.detail))
+            return
+        metrics.events_consumed.labels(event.type).inc()
+        account, why_not, new_links = identity.route(event, self.links, self.engine.relevant)
+        batch.links.extend(new_links)
+        if account is None:
+            if why_not == identity.UNATTRIBUTED:
+                metrics.events_unattributed.inc()
+            return
+        if not envelope.safe_key(account):
+            batch.rejects.append((msg, "invalid_field", "field 'groupId': empty, or a tab or newline in it"))
+            return
+        if b"\n" in raw:  # pretty-printed input: envelopes carry one event per line
+            raw = event.model_dump_json(by_alias=True).encode()
+        p = envelope.partition_of(account, self.partitions)
+        batch.envelopes[(self.topics.accounts, p)].append((account, raw))
+
+    def learn(self, key: bytes, value: bytes) -> None:
+        """A link read back from the links topic (possibly learned by another worker)."""
+        account, _, ms = value.decode().partition("\t")
+        k = key.decode()
+        current = self.links.get(k)
+        if current is None or current[1] <= int(ms):
+            self.links[k] = [account, int(ms)]
+
+
+def dlq_headers(msg, reason: str, detail: str) -> list[tuple[str, bytes]]:
+    return [
+        ("pql.error.reason", reason.encode()),
+        ("pql.error.detail", detail[:500].encode()),
+        ("pql.error.topic", str(msg.topic()).encode()),
+        ("pql.error.partition", str(msg.partition()).encode()),
+        ("pql.error.offset", str(msg.offset()).encode()),
+    ]
+
+
+class Ingest:
+    """The consume -> route -> publish -> commit loop."""
+
+    def __init__(self, conf: dict, group_id: str, router: Router, topics: Topics, batch_size: int):
+        from confluent_kafka import Consumer, Producer
+
+        self.router, self.topics, self.batch_size = router, topics, batch_size
+        self.consumer = Consumer({
+            **conf, "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky", "fetch.wait.max.ms": 20,
+            "queued.max.messages.kbytes": 65536,
+        })
+        self.producer = Producer({
+            **conf, "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4",
+            "batch.size": 1_000_000, "queue.buffering.max.messages": 500_000,
+        })
+        self.links = Consumer({**conf, "group.id": f"{group_id}-links", "enable.auto.commit": False})
+        self.failed: list[str] = []
+        self.running = True
+
+    def load_links(self) -> int:
+        """Read the whole links topic (blocking; at start, before any event is routed)."""
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        meta = self.links.list_topics(self.topics.links, timeout=15).topics[self.topics.links]
+        parts = [TopicPartition(self.topics.links, p, OFFSET_BEGINNING) for p in meta.partitions]
+        self.links.assign(parts)
+        ends = {p.partition: self.links.get_watermark_offsets(p, timeout=15)[1] for p in parts}
+        n = 0
+        while True:
+            done = {tp.partition: tp.offset for tp in self.links.position(parts)}
+            if all(done[p] >= end or end == 0 for p, end in ends.items()):
+                break
+            for m in self.links.consume(10_000, timeout=0.5):
+                if m.error() is None:
+                    self.router.learn(m.key(), m.value())
+                    n += 1
+        return n
+
+    def _tail_links(self) -> None:
+        for m in self.links.consume(10_000, timeout=0):
+            if m.error() is None:
+                self.router.learn(m.key(), m.value())
+
+    def _assigned(self, consumer, partitions) -> None:
+        metrics.rebalances.inc()
+
+    def _delivered(self, err, msg) -> None:
+        if err is not None:
+            self.failed.append(str(err))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        n = await loop.run_in_executor(None, self.load_links)
+        log.info("loaded %d identity links from %s", n, self.topics.links)
+        self.consumer.subscribe([self.topics.events], on_assign=self._assigned)
+        try:
+            while self.running:
+                self._tail_links()
+                msgs = self.consumer.consume(self.batch_size, timeout=0)
+                if not msgs:
+                    # nothing buffered: wait briefly for data without blocking the event loop
+                    msgs = await loop.run_in_executor(None, self.consumer.consume, self.batch_size, 0.05)
+                    if not msgs:
+                        continue
+                await self.handle(msgs)
+        finally:
+            self.close()
+
+    async def handle(self, msgs: list) -> None:
+        batch, last = Batch(), {}
+        for m in msgs:
+            if m.error() is not None:
+                log.warning("consume error: %s", m.error())
+                continue
+            self.router.route(m.value() or b"", batch, m)
+            last[(m.topic(), m.partition())] = m.offset()
+        for (topic, partition), items in batch.envelopes.items():
+            self._produce(topic, envelope.pack(items), partition=partition)
+        for key, (account, ms) in batch.links:
+            self._produce(self.topics.links, f"{account}\t{ms}".encode(), key=key.encode())
+        for m, reason, detail in batch.rejects:
+            metrics.events_invalid.labels(reason).inc()
+            self._produce(self.topics.dlq, m.value(), key=m.key(), headers=dlq_headers(m, reason, detail))
+        while self.producer.flush(0) > 0:  # wait for every ack before committing the input
+            await asyncio.sleep(0.001)
+        if self.failed:
+            raise RuntimeError(f"ingest could not publish: {self.failed[0]}")
+        from confluent_kafka import TopicPartition
+
+        self.consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=True)
+
+    def _produce(self, topic: str, value: bytes, **kw) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value, on_delivery=self._delivered, **kw)
+                return
+            except BufferError:
+                self.producer.poll(0.01)
+
+    def close(self) -> None:
+        for c in (self.consumer, self.links):
+            try:
+                c.close()
+            except Exception:  # already closed
+                pass
+        self.producer.flush(10)

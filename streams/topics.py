@@ -1,0 +1,67 @@
+"""Topic names and creation. All names get PQL_TOPIC_PREFIX.
+
+in:  product.events (Segment JSON), crm.lifecycle (MQL state changes)
+out: pql.handoffs, pql.signals, pql.events.dlq
+internal (per app id): <app>-accounts (envelopes, see streams/envelope.py), <app>-links (compacted
+user -> account links, see streams/ingest.py); Faust adds <app>-accounts-changelog for the table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from streams.config import Settings
+
+
+@dataclass(frozen=True)
+class Topics:
+    events: str
+    crm: str
+    handoffs: str
+    signals: str
+    dlq: str
+    accounts: str
+    links: str
+
+    @classmethod
+    def of(cls, s: Settings) -> "Topics":
+        t = s.topic
+        return cls(events=t("product.events"), crm=t("crm.lifecycle"), handoffs=t("pql.handoffs"),
+                   signals=t("pql.signals"), dlq=t("pql.events.dlq"),
+                   accounts=t(f"{s.app_id}-accounts"), links=t(f"{s.app_id}-links"))
+
+    @property
+    def copartitioned(self) -> tuple[str, ...]:
+        """Topics that must have exactly PQL_PARTITIONS partitions (outputs share the source partition)."""
+        return (self.accounts, self.handoffs, self.signals)
+
+
+class TopicError(RuntimeError):
+    pass
+
+
+def ensure_topics(s: Settings, topics: Topics) -> None:
+    """Create missing topics; refuse to start when a co-partitioned topic has the wrong count."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient(s.confluent())
+    try:
+        existing = admin.list_topics(timeout=15).topics
+    except Exception as err:  # KafkaException: broker unreachable
+        raise TopicError(f"cannot reach Kafka at {s.kafka_bootstrap} (PQL_KAFKA_BOOTSTRAP): {err}") from None
+    wanted = [topics.events, topics.crm, topics.dlq, *topics.copartitioned]
+    missing = [NewTopic(name, s.partitions, s.replication) for name in wanted if name not in existing]
+    if topics.links not in existing:
+        missing.append(NewTopic(topics.links, s.partitions, s.replication, config={"cleanup.policy": "compact"}))
+    if missing:
+        for name, fut in admin.create_topics(missing, operation_timeout=30).items():
+            try:
+                fut.result(timeout=30)
+            except Exception as err:
+                if "TOPIC_ALREADY_EXISTS" not in str(err):
+                    raise TopicError(f"cannot create topic {name}: {err}") from None
+    meta = admin.list_topics(timeout=15).topics
+    for name in topics.copartitioned:
+        n = len(meta[name].partitions) if name in meta else 0
+        if n != s.partitions:
+            raise TopicError(f"topic {name} has {n} partitions but PQL_PARTITIONS is {s.partitions}; "
+                             "outputs are co-partitioned with the state, so these must match")
