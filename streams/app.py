@@ -7,18 +7,20 @@ plus the ingest tier (streams/ingest.py) as a task, and /metrics on the web port
 
 Exactly one handoff: processing_guarantee="exactly_once". Faust gives each source partition p a
 transactional producer and commits that partition's input offsets in its transaction. Every write
-`detect` makes for an event of partition p goes to partition p of a co-partitioned topic (the
-`accounts` changelog, pql.handoffs, pql.signals) through that same producer, so state, outputs and
-offsets commit together or not at all. See README "Exactly one handoff".
+`detect` makes for an envelope of partition p goes to partition p of a co-partitioned topic (the
+`accounts` changelog, pql.handoffs, pql.signals) through that same producer, and commits are held
+off while an envelope is being published, so state, outputs and offsets commit together or not at
+all. See README "Exactly one handoff".
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import ssl
 import time
 
 import faust
-from faust.serializers import codecs
 from pydantic import ValidationError
 
 from detectors.engine import Engine
@@ -37,17 +39,18 @@ log = logging.getLogger("pql.worker")
 CE_HEADERS = [("content-type", b"application/cloudevents+json")]
 
 
-class StateCodec(codecs.Codec):
-    """Account state <-> JSON in the changelog."""
+def guard_commits(consumer, lock: asyncio.Lock) -> None:
+    """Make Faust's commits (timer, rebalance, shutdown) wait while `detect` is publishing."""
+    if getattr(consumer, "_pql_guarded", False):
+        return
+    original = consumer.commit
 
-    def _dumps(self, obj: AccountState) -> bytes:
-        return obj.model_dump_json().encode()
+    async def commit(*args, **kwargs):
+        async with lock:
+            return await original(*args, **kwargs)
 
-    def _loads(self, s: bytes) -> AccountState:
-        return AccountState.model_validate_json(s)
-
-
-codecs.register("pql_state", StateCodec())
+    consumer.commit = commit
+    consumer._pql_guarded = True
 
 
 def _credentials(s: Settings):
@@ -89,8 +92,8 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     accounts_topic = app.topic(topics.accounts, key_type=bytes, value_type=bytes, key_serializer="raw",
                                value_serializer="raw", partitions=P)
     crm_topic = app.topic(topics.crm, key_serializer="raw", value_serializer="raw")
-    accounts = app.Table("accounts", partitions=P)
-    accounts.value_serializer = "pql_state"  # set before Faust creates the changelog topic object
+    # values are the state's JSON bytes, exactly what the changelog holds (see `detect`)
+    accounts = app.Table("accounts", partitions=P, value_type=bytes)
     mql = AsyncMqlStore(s.redis_url, s.redis_prefix, s.redis_retry_max, on_error=metrics.redis_errors.inc)
     metrics.rules_info.labels(rules.version).set(1)
     metrics.build_info.labels(_version()).set(1)
@@ -99,8 +102,10 @@ def build(settings: Settings, rules: Rules) -> faust.App:
         """The transactional id Faust uses for this source partition (TransactionManager's format)."""
         return f"{app.conf.id}-{app.assignor.group_for_topic(source_topic)}-{partition}"
 
-    async def send_tx(topic: str, key: str, value: bytes, partition: int, transactional_id: str) -> None:
-        await app.producer.send(topic, key.encode(), value, partition, None, CE_HEADERS,
+    async def send_tx(topic: str, key: str, value: bytes, partition: int, transactional_id: str,
+                      headers: list | None = CE_HEADERS) -> None:
+        """Into the transaction of source partition `partition` (commits with its input offsets)."""
+        await app.producer.send(topic, key.encode(), value, partition, None, headers,
                                 transactional_id=transactional_id)
 
     async def send_now(topic: str, key: bytes | None, value: bytes, partition: int | None,
@@ -109,42 +114,64 @@ def build(settings: Settings, rules: Rules) -> faust.App:
         fut = await app.producer.send(topic, key, value, partition, None, headers)
         await fut
 
+    commit_lock = asyncio.Lock()
+    changelog = f"{s.app_id}-accounts-changelog"
+
+    async def process(envelope_body: bytes) -> tuple[list, dict]:
+        """Phase 1: run the engine over one envelope. Sends nothing; may wait for Redis."""
+        outputs: list[tuple[str, str, bytes]] = []
+        states: dict[str, AccountState] = {}
+        for account, raw in envelope.unpack(envelope_body):
+            started = time.perf_counter()
+            try:
+                event = parse_event(raw)
+            except InvalidEvent:  # the ingest tier validated it; only a foreign producer gets here
+                metrics.events_invalid.labels("invalid_field").inc()
+                continue
+            state = states.get(account)
+            if state is None:
+                stored = accounts.get(account)
+                state = AccountState.model_validate_json(stored) if stored else None
+            state, obs = engine.observe(state, event, account)
+            states[account] = state
+            if obs.duplicate:
+                metrics.events_duplicate.inc()
+            for m in obs.milestones:
+                metrics.milestones_reached.labels(m.data.milestone).inc()
+                outputs.append((topics.signals, account, m.to_json().encode()))
+            if obs.qualified is not None:
+                metrics.qualifications.inc()
+                record, took = await mql.get(account)
+                metrics.mql_lookup.observe(took)
+                state, decision = engine.decide(state, obs.qualified, record)
+                if decision.type == HANDOFF:
+                    outputs.append((topics.handoffs, account, decision.to_json().encode()))
+                    metrics.handoffs_published.labels("pql", decision.data.precedence).inc()
+                    metrics.event_to_handoff.observe(max(0.0, time.time() - event.ms / 1000))
+                else:
+                    outputs.append((topics.signals, account, decision.to_json().encode()))
+                    metrics.handoffs_suppressed.labels(decision.data.reason).inc()
+            metrics.event_processing.observe(time.perf_counter() - started)
+        return outputs, states
+
     @app.agent(accounts_topic, concurrency=1)
     async def detect(stream):
-        async for ev in stream.events():
+        guard_commits(app.consumer, commit_lock)
+        async for ev in stream.noack().events():
             p = ev.message.partition
             t = tid(topics.accounts, p)
-            touched: dict[str, AccountState] = {}
-            for account, raw in envelope.unpack(ev.value):
-                started = time.perf_counter()
-                try:
-                    event = parse_event(raw)
-                except InvalidEvent:  # the ingest tier validated it; only a foreign producer gets here
-                    metrics.events_invalid.labels("invalid_field").inc()
-                    continue
-                state = touched.get(account) or accounts.get(account)
-                state, obs = engine.observe(state, event, account)
-                touched[account] = state
-                if obs.duplicate:
-                    metrics.events_duplicate.inc()
-                for m in obs.milestones:
-                    metrics.milestones_reached.labels(m.data.milestone).inc()
-                    await send_tx(topics.signals, account, m.to_json().encode(), p, t)
-                if obs.qualified is not None:
-                    metrics.qualifications.inc()
-                    record, took = await mql.get(account)
-                    metrics.mql_lookup.observe(took)
-                    state, decision = engine.decide(state, obs.qualified, record)
-                    if decision.type == HANDOFF:
-                        await send_tx(topics.handoffs, account, decision.to_json().encode(), p, t)
-                        metrics.handoffs_published.labels("pql", decision.data.precedence).inc()
-                        metrics.event_to_handoff.observe(max(0.0, time.time() - event.ms / 1000))
-                    else:
-                        await send_tx(topics.signals, account, decision.to_json().encode(), p, t)
-                        metrics.handoffs_suppressed.labels(decision.data.reason).inc()
-                metrics.event_processing.observe(time.perf_counter() - started)
-            for account, state in touched.items():
-                accounts[account] = state  # one changelog write per account per envelope
+            outputs, states = await process(ev.value)
+            # Phase 2: outputs, state and the ack go into partition p's transaction as one unit;
+            # a commit cannot slip in between (guard_commits), so a transaction never holds part of
+            # an envelope, nor an envelope without its input offset.
+            async with commit_lock:
+                for topic, key, value in outputs:
+                    await send_tx(topic, key, value, p, t)
+                for account, state in states.items():
+                    body = state.model_dump_json().encode()
+                    accounts.data[account] = body
+                    await send_tx(changelog, json.dumps(account), body, p, t, headers=None)
+                ev.ack()
 
     @app.agent(crm_topic, concurrency=1)
     async def crm(stream):
