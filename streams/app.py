@@ -87,6 +87,8 @@ def build(settings: Settings, rules: Rules) -> faust.App:
         web_bind=s.web_host,
         web_host=s.web_host,
         stream_wait_empty=False,
+        broker_session_timeout=s.session_timeout,
+        broker_heartbeat_interval=s.session_timeout / 5,
     )
     P = s.partitions
     accounts_topic = app.topic(topics.accounts, key_type=bytes, value_type=bytes, key_serializer="raw",
@@ -192,7 +194,9 @@ def build(settings: Settings, rules: Rules) -> faust.App:
 
     @app.task
     async def ingest() -> None:
-        loop = Ingest(s.confluent(), f"{s.app_id}-ingest", Router(engine, topics, P), topics, s.ingest_batch)
+        conf = {**s.confluent(), "session.timeout.ms": int(s.session_timeout * 1000),
+                "heartbeat.interval.ms": int(s.session_timeout * 200)}
+        loop = Ingest(conf, f"{s.app_id}-ingest", Router(engine, topics, P), topics, s.ingest_batch)
         app.pql_ingest = loop
         await loop.run()
 
