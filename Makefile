@@ -35,7 +35,7 @@ test-fast: install
 demo: stack
 	$(BIN)/python -m streams.demo
 
-bench: install
+bench: stack
 	$(BIN)/python -m benchmarks.run
 
 clean: stack-down

@@ -5,7 +5,7 @@ import os
 import platform
 import sys
 
-from benchmarks import replay_bench
+from benchmarks import replay_bench, stream_bench
 
 
 def machine() -> str:
@@ -16,9 +16,11 @@ def machine() -> str:
 
 def main() -> None:
     print(f"machine: {machine()}")
-    print("\n## replay vs json.loads (issue: detection engine)")
     sys.argv = [sys.argv[0]]
+    print("\n## replay vs json.loads (detection engine)")
     replay_bench.main()
+    print("\n## streaming: raw client vs naive Faust vs pql worker, and latency (needs `make stack`)")
+    stream_bench.main()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Local stack of real services: Apache Kafka (KRaft, from Maven Central jars) and redis-server.
-#   deploy/stack.sh up | down | status
+#   deploy/stack.sh up | down | status | tools (installs prometheus/promtool for the tests)
 # Settings (env): PQL_KAFKA_PORT (9092), PQL_KAFKA_CONTROLLER_PORT (Kafka port + 1),
 #                 PQL_REDIS_PORT (6379), PQL_STACK_DIR (.stack), PQL_KAFKA_HEAP (1g)
 set -euo pipefail
@@ -108,12 +108,20 @@ stop() { # stop NAME PIDFILE
   say "$name stopped"
 }
 
+prometheus_bin() {
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && return
+  say "installing prometheus (and promtool) with apt-get (once)"
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; } \
+    >"$dir/apt-prometheus.log" 2>&1 || die "could not install prometheus; read $dir/apt-prometheus.log"
+}
+
 mkdir -p "$dir"
 case "${1:-up}" in
+  tools) prometheus_bin ;;
   up) redis_up; kafka_up ;;
   down) stop kafka "$dir/kafka/kafka.pid"; stop redis "$dir/redis/redis.pid" ;;
   status)
     alive "$dir/kafka/kafka.pid" && echo "kafka: running on 127.0.0.1:$kafka_port" || echo "kafka: stopped"
     alive "$dir/redis/redis.pid" && echo "redis: running on 127.0.0.1:$redis_port" || echo "redis: stopped" ;;
-  *) die "usage: deploy/stack.sh up|down|status" ;;
+  *) die "usage: deploy/stack.sh up|down|status|tools" ;;
 esac

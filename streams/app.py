@@ -200,6 +200,32 @@ def build(settings: Settings, rules: Rules) -> faust.App:
         app.pql_ingest = loop
         await loop.run()
 
+    rebalance_started = [time.perf_counter()]
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender, assigned, **kwargs) -> None:
+        metrics.rebalances.inc()
+        rebalance_started[0] = time.perf_counter()
+
+    @app.on_rebalance_complete.connect
+    async def on_recovered(sender, **kwargs) -> None:
+        metrics.table_recovery.set(time.perf_counter() - rebalance_started[0])
+
+    @app.timer(5.0)
+    async def lag() -> None:
+        """pql_consumer_lag for the Faust tier: last stable offset minus our position."""
+        consumer = app.consumer
+        for tp in consumer.assignment():
+            if tp.topic not in (topics.accounts, topics.crm):
+                continue
+            try:
+                position = await consumer.position(tp)
+                end = consumer.highwater(tp)
+            except Exception:  # partition moving away mid-read
+                continue
+            if position is not None and end is not None:
+                metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, end - position))
+
     @app.page("/metrics")
     async def metrics_page(web, request):
         return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")

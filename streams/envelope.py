@@ -15,8 +15,26 @@ def partition_of(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode()) % partitions
 
 
+MAX_BYTES = 512 * 1024  # well under Kafka's default 1 MB message limit
+
+
 def pack(items: list[tuple[str, bytes]]) -> bytes:
     return b"\n".join(k.encode() + b"\t" + raw for k, raw in items)
+
+
+def pack_all(items: list[tuple[str, bytes]], max_bytes: int = MAX_BYTES) -> Iterator[bytes]:
+    """Envelopes of at most `max_bytes` each (one oversized event still gets its own), in order."""
+    chunk: list[bytes] = []
+    size = 0
+    for k, raw in items:
+        line = k.encode() + b"\t" + raw
+        if chunk and size + len(line) + 1 > max_bytes:
+            yield b"\n".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line) + 1
+    if chunk:
+        yield b"\n".join(chunk)
 
 
 def unpack(body: bytes) -> Iterator[tuple[str, bytes]]:

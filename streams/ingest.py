@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -95,8 +96,9 @@ class Ingest:
         self.consumer = Consumer({
             **conf, "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky", "fetch.wait.max.ms": 20,
-            "queued.max.messages.kbytes": 65536,
+            "queued.max.messages.kbytes": 65536, "statistics.interval.ms": 5000,
         })
+        self.lag_at = 0.0
         self.producer = Producer({
             **conf, "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4",
             "batch.size": 1_000_000, "queue.buffering.max.messages": 500_000,
@@ -132,6 +134,20 @@ class Ingest:
     def _assigned(self, consumer, partitions) -> None:
         metrics.rebalances.inc()
 
+    def _lag(self) -> None:
+        """pql_consumer_lag for product.events: high watermark minus our position (every 5 s)."""
+        now = time.monotonic()
+        if now - self.lag_at < 5:
+            return
+        self.lag_at = now
+        for tp in self.consumer.position(self.consumer.assignment()):
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except Exception:  # no statistics yet for this partition
+                continue
+            if high >= 0 and tp.offset >= 0:
+                metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
+
     def _delivered(self, err, msg) -> None:
         if err is not None:
             self.failed.append(str(err))
@@ -144,6 +160,7 @@ class Ingest:
         try:
             while self.running:
                 self._tail_links()
+                self._lag()
                 msgs = self.consumer.consume(self.batch_size, timeout=0)
                 if not msgs:
                     # nothing buffered: wait briefly for data without blocking the event loop
@@ -163,7 +180,8 @@ class Ingest:
             self.router.route(m.value() or b"", batch, m)
             last[(m.topic(), m.partition())] = m.offset()
         for (topic, partition), items in batch.envelopes.items():
-            self._produce(topic, envelope.pack(items), partition=partition)
+            for body in envelope.pack_all(items):
+                self._produce(topic, body, partition=partition)
         for key, (account, ms) in batch.links:
             self._produce(self.topics.links, f"{account}\t{ms}".encode(), key=key.encode())
         for m, reason, detail in batch.rejects:

@@ -1,0 +1,205 @@
+"""Worker throughput and latency against the local Kafka (`make stack`), in one run:
+
+(a) ceiling: confluent-kafka consumer + json.loads of every message
+(b) baseline: a naive Faust agent updating a table per event (benchmarks/faust_naive.py)
+(c) pql worker end to end: from its first consumed event until every handoff/signal is readable
+then event-to-handoff latency p50/p99 with traffic at a steady 5k events/s.
+
+    python -m benchmarks.stream_bench [--events 500000] [--accounts 50000] [--latency-seconds 60]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from detectors.engine import Engine
+from schemas.rules import load_rules
+from streams.replay import replay
+from streams.simulate import Simulator, key_of
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOT = os.environ.get("PQL_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+
+
+def produce(topic: str, lines, rate: float | None = None) -> None:
+    p = Producer({"bootstrap.servers": BOOT, "linger.ms": 20, "compression.type": "lz4",
+                  "queue.buffering.max.messages": 1_000_000, "batch.size": 1_000_000})
+    started = time.perf_counter()
+    for n, line in enumerate(lines, 1):
+        while True:
+            try:
+                p.produce(topic, line, key=key_of(line))
+                break
+            except BufferError:
+                p.poll(0.01)
+        if rate and n % 50 == 0:
+            ahead = n / rate - (time.perf_counter() - started)
+            if ahead > 0:
+                p.poll(0)
+                time.sleep(ahead)
+    p.flush(120)
+
+
+def raw_client(topic: str, n: int) -> float:
+    c = Consumer({"bootstrap.servers": BOOT, "group.id": f"raw-{time.time_ns()}", "auto.offset.reset": "earliest",
+                  "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    c.subscribe([topic])
+    got, t0 = 0, None
+    while got < n:
+        for m in c.consume(10_000, timeout=1.0):
+            if m.error() is None:
+                t0 = t0 or time.perf_counter()
+                try:
+                    json.loads(m.value())
+                except ValueError:
+                    pass
+                got += 1
+    took = time.perf_counter() - t0
+    c.close()
+    return took
+
+
+def naive_faust(topic: str, n: int) -> float:
+    env = {**os.environ, "BENCH_TOPIC": topic, "BENCH_N": str(n), "BENCH_BOOTSTRAP": BOOT}
+    out = subprocess.run([sys.executable, "-m", "faust", "-A", "benchmarks.faust_naive", "worker", "-l", "warn"],
+                         env=env, capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    line = next(ln for ln in (out.stdout + out.stderr).splitlines() if "RESULT" in ln)
+    return float(line.split("RESULT", 1)[1].split()[1])
+
+
+def worker_env(prefix: str, port: int) -> dict:
+    return {**os.environ, "PQL_KAFKA_BOOTSTRAP": BOOT, "PQL_TOPIC_PREFIX": prefix, "PQL_APP_ID": prefix.strip("."),
+            "PQL_REDIS_PREFIX": prefix, "PQL_WEB_PORT": str(port), "PQL_LOG_LEVEL": "warn"}
+
+
+def metric(port: int, name: str) -> float:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name + "{") or ln.startswith(name + " "))
+
+
+def drain(port: int, topics: list[str], n: int) -> tuple[float, int]:
+    """Wait until the worker consumed all n inputs and outputs went quiet; (time of last output, outputs)."""
+    c = Consumer({"bootstrap.servers": BOOT, "group.id": f"count-{time.time_ns()}", "auto.offset.reset": "earliest",
+                  "isolation.level": "read_committed"})
+    c.subscribe(topics)
+    got, last = 0, time.perf_counter()
+    while True:
+        msgs = [m for m in c.consume(10_000, timeout=0.2) if m.error() is None]
+        if msgs:
+            got, last = got + len(msgs), time.perf_counter()
+        consumed = metric(port, "pql_events_consumed_total") + metric(port, "pql_events_invalid_total")
+        if consumed >= n and time.perf_counter() - last > 3:
+            c.close()
+            return last, got
+
+
+def our_worker(prefix: str, n: int) -> tuple[float, int]:
+    port = 6190
+    log = open(ROOT / "benchmarks" / "out" / f"{prefix}worker.log", "w")
+    w = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
+                         stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while metric(port, "pql_events_consumed_total") == 0:
+            if w.poll() is not None:
+                raise RuntimeError(f"worker exited; read {log.name}")
+            time.sleep(0.02)
+        t0 = time.perf_counter()
+        t1, outputs = drain(port, [prefix + "pql.handoffs", prefix + "pql.signals"], n)
+        return t1 - t0, outputs
+    finally:
+        w.send_signal(signal.SIGTERM)
+        w.wait(60)
+
+
+def latency(prefix: str, seconds: float, rate: float) -> tuple[list[float], int]:
+    port = 6191
+    log = open(ROOT / "benchmarks" / "out" / f"{prefix}worker.log", "w")
+    w = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
+                         stdout=log, stderr=subprocess.STDOUT)
+    lat: list[float] = []
+    try:
+        while metric(port, "pql_rebalances_total") == 0:
+            time.sleep(0.1)
+        time.sleep(3)
+        c = Consumer({"bootstrap.servers": BOOT, "group.id": f"lat-{time.time_ns()}", "auto.offset.reset": "latest",
+                      "isolation.level": "read_committed", "fetch.wait.max.ms": 5})
+        c.subscribe([prefix + "pql.handoffs"])
+        sim = Simulator(accounts=20000, seed=int(time.time()), live=True)
+        sender = threading.Thread(target=produce, args=(prefix + "product.events", sim.events(int(seconds * rate)), rate))
+        sender.start()
+        end = time.time() + seconds + 5
+        while time.time() < end:
+            for m in c.consume(1000, timeout=0.2):
+                if m.error() is None:
+                    t = json.loads(m.value())["time"]
+                    ev_ms = int(time.mktime(time.strptime(t[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone) * 1000 + int(t[20:23])
+                    lat.append(time.time() - ev_ms / 1000)
+        sender.join()
+        c.close()
+        consumed = int(metric(port, "pql_events_consumed_total") + metric(port, "pql_events_invalid_total"))
+    finally:
+        w.send_signal(signal.SIGTERM)
+        w.wait(60)
+    return lat, consumed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=500_000)
+    ap.add_argument("--accounts", type=int, default=50_000)
+    ap.add_argument("--latency-seconds", type=float, default=60)
+    ap.add_argument("--latency-rate", type=float, default=5000)
+    ap.add_argument("--skip-naive", action="store_true")
+    a = ap.parse_args()
+    (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
+    prefix = f"bench{int(time.time())}."
+    topic = prefix + "product.events"
+    admin = AdminClient({"bootstrap.servers": BOOT})
+    for f in admin.create_topics([NewTopic(topic, 4, 1)]).values():
+        f.result()
+    lines = list(Simulator(accounts=a.accounts, seed=1).events(a.events))
+    out = io.StringIO()
+    replay(lines, Engine(load_rules(ROOT / "examples/rules.yaml")), {}, out, io.StringIO(), milestones=True)
+    expected = len(out.getvalue().splitlines())
+    produce(topic, lines)
+    n = len(lines)
+    print(f"stream: {n} events, {a.accounts} accounts, 4 partitions; {expected} outputs expected (replay)")
+    ta = raw_client(topic, n)
+    print(f"(a) confluent-kafka + json.loads : {n / ta:>9,.0f} events/s ({ta:.1f}s)")
+    tb = None
+    if not a.skip_naive:
+        tb = naive_faust(topic, n)
+        print(f"(b) naive Faust, table per event : {n / tb:>9,.0f} events/s ({tb:.1f}s)")
+    tc, outputs = our_worker(prefix, n)
+    print(f"(c) pql worker end to end        : {n / tc:>9,.0f} events/s ({tc:.1f}s; {outputs} outputs, replay "
+          f"gives {expected}: events without context.groupId on other partitions than their group call can be "
+          f"unattributed live)")
+    if tb:
+        print(f"ratios: worker / naive Faust = {tb / tc:.1f}x (target >= 5x); worker / raw client = {ta / tc:.2f}")
+    lat, consumed = latency(f"lat{int(time.time())}.", a.latency_seconds, a.latency_rate)
+    if len(lat) > 1:
+        q = statistics.quantiles(lat, n=100)
+        print(f"latency at {a.latency_rate:,.0f} events/s for {a.latency_seconds:.0f}s ({consumed} events consumed, "
+              f"{len(lat)} handoffs): p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms "
+              f"(target p99 <= 250 ms)")
+
+
+if __name__ == "__main__":
+    main()
