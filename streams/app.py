@@ -47,7 +47,11 @@ def guard_commits(consumer, lock: asyncio.Lock) -> None:
 
     async def commit(*args, **kwargs):
         async with lock:
-            return await original(*args, **kwargs)
+            started = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                metrics.commit_seconds.observe(time.perf_counter() - started)
 
     consumer.commit = commit
     consumer._pql_guarded = True

@@ -2,7 +2,8 @@
 
 Uses the stack from `make stack` (or PQL_KAFKA_BOOTSTRAP / PQL_REDIS_URL). Each run gets fresh
 topics (prefix demo-<time>.) so what you see is this run's. PQL_DEMO_SECONDS (default 60) sets how
-long traffic flows; PQL_DEMO_RATE (default 300) the events per second.
+long traffic flows; PQL_DEMO_RATE (default 300) the events per second. PQL_DEMO_PROMETHEUS=1 also
+runs a local Prometheus (Debian package, installed when missing) on 127.0.0.1:9090 with our alert rules.
 """
 from __future__ import annotations
 
@@ -48,14 +49,30 @@ def main() -> None:
     print(f"pql demo {run}: rules {rules.version} from {s.rules}; worker log {log.name}")
     worker = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env, stdout=log,
                               stderr=subprocess.STDOUT, cwd=ROOT)
+    prom = _prometheus(run, s.web_port) if os.environ.get("PQL_DEMO_PROMETHEUS") == "1" else None
     try:
         _watch(s, run, seconds, rate, describe, env, worker)
+        if prom is not None:
+            print("Prometheus: http://127.0.0.1:9090 (try pql_handoffs_published_total); it stops with the demo")
     finally:
+        if prom is not None:
+            prom.terminate()
         worker.send_signal(signal.SIGTERM)
         try:
             worker.wait(30)
         except subprocess.TimeoutExpired:
             worker.kill()
+
+
+def _prometheus(run: str, web_port: int):
+    subprocess.run([str(ROOT / "deploy/stack.sh"), "tools"], check=True)
+    cfg = ROOT / ".stack" / f"{run}-prometheus.yml"
+    cfg.write_text((ROOT / "deploy/prometheus/local.yml").read_text()
+                   .replace("127.0.0.1:6066", f"127.0.0.1:{web_port}")
+                   .replace("  - alerts.yml", f"  - {ROOT / 'deploy/prometheus/alerts.yml'}"))
+    return subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={ROOT / '.stack' / 'prometheus'}",
+                             "--web.listen-address=127.0.0.1:9090"], stdout=subprocess.DEVNULL,
+                            stderr=open(ROOT / ".stack" / f"{run}-prometheus.log", "w"))
 
 
 def _watch(s, run, seconds, rate, describe, env, worker) -> None:

@@ -99,8 +99,9 @@ class Ingest:
             "queued.max.messages.kbytes": 65536, "statistics.interval.ms": 5000,
         })
         self.lag_at = 0.0
+        consumer_only = ("session.timeout.ms", "heartbeat.interval.ms")
         self.producer = Producer({
-            **conf, "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4",
+            **{k: v for k, v in conf.items() if k not in consumer_only}, "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4",
             "batch.size": 1_000_000, "queue.buffering.max.messages": 500_000,
         })
         self.links = Consumer({**conf, "group.id": f"{group_id}-links", "enable.auto.commit": False})

@@ -30,6 +30,8 @@ event_processing = Histogram("pql_event_processing_seconds", "Detection time per
                              buckets=FAST, registry=REGISTRY)
 mql_lookup = Histogram("pql_mql_lookup_seconds", "MQL state read from Redis at qualification, retries included",
                        buckets=FAST + (2.5, 5, 10, 30, 60), registry=REGISTRY)
+commit_seconds = Histogram("pql_commit_seconds", "Duration of a Faust commit (all partition transactions)",
+                           buckets=FAST + (2.5, 5, 10), registry=REGISTRY)
 redis_errors = Counter("pql_redis_errors", "Failed Redis calls (each is retried)", registry=REGISTRY)
 consumer_lag = Gauge("pql_consumer_lag", "End offset minus processed position", ["topic", "partition"],
                      registry=REGISTRY)
