@@ -18,10 +18,6 @@ def partition_of(key: str, partitions: int) -> int:
 MAX_BYTES = 512 * 1024  # well under Kafka's default 1 MB message limit
 
 
-def pack(items: list[tuple[str, bytes]]) -> bytes:
-    return b"\n".join(k.encode() + b"\t" + raw for k, raw in items)
-
-
 def pack_all(items: list[tuple[str, bytes]], max_bytes: int = MAX_BYTES) -> Iterator[bytes]:
     """Envelopes of at most `max_bytes` each (one oversized event still gets its own), in order."""
     chunk: list[bytes] = []
