@@ -17,10 +17,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import ssl
 import time
 
 import faust
+from aiokafka.errors import IllegalOperation, ProducerFenced
+from faust.exceptions import ProducerSendError
+from faust.types import TP
 from pydantic import ValidationError
 
 from detectors.engine import Engine
@@ -108,11 +112,31 @@ def build(settings: Settings, rules: Rules) -> faust.App:
         """The transactional id Faust uses for this source partition (TransactionManager's format)."""
         return f"{app.conf.id}-{app.assignor.group_for_topic(source_topic)}-{partition}"
 
+    class PartitionMoved(Exception):
+        """The partition went to another worker mid-envelope; its new owner processes the envelope."""
+
     async def send_tx(topic: str, key: str, value: bytes, partition: int, transactional_id: str,
                       headers: list | None = CE_HEADERS) -> None:
         """Into the transaction of source partition `partition` (commits with its input offsets)."""
-        await app.producer.send(topic, key.encode(), value, partition, None, headers,
-                                transactional_id=transactional_id)
+        for attempt in (1, 2):
+            try:
+                await app.producer.send(topic, key.encode(), value, partition, None, headers,
+                                        transactional_id=transactional_id)
+                return
+            except ProducerFenced as err:
+                fatal = err
+                break
+            except (IllegalOperation, ProducerSendError) as err:
+                # A rebalance ended the transaction (or dropped its producer) under us.
+                fatal = err
+                if TP(topics.accounts, partition) not in app.consumer.assignment():
+                    raise PartitionMoved() from None  # never touch a producer we do not own
+                if attempt == 1:
+                    await app.producer.maybe_begin_transaction(transactional_id)
+        # Fenced, or still unusable: part of this envelope may be in a lost transaction. Restart clean;
+        # a restart reads again from the committed offsets, so nothing is lost or sent twice.
+        log.critical("transaction for partition %d lost (%s); exiting for a clean restart", partition, fatal)
+        os._exit(70)
 
     async def send_now(topic: str, key: bytes | None, value: bytes, partition: int | None,
                        headers: list | None = None) -> None:
@@ -171,12 +195,17 @@ def build(settings: Settings, rules: Rules) -> faust.App:
             # a commit cannot slip in between (guard_commits), so a transaction never holds part of
             # an envelope, nor an envelope without its input offset.
             async with commit_lock:
-                for topic, key, value in outputs:
-                    await send_tx(topic, key, value, p, t)
-                for account, state in states.items():
-                    body = state.model_dump_json().encode()
+                bodies = {account: state.model_dump_json().encode() for account, state in states.items()}
+                try:
+                    for topic, key, value in outputs:
+                        await send_tx(topic, key, value, p, t)
+                    for account, body in bodies.items():
+                        await send_tx(changelog, json.dumps(account), body, p, t, headers=None)
+                except PartitionMoved:
+                    log.info("partition %d moved while publishing; its new owner takes the envelope", p)
+                    continue
+                for account, body in bodies.items():  # memory follows only what went into the transaction
                     accounts.data[account] = body
-                    await send_tx(changelog, json.dumps(account), body, p, t, headers=None)
                 ev.ack()
 
     @app.agent(crm_topic, concurrency=1)
@@ -210,6 +239,18 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     async def on_assigned(sender, assigned, **kwargs) -> None:
         metrics.rebalances.inc()
         rebalance_started[0] = time.perf_counter()
+        # Faust (0.15) does not always stop the transactional producers of partitions it loses in an
+        # eager rebalance; the new owner fences them, and when a partition comes back Faust reuses the
+        # fenced producer. Start every owned partition on a fresh producer: its init fences any other
+        # and aborts leftovers (what was acked was committed when the partitions were revoked).
+        owned = sorted({tid(topics.accounts, tp.partition) for tp in assigned if tp.topic == topics.accounts})
+        async with commit_lock:
+            for t in owned:
+                try:
+                    await app.producer.stop_transaction(t)
+                except Exception:  # already stopped, or fenced: replaced below either way
+                    pass
+                await app.producer.begin_transaction(t)
 
     @app.on_rebalance_complete.connect
     async def on_recovered(sender, **kwargs) -> None:
