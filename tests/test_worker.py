@@ -29,7 +29,8 @@ def test_live_equals_replay(env, tmp_path):
     assert any('"pql.handoff"' in x for x in expected) and any('"pql_supersedes_mql"' in x for x in expected)
     env.create_topic("product.events", 1)  # one input partition: the worker sees the file's order
     env.start_worker()
-    publish(env.kafka, env.topic("product.events"), lines)
+    sent = env.pql("publish", str(events))  # the CLI a user runs for backfills
+    assert sent.returncode == 0 and f"published {len(lines)} events" in sent.stderr, sent.stderr
     got = read(env.kafka, [env.topic("pql.handoffs"), env.topic("pql.signals")],
                until=lambda m: len(m) >= len(expected))
     assert sorted(m.value().decode() for m in got) == sorted(expected)
@@ -104,3 +105,8 @@ def test_bad_settings_and_rules_stop_startup(env, tmp_path):
     env.create_topic("pql.handoffs", 2)  # co-partitioned output with the wrong partition count
     res = env.pql("worker")
     assert res.returncode == 2 and "PQL_PARTITIONS" in res.stderr and "pql.handoffs" in res.stderr
+
+
+def test_unsupported_store_is_refused(env):
+    res = env.pql("worker", PQL_STORE="rocksdb://")
+    assert res.returncode == 2 and "PQL_STORE" in res.stderr and "memory://" in res.stderr
