@@ -116,9 +116,13 @@ def build(settings: Settings, rules: Rules) -> faust.App:
         """The partition went to another worker mid-envelope; its new owner processes the envelope."""
 
     async def send_tx(topic: str, key: str, value: bytes, partition: int, transactional_id: str,
-                      headers: list | None = CE_HEADERS) -> None:
-        """Into the transaction of source partition `partition` (commits with its input offsets)."""
-        for attempt in (1, 2):
+                      headers: list | None = CE_HEADERS, first: bool = False) -> None:
+        """Into the transaction of source partition `partition` (commits with its input offsets).
+
+        Only the first send of an envelope may start a new transaction and retry: later, the lost
+        transaction may hold this envelope's earlier sends.
+        """
+        for attempt in (1, 2) if first else (2,):
             try:
                 await app.producer.send(topic, key.encode(), value, partition, None, headers,
                                         transactional_id=transactional_id)
@@ -196,11 +200,11 @@ def build(settings: Settings, rules: Rules) -> faust.App:
             # an envelope, nor an envelope without its input offset.
             async with commit_lock:
                 bodies = {account: state.model_dump_json().encode() for account, state in states.items()}
+                sends = [(topic, key, value, CE_HEADERS) for topic, key, value in outputs]
+                sends += [(changelog, json.dumps(account), body, None) for account, body in bodies.items()]
                 try:
-                    for topic, key, value in outputs:
-                        await send_tx(topic, key, value, p, t)
-                    for account, body in bodies.items():
-                        await send_tx(changelog, json.dumps(account), body, p, t, headers=None)
+                    for n, (topic, key, value, headers) in enumerate(sends):
+                        await send_tx(topic, key, value, p, t, headers=headers, first=n == 0)
                 except PartitionMoved:
                     log.info("partition %d moved while publishing; its new owner takes the envelope", p)
                     continue
