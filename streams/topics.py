@@ -7,6 +7,7 @@ user -> account links, see streams/ingest.py); Faust adds <app>-accounts-changel
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from streams.config import Settings
@@ -59,9 +60,14 @@ def ensure_topics(s: Settings, topics: Topics) -> None:
             except Exception as err:
                 if "TOPIC_ALREADY_EXISTS" not in str(err):
                     raise TopicError(f"cannot create topic {name}: {err}") from None
-    meta = admin.list_topics(timeout=15).topics
-    for name in topics.copartitioned:
-        n = len(meta[name].partitions) if name in meta else 0
+    deadline = time.monotonic() + 15
+    while True:  # a topic just created can show 0 partitions until the metadata catches up
+        meta = admin.list_topics(timeout=15).topics
+        counts = {name: len(meta[name].partitions) if name in meta else 0 for name in topics.copartitioned}
+        if all(counts.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    for name, n in counts.items():
         if n != s.partitions:
             raise TopicError(f"topic {name} has {n} partitions but PQL_PARTITIONS is {s.partitions}; "
                              "outputs are co-partitioned with the state, so these must match")
