@@ -35,7 +35,7 @@ from schemas.rules import Rules
 from schemas.state import AccountState
 from streams import envelope, metrics
 from streams.config import Settings
-from streams.ingest import Ingest, Router
+from streams.ingest import Ingest, Router, dlq_headers
 from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics
 
@@ -221,11 +221,8 @@ def build(settings: Settings, rules: Rules) -> faust.App:
                 e = err.errors(include_url=False)[0]
                 detail = f"{'.'.join(str(x) for x in e['loc']) or 'record'}: {e['msg']}"
                 metrics.events_invalid.labels("bad_crm_record").inc()
-                await send_now(topics.dlq, ev.key, ev.value or b"", None, [
-                    ("pql.error.reason", b"bad_crm_record"), ("pql.error.detail", detail.encode()),
-                    ("pql.error.topic", ev.message.topic.encode()),
-                    ("pql.error.partition", str(ev.message.partition).encode()),
-                    ("pql.error.offset", str(ev.message.offset).encode())])
+                await send_now(topics.dlq, ev.key, ev.value or b"", None, dlq_headers(
+                    ev.message.topic, ev.message.partition, ev.message.offset, "bad_crm_record", detail))
                 continue
             await mql.put(rec)
 

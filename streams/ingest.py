@@ -76,13 +76,14 @@ class Router:
             self.links[k] = [account, int(ms)]
 
 
-def dlq_headers(msg, reason: str, detail: str) -> list[tuple[str, bytes]]:
+def dlq_headers(topic: str, partition: int, offset: int, reason: str, detail: str) -> list[tuple[str, bytes]]:
+    """Headers of a dead-letter record: why it was rejected and where it came from."""
     return [
         ("pql.error.reason", reason.encode()),
         ("pql.error.detail", detail[:500].encode()),
-        ("pql.error.topic", str(msg.topic()).encode()),
-        ("pql.error.partition", str(msg.partition()).encode()),
-        ("pql.error.offset", str(msg.offset()).encode()),
+        ("pql.error.topic", topic.encode()),
+        ("pql.error.partition", str(partition).encode()),
+        ("pql.error.offset", str(offset).encode()),
     ]
 
 
@@ -187,7 +188,8 @@ class Ingest:
             self._produce(self.topics.links, f"{account}\t{ms}".encode(), key=key.encode())
         for m, reason, detail in batch.rejects:
             metrics.events_invalid.labels(reason).inc()
-            self._produce(self.topics.dlq, m.value(), key=m.key(), headers=dlq_headers(m, reason, detail))
+            headers = dlq_headers(m.topic(), m.partition(), m.offset(), reason, detail)
+            self._produce(self.topics.dlq, m.value(), key=m.key(), headers=headers)
         while self.producer.flush(0) > 0:  # wait for every ack before committing the input
             await asyncio.sleep(0.001)
         if self.failed:
