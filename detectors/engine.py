@@ -5,35 +5,31 @@ It works in two steps so the live worker reads Redis only when an account qualif
 
     state, obs = engine.observe(state, event, account_id)    # milestones, maybe a qualification
     if obs.qualified:
-        state, decision = engine.decide(state, obs.qualified, mql_record)
+        state, decision, stages = engine.decide(state, obs.qualified, mql_record)
+
+Responses and SLA breaches (the sales side) are in detectors/sales.py.
 
 The engine updates the state it is given in place and returns it.
 """
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Callable
 
+from detectors import sales
 from detectors.conditions import MISSING, compile_conditions, getter
+from detectors.ids import event_id
 from detectors.milestones import Detector
 from detectors.timefmt import iso
 from schemas.cloudevents import (
     HANDOFF, MILESTONE, SUPPRESSED, CloudEvent, FitResult, HandoffData, MilestoneData, MqlContext,
     Qualification, SuppressedData,
 )
-from schemas.events import Group
+from schemas.events import EPOCH, ONE_MS, Group
 from schemas.mql import IN_SALES, OPEN_MQL, MqlRecord
 from schemas.rules import Rules
 from schemas.state import AccountState, Reach
-
-NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:pql-pipeline")
-
-
-def event_id(*parts: str) -> str:
-    """Deterministic CloudEvent id: the same inputs give the same id in replay and live."""
-    return str(uuid.uuid5(NAMESPACE, "\x1f".join(parts)))
-
 
 @dataclass(slots=True)
 class Pending:
@@ -141,7 +137,9 @@ class Engine:
         return Pending(account_id, ms, msg, score, counted)
 
     # -- step 2: decision ----------------------------------------------------------------------
-    def decide(self, state: AccountState, p: Pending, mql: MqlRecord | None) -> tuple[AccountState, CloudEvent]:
+    def decide(self, state: AccountState, p: Pending, mql: MqlRecord | None
+               ) -> tuple[AccountState, CloudEvent, list[CloudEvent]]:
+        """A handoff or a suppression, and the stage events (detectors/sales.py) that go with it."""
         rules = self.rules
         fit = None
         if self.fit is not None:
@@ -160,10 +158,14 @@ class Engine:
             rules_version=rules.version,
         )
         reason = None
+        taken = sales.in_sales(state)
+        ours = taken is not None and not _recycled(mql, taken.status_at)
         if fit is not None and not fit.passed:
             reason = "not_fit"
         elif mql is not None and mql.stage in IN_SALES:
             reason = "already_in_sales"
+        elif ours:
+            reason = "already_in_sales"  # sales accepted our last handoff, and the CRM has not recycled it
         elif state.last_handoff is not None and p.ms - state.last_handoff < rules.cooldown:
             reason = "cooldown"
         if reason is not None:
@@ -172,7 +174,9 @@ class Engine:
                 last_handoff_at=iso(state.last_handoff) if state.last_handoff is not None else None,
                 last_handoff_id=state.last_handoff_id,
             )
-            return state, self._event(SUPPRESSED, p, data)
+            in_cycle = ours or state.last_handoff is not None and p.ms - state.last_handoff < rules.cooldown
+            stages = [] if reason == "cooldown" or in_cycle else sales.qualified_only(state, p.ms, reason)
+            return state, self._event(SUPPRESSED, p, data), stages
         supersedes = mql is not None and mql.stage in OPEN_MQL
         data = HandoffData(
             **ctx,
@@ -182,7 +186,7 @@ class Engine:
         )
         out = self._event(HANDOFF, p, data)
         state.last_handoff, state.last_handoff_id = p.ms, out.id
-        return state, out
+        return state, out, sales.handed_off(state, out.id, "pql", p.ms, p.ms + rules.sla.pql)
 
     def _event(self, kind: str, p: Pending, data: Any) -> CloudEvent:
         return CloudEvent(
@@ -204,12 +208,25 @@ class Engine:
     def step(
         self, state: AccountState | None, event: Any, account_id: str,
         mql_of: Callable[[str], MqlRecord | None],
-    ) -> tuple[AccountState, Observation, CloudEvent | None]:
+    ) -> tuple[AccountState, Observation, list[CloudEvent]]:
+        """observe + decide: the decision (if any) first, then its stage events."""
         state, obs = self.observe(state, event, account_id)
-        decision = None
-        if obs.qualified is not None:
-            state, decision = self.decide(state, obs.qualified, mql_of(account_id))
-        return state, obs, decision
+        if obs.qualified is None:
+            return state, obs, []
+        state, decision, stages = self.decide(state, obs.qualified, mql_of(account_id))
+        return state, obs, [decision, *stages]
+
+
+def _recycled(mql: MqlRecord | None, since: int | None) -> bool:
+    """Did the CRM recycle the account after sales took it (then it may be handed off again)?"""
+    if mql is None or mql.stage != "Recycled" or not mql.timestamp or since is None:
+        return False
+    try:
+        at = datetime.fromisoformat(mql.timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
+    return (at - EPOCH) // ONE_MS > since
 
 
 def _text(v: Any) -> str | None:

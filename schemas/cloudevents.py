@@ -13,6 +13,7 @@ from schemas.state import Evidence
 
 SOURCE = "urn:pql-pipeline:detectors"
 HANDOFF, SUPPRESSED, MILESTONE = "pql.handoff", "pql.suppressed", "pql.milestone"
+STAGE, SLA_BREACHED = "pql.stage", "pql.sla_breached"  # both carry StageData
 
 
 class MqlContext(BaseModel):
@@ -61,6 +62,23 @@ class MilestoneData(BaseModel):
     rules_version: str
 
 
+class StageData(BaseModel):
+    """One stage transition (qualified, handed_off, accepted, rejected, converted, sla_breached)."""
+
+    account_id: str
+    stage: Literal["qualified", "handed_off", "accepted", "rejected", "converted", "sla_breached"]
+    at: str                                  # when the transition happened (event time or response time)
+    lane: Literal["pql", "mql"] = "pql"
+    handoff_id: str | None = None            # None only for a qualification that was not handed off
+    handed_off_at: str | None = None
+    sla_due_at: str | None = None
+    seconds_since_handoff: float | None = None
+    reason: str | None = None                # rejected: the reason; qualified without handoff: why not
+    note: str | None = None
+    by: str | None = None
+    late: bool = False                       # a response that came after the SLA breach
+
+
 class CloudEvent(BaseModel):
     specversion: Literal["1.0"] = "1.0"
     id: str
@@ -69,7 +87,7 @@ class CloudEvent(BaseModel):
     time: str
     subject: str
     datacontenttype: Literal["application/json"] = "application/json"
-    data: HandoffData | SuppressedData | MilestoneData | dict
+    data: HandoffData | SuppressedData | MilestoneData | StageData | dict
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_none=False)

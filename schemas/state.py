@@ -27,6 +27,18 @@ class Reach(BaseModel):
     evidence: list[Evidence]
 
 
+class Handoff(BaseModel):
+    """One handoff and what sales made of it (the SLA clock's subject)."""
+
+    id: str
+    lane: str = "pql"
+    at: int                                  # handed off (event time of the qualifying event)
+    due: int                                 # SLA due
+    status: str = "open"                     # open | accepted | rejected | converted
+    status_at: int | None = None             # time of the latest response
+    breached: bool = False
+
+
 class AccountState(BaseModel):
     account_id: str
     traits: dict[str, Any] = Field(default_factory=dict)              # merged group traits, latest call wins per trait
@@ -38,3 +50,6 @@ class AccountState(BaseModel):
     reached: dict[str, Reach] = Field(default_factory=dict)           # milestone -> latest reach
     last_handoff: int | None = None          # event time of the last handoff (cooldown)
     last_handoff_id: str | None = None
+    stage: str | None = None                 # latest stage (see schemas/sales.py STAGES)
+    stages: dict[str, int] = Field(default_factory=dict)              # stage -> time of its latest transition
+    handoffs: list[Handoff] = Field(default_factory=list)             # the most recent handoffs, oldest first

@@ -44,7 +44,8 @@ def rules_check(file: str) -> None:
 @click.option("--mql", "mql_path", type=click.Path(exists=True, dir_okay=False),
               help='MQL records, JSON lines {"account_id","stage","owner"}.')
 @click.option("--milestones", is_flag=True, help="Also print pql.milestone events.")
-def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool) -> None:
+@click.option("--stages", is_flag=True, help="Also print pql.stage events (qualified, handed_off).")
+def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool, stages: bool) -> None:
     """Run the detection engine over an EVENTS.jsonl file (the backtest).
 
     Handoffs and suppressions (CloudEvents, one per line) go to stdout; rejected lines and a
@@ -59,7 +60,7 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool)
     except rp.MqlFileError as err:
         click.echo(f"pql: bad MQL file: {err}", err=True)
         sys.exit(2)
-    summary = rp.run(events, engine, mql, milestones)
+    summary = rp.run(events, engine, mql, milestones, stages)
     click.echo(summary.render(), err=True)
 
 

@@ -34,6 +34,7 @@ class Summary:
     qualifications: int = 0
     handoffs: int = 0
     suppressed: Counter = field(default_factory=Counter)
+    stages: Counter = field(default_factory=Counter)
     accounts: int = 0
     seconds: float = 0.0
 
@@ -55,6 +56,7 @@ class Summary:
             f"qualifications:  {self.qualifications}",
             f"handoffs:        {self.handoffs}",
             "suppressed:      " + _counts(self.suppressed),
+            "stages:          " + _counts(self.stages),
             f"accounts:        {self.accounts}",
         ]
         return "\n".join(out)
@@ -88,10 +90,11 @@ def load_mql(path: str | Path) -> dict[str, MqlRecord]:
 class Replay:
     """The replay loop; holds identity links and account states in plain dicts."""
 
-    def __init__(self, engine: Engine, mql: dict[str, MqlRecord], milestones: bool = False):
+    def __init__(self, engine: Engine, mql: dict[str, MqlRecord], milestones: bool = False, stages: bool = False):
         self.engine = engine
         self.mql = mql
         self.milestones = milestones
+        self.stages = stages
         self.links: dict[str, list] = {}
         self.states: dict[str, AccountState] = {}
         self.summary = Summary()
@@ -110,7 +113,7 @@ class Replay:
         if account is None:
             s.unattributed += why_not == identity.UNATTRIBUTED
             return
-        state, obs, decision = self.engine.step(self.states.get(account), event, account, self.mql.get)
+        state, obs, outputs = self.engine.step(self.states.get(account), event, account, self.mql.get)
         self.states[account] = state
         if obs.duplicate:
             s.duplicates += 1
@@ -118,18 +121,23 @@ class Replay:
             s.milestones[m.data.milestone] += 1
             if self.milestones:
                 out.write(m.to_json() + "\n")
-        if decision is not None:
+        if outputs:
+            decision = outputs[0]
             s.qualifications += 1
             if decision.type == "pql.handoff":
                 s.handoffs += 1
             else:
                 s.suppressed[decision.data.reason] += 1
             out.write(decision.to_json() + "\n")
+            for ev in outputs[1:]:
+                s.stages[ev.data.stage] += 1
+                if self.stages:
+                    out.write(ev.to_json() + "\n")
 
 
 def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], out: IO[str], err: IO[str],
-           milestones: bool = False, progress=None) -> Summary:
-    r = Replay(engine, mql, milestones)
+           milestones: bool = False, progress=None, stages: bool = False) -> Summary:
+    r = Replay(engine, mql, milestones, stages)
     started = time.perf_counter()
     for n, raw in enumerate(lines, 1):
         if raw.strip():
@@ -141,12 +149,12 @@ def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], ou
     return r.summary
 
 
-def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool) -> Summary:
+def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool, stages: bool = False) -> Summary:
     """Replay a file to stdout/stderr, with a progress bar when stderr is a terminal."""
     out, err = sys.stdout, sys.stderr
     with open(events, "rb") as f:
         if not err.isatty():
-            return replay(f, engine, mql, out, err, milestones)
+            return replay(f, engine, mql, out, err, milestones, stages=stages)
         import click
 
         size = Path(events).stat().st_size
@@ -158,5 +166,5 @@ def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool
                 bar.update(pos - last[0])
                 last[0] = pos
 
-            return replay(f, engine, mql, out, err, milestones, progress)
+            return replay(f, engine, mql, out, err, milestones, progress, stages)
 

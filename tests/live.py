@@ -134,8 +134,8 @@ def replay(env: Env, events: Path, rules: Path | None = None, mql: Path | None =
     args = ["replay", str(events), "--rules", str(rules or ROOT / "examples/rules.yaml")]
     if mql:
         args += ["--mql", str(mql)]
-    if milestones:
-        args.append("--milestones")
+    if milestones:  # everything the worker puts on pql.signals
+        args += ["--milestones", "--stages"]
     res = env.pql(*args)
     assert res.returncode == 0, res.stderr
     return res.stdout.splitlines()
