@@ -1,9 +1,11 @@
 """The live worker: a Faust app around the detection engine.
 
 Agents (concurrency 1 each; faust-streaming issue 606):
-- `detect`   <app>-accounts envelopes -> table `accounts` -> pql.handoffs / pql.signals
+- `detect`   <app>-accounts envelopes (events, sales responses, ticks) -> tables `accounts` and
+             `clocks` -> pql.handoffs / pql.signals (handoffs, milestones, stages, SLA breaches)
 - `crm`      crm.lifecycle -> Redis MQL store
-plus the ingest tier (streams/ingest.py) as a task, and /metrics on the web port.
+plus the ingest tier (streams/ingest.py) and the alerts (streams/alerts.py) as tasks, a timer that
+ticks the SLA clocks, and /metrics on the web port.
 
 Exactly one handoff: processing_guarantee="exactly_once". Faust gives each source partition p a
 transactional producer and commits that partition's input offsets in its transaction. Every write
@@ -28,13 +30,11 @@ from faust.types import TP
 from pydantic import ValidationError
 
 from detectors.engine import Engine
-from schemas.cloudevents import HANDOFF
-from schemas.events import InvalidEvent, parse_event
 from schemas.mql import MqlRecord
 from schemas.rules import Rules
-from schemas.state import AccountState
-from streams import envelope, metrics
+from streams import metrics
 from streams.config import Settings
+from streams.detect import Detect
 from streams.ingest import Ingest, Router, dlq_headers
 from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics
@@ -104,6 +104,8 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     crm_topic = app.topic(topics.crm, key_serializer="raw", value_serializer="raw")
     # values are the state's JSON bytes, exactly what the changelog holds (see `detect`)
     accounts = app.Table("accounts", partitions=P, value_type=bytes)
+    # SLA clocks: one value per partition, {handoff_id: [due_ms, account]} (detectors/sales.py)
+    clocks = app.Table("clocks", partitions=P, value_type=bytes)
     mql = AsyncMqlStore(s.redis_url, s.redis_prefix, s.redis_retry_max, on_error=metrics.redis_errors.inc)
     metrics.rules_info.labels(rules.version).set(1)
     metrics.build_info.labels(_version()).set(1)
@@ -150,43 +152,9 @@ def build(settings: Settings, rules: Rules) -> faust.App:
 
     commit_lock = asyncio.Lock()
     changelog = f"{s.app_id}-accounts-changelog"
-
-    async def process(envelope_body: bytes) -> tuple[list, dict]:
-        """Phase 1: run the engine over one envelope. Sends nothing; may wait for Redis."""
-        outputs: list[tuple[str, str, bytes]] = []
-        states: dict[str, AccountState] = {}
-        for account, raw in envelope.unpack(envelope_body):
-            started = time.perf_counter()
-            try:
-                event = parse_event(raw)
-            except InvalidEvent:  # the ingest tier validated it; only a foreign producer gets here
-                metrics.events_invalid.labels("invalid_field").inc()
-                continue
-            state = states.get(account)
-            if state is None:
-                stored = accounts.get(account)
-                state = AccountState.model_validate_json(stored) if stored else None
-            state, obs = engine.observe(state, event, account)
-            states[account] = state
-            if obs.duplicate:
-                metrics.events_duplicate.inc()
-            for m in obs.milestones:
-                metrics.milestones_reached.labels(m.data.milestone).inc()
-                outputs.append((topics.signals, account, m.to_json().encode()))
-            if obs.qualified is not None:
-                metrics.qualifications.inc()
-                record, took = await mql.get(account)
-                metrics.mql_lookup.observe(took)
-                state, decision = engine.decide(state, obs.qualified, record)
-                if decision.type == HANDOFF:
-                    outputs.append((topics.handoffs, account, decision.to_json().encode()))
-                    metrics.handoffs_published.labels("pql", decision.data.precedence).inc()
-                    metrics.event_to_handoff.observe(max(0.0, time.time() - event.ms / 1000))
-                else:
-                    outputs.append((topics.signals, account, decision.to_json().encode()))
-                    metrics.handoffs_suppressed.labels(decision.data.reason).inc()
-            metrics.event_processing.observe(time.perf_counter() - started)
-        return outputs, states
+    clocks_changelog = f"{s.app_id}-clocks-changelog"
+    detector = Detect(engine, topics, accounts.data, clocks.data, mql)
+    open_clocks: dict[int, int] = {}  # partition -> handoffs awaiting a response (pql_sla_open_handoffs)
 
     @app.agent(accounts_topic, concurrency=1)
     async def detect(stream):
@@ -194,14 +162,22 @@ def build(settings: Settings, rules: Rules) -> faust.App:
         async for ev in stream.noack().events():
             p = ev.message.partition
             t = tid(topics.accounts, p)
-            outputs, states = await process(ev.value)
+            result = await detector.process(ev.value, p)  # phase 1: no sends; may wait for Redis
+            for key, raw, reason, detail in result.dead:  # at-least-once, like every dead letter
+                metrics.events_invalid.labels(reason).inc()
+                await send_now(topics.dlq, key.encode(), raw, None, dlq_headers(
+                    ev.message.topic, p, ev.message.offset, reason, detail))
             # Phase 2: outputs, state and the ack go into partition p's transaction as one unit;
             # a commit cannot slip in between (guard_commits), so a transaction never holds part of
             # an envelope, nor an envelope without its input offset.
             async with commit_lock:
-                bodies = {account: state.model_dump_json().encode() for account, state in states.items()}
-                sends = [(topic, key, value, CE_HEADERS) for topic, key, value in outputs]
+                bodies = {account: state.model_dump_json().encode() for account, state in result.states.items()}
+                sends = [(topic, key, value, CE_HEADERS) for topic, key, value in result.outputs]
                 sends += [(changelog, json.dumps(account), body, None) for account, body in bodies.items()]
+                clock_body = None
+                if result.clocks_changed:
+                    clock_body = json.dumps(result.clocks, separators=(",", ":")).encode()
+                    sends.append((clocks_changelog, json.dumps(str(p)), clock_body, None))
                 try:
                     for n, (topic, key, value, headers) in enumerate(sends):
                         await send_tx(topic, key, value, p, t, headers=headers, first=n == 0)
@@ -210,7 +186,23 @@ def build(settings: Settings, rules: Rules) -> faust.App:
                     continue
                 for account, body in bodies.items():  # memory follows only what went into the transaction
                     accounts.data[account] = body
+                if clock_body is not None:
+                    clocks.data[str(p)] = clock_body
+                    open_clocks[p] = len(result.clocks)
+                    metrics.sla_open.set(sum(open_clocks.values()))
                 ev.ack()
+
+    @app.timer(s.sla_tick)
+    async def sla_tick() -> None:
+        """A tick line to each accounts partition we own: SLA clocks are checked in partition order."""
+        ingest = getattr(app, "pql_ingest", None)
+        if ingest is None:
+            return
+        owned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == topics.accounts)
+        for p in list(open_clocks):
+            if p not in owned:
+                del open_clocks[p]
+        ingest.tick(owned, int(time.time() * 1000))
 
     @app.agent(crm_topic, concurrency=1)
     async def crm(stream):
@@ -233,6 +225,12 @@ def build(settings: Settings, rules: Rules) -> faust.App:
         loop = Ingest(conf, f"{s.app_id}-ingest", Router(engine, topics, P), topics, s.ingest_batch)
         app.pql_ingest = loop
         await loop.run()
+
+    @app.task
+    async def alerts() -> None:
+        from streams.alerts import Alerts
+
+        await Alerts(s, topics, rules, mql).run()
 
     rebalance_started = [time.perf_counter()]
 

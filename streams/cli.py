@@ -45,7 +45,11 @@ def rules_check(file: str) -> None:
               help='MQL records, JSON lines {"account_id","stage","owner"}.')
 @click.option("--milestones", is_flag=True, help="Also print pql.milestone events.")
 @click.option("--stages", is_flag=True, help="Also print pql.stage events (qualified, handed_off).")
-def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool, stages: bool) -> None:
+@click.option("--now", "now", metavar="TIME",
+              help="Read the SLA clocks at TIME (ISO 8601, or 'now') after the last event: print a "
+                   "pql.sla_breached for every handoff due by then.")
+def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool, stages: bool,
+           now: str | None) -> None:
     """Run the detection engine over an EVENTS.jsonl file (the backtest).
 
     Handoffs and suppressions (CloudEvents, one per line) go to stdout; rejected lines and a
@@ -60,7 +64,18 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
     except rp.MqlFileError as err:
         click.echo(f"pql: bad MQL file: {err}", err=True)
         sys.exit(2)
-    summary = rp.run(events, engine, mql, milestones, stages)
+    now_ms = None
+    if now is not None:
+        from datetime import datetime, timezone
+
+        try:
+            when = datetime.now(timezone.utc) if now == "now" else datetime.fromisoformat(now.replace("Z", "+00:00"))
+        except ValueError:
+            click.echo(f"pql: --now: expected an ISO 8601 time or 'now', got {now!r}", err=True)
+            sys.exit(2)
+        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+        now_ms = int(when.timestamp() * 1000)
+    summary = rp.run(events, engine, mql, milestones, stages, now_ms)
     click.echo(summary.render(), err=True)
 
 
@@ -152,6 +167,62 @@ def simulate(accounts: int, count: int, rate: float | None, seed: int, now: bool
     pub = Publisher(s.confluent(), Topics.of(s).events)
     took = run(lines, pub, rate)
     click.echo(f"simulated {pub.sent} events for {accounts} accounts to {pub.topic} in {took:.2f}s", err=True)
+
+
+@main.command()
+@click.argument("handoff_id")
+@click.option("--accept", "status", flag_value="accepted", help="Sales accepts the lead.")
+@click.option("--reject", "reason", metavar="REASON",
+              help="Sales rejects it: not_icp, duplicate, bad_data, student_or_research, competitor, no_budget, "
+                   "bad_timing or other (other needs --note).")
+@click.option("--convert", "status", flag_value="converted", help="The lead converted (e.g. an opportunity won).")
+@click.option("--note", help="Free text, kept with the response.")
+@click.option("--by", help="Who responded (rep id).")
+@click.option("--account", help="The handoff's account (default: looked up in Redis by handoff id).")
+def respond(handoff_id: str, status: str | None, reason: str | None, note: str | None, by: str | None,
+            account: str | None) -> None:
+    """Send a sales response for HANDOFF_ID to sales.responses."""
+    import json
+    from datetime import datetime, timezone
+
+    from schemas.sales import SalesResponse
+    from streams.topics import Topics
+
+    if reason is not None:
+        if status is not None:
+            click.echo("pql: give one of --accept, --reject REASON, --convert", err=True)
+            sys.exit(2)
+        status = "rejected"
+    if status is None:
+        click.echo("pql: give one of --accept, --reject REASON, --convert", err=True)
+        sys.exit(2)
+    s = _settings()
+    if account is None:
+        account = _store().account_of(handoff_id)
+        if account is None:
+            click.echo(f"pql: handoff {handoff_id} is not in Redis (unknown, expired, or its alert task has not "
+                       "seen it yet); give --account", err=True)
+            sys.exit(1)
+    doc = {"handoff_id": handoff_id, "account_id": account, "status": status, "reason": reason, "note": note,
+           "by": by, "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
+    try:
+        SalesResponse.model_validate(doc)
+    except ValidationError as err:
+        e = err.errors(include_url=False)[0]
+        field = ".".join(str(x) for x in e["loc"])
+        click.echo(f"pql: {field + ': ' if field else ''}{e['msg'].removeprefix('Value error, ')}", err=True)
+        sys.exit(2)
+    from confluent_kafka import Producer
+
+    topic = Topics.of(s).responses
+    producer = Producer({**s.confluent(), "enable.idempotence": True})
+    failed = []
+    producer.produce(topic, json.dumps({k: v for k, v in doc.items() if v is not None}).encode(),
+                     key=account.encode(), on_delivery=lambda err, _m: failed.append(err) if err else None)
+    if producer.flush(15) or failed:
+        click.echo(f"pql: could not publish to {topic}: {failed[0] if failed else 'timed out'}", err=True)
+        sys.exit(1)
+    click.echo(f"{handoff_id} ({account}): {status}" + (f", {reason}" if reason else "") + f" -> {topic}")
 
 
 @main.group()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +31,14 @@ class Settings(BaseSettings):
     session_timeout: float = Field(default=10.0, ge=6, description="s before a silent worker's partitions move")
     redis_retry_max: float = Field(default=5.0, gt=0, description="longest wait between Redis retries, s")
     log_level: Literal["debug", "info", "warn", "error"] = "info"
+    sla_tick: float = Field(default=1.0, gt=0, le=60, description="s between SLA clock checks")
+    # alerts (streams/alerts.py); none configured = no deliveries, handoffs are still indexed for `pql respond`
+    slack_webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    webhook_secret: str | None = None
+    alert_timeout: float = Field(default=5.0, gt=0, description="s per delivery attempt")
+    alert_attempts: int = Field(default=3, ge=1, le=10, description="attempts before the retry topic")
+    alert_retry_delay: float = Field(default=30.0, gt=0, le=240, description="s before a retry-topic retry")
     # Kafka security, passed through to both clients
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
@@ -47,6 +55,12 @@ class Settings(BaseSettings):
             raise ValueError("only memory:// is supported for now: Faust's rocksdb:// store lost state under "
                              "the worker's transactional writes in our tests (see README, Configuration)")
         return v
+
+    @model_validator(mode="after")
+    def _secret_with_webhook(self) -> "Settings":
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("PQL_WEBHOOK_SECRET: required when PQL_WEBHOOK_URL is set (requests are signed)")
+        return self
 
     def topic(self, name: str) -> str:
         return self.topic_prefix + name
@@ -73,5 +87,9 @@ def load_settings(**overrides) -> Settings:
         return Settings(**overrides)
     except ValidationError as err:
         e = err.errors(include_url=False)[0]
+        msg = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # a check across settings names its variables itself
+            raise SettingsError(msg) from None
         name = "PQL_" + "_".join(str(p) for p in e["loc"]).upper()
-        raise SettingsError(f"{name}: {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})") from None
+        shown = "(hidden)" if "secret" in name or "password" in name else repr(e.get("input"))
+        raise SettingsError(f"{name}: {msg} (got {shown})") from None

@@ -1,4 +1,4 @@
-"""Ingest tier: product.events -> envelopes for the Faust tier, rejects -> dead-letter topic.
+"""Ingest tier: product.events and sales.responses -> envelopes for the Faust tier, rejects -> DLQ.
 
 Runs inside the worker process as an asyncio task around a confluent-kafka consumer (its own
 consumer group, `<app id>-ingest`). Per batch: validate every message, attribute it to an account,
@@ -12,12 +12,17 @@ Identity is resolved here, in input order, with the same function `pql replay` u
 compacted topic `<app>-links`; every worker loads that topic at start and keeps reading it, so a
 link learned on one worker reaches the others (a global table).
 
+Sales responses are validated here (an unknown rejection reason goes to the DLQ as bad_response)
+and forwarded to their account's partition. The worker also sends a tick line to every partition it
+owns each PQL_SLA_TICK seconds (`tick`), so SLA clocks are checked in partition order, in `detect`.
+
 Rejects go to the DLQ with the original key and bytes, and headers pql.error.reason / detail /
 topic / partition / offset.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections import defaultdict
@@ -25,7 +30,10 @@ from dataclasses import dataclass, field
 
 from detectors import identity
 from detectors.engine import Engine
+from pydantic import ValidationError
+
 from schemas.events import InvalidEvent, parse_event
+from schemas.sales import SalesResponse
 from streams import envelope, metrics
 from streams.topics import Topics
 
@@ -66,6 +74,22 @@ class Router:
             raw = event.model_dump_json(by_alias=True).encode()
         p = envelope.partition_of(account, self.partitions)
         batch.envelopes[(self.topics.accounts, p)].append((account, raw))
+
+    def route_response(self, raw: bytes, batch: Batch, msg: object = None) -> None:
+        try:
+            r = SalesResponse.model_validate_json(raw)
+        except ValidationError as err:
+            e = err.errors(include_url=False)[0]
+            field = ".".join(str(x) for x in e["loc"])  # empty for a check across fields: it names them
+            batch.rejects.append((msg, "bad_response", f"{field + ': ' if field else ''}{e['msg'].removeprefix('Value error, ')}"))
+            return
+        if not envelope.safe_key(r.account_id):
+            batch.rejects.append((msg, "bad_response", "account_id: a control character in it"))
+            return
+        if b"\n" in raw:
+            raw = json.dumps(json.loads(raw), separators=(",", ":")).encode()
+        p = envelope.partition_of(r.account_id, self.partitions)
+        batch.envelopes[(self.topics.accounts, p)].append((envelope.marked(envelope.RESPONSE, r.account_id), raw))
 
     def learn(self, key: bytes, value: bytes) -> None:
         """A link read back from the links topic (possibly learned by another worker)."""
@@ -158,7 +182,7 @@ class Ingest:
         loop = asyncio.get_running_loop()
         n = await loop.run_in_executor(None, self.load_links)
         log.info("loaded %d identity links from %s", n, self.topics.links)
-        self.consumer.subscribe([self.topics.events], on_assign=self._assigned)
+        self.consumer.subscribe([self.topics.events, self.topics.responses], on_assign=self._assigned)
         try:
             while self.running:
                 self._tail_links()
@@ -179,7 +203,10 @@ class Ingest:
             if m.error() is not None:
                 log.warning("consume error: %s", m.error())
                 continue
-            self.router.route(m.value() or b"", batch, m)
+            if m.topic() == self.topics.responses:
+                self.router.route_response(m.value() or b"", batch, m)
+            else:
+                self.router.route(m.value() or b"", batch, m)
             last[(m.topic(), m.partition())] = m.offset()
         for (topic, partition), items in batch.envelopes.items():
             for body in envelope.pack_all(items):
@@ -197,6 +224,12 @@ class Ingest:
         from confluent_kafka import TopicPartition
 
         self.consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=True)
+
+    def tick(self, partitions: list[int], ms: int) -> None:
+        """A tick line (wall clock, ms) to each of these accounts partitions: SLA clocks advance."""
+        for p in partitions:
+            self._produce(self.topics.accounts, envelope.tick(ms), partition=p)
+        self.producer.poll(0)
 
     def _produce(self, topic: str, value: bytes, **kw) -> None:
         while True:

@@ -37,6 +37,24 @@ consumer_lag = Gauge("pql_consumer_lag", "End offset minus processed position", 
                      registry=REGISTRY)
 rebalances = Counter("pql_rebalances", "Partition assignments received", registry=REGISTRY)
 table_recovery = Gauge("pql_table_recovery_seconds", "Duration of the last table recovery", registry=REGISTRY)
+# the sales side (streams/alerts.py, and `detect` for responses and SLA clocks)
+MINUTES = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
+stage_transitions = Counter("pql_stage_transitions", "Stage events published (the funnel)", ["stage", "lane"],
+                            registry=REGISTRY)
+responses = Counter("pql_responses", "Sales responses read, by status and outcome (recorded, repeat, "
+                    "unknown_handoff)", ["status", "outcome"], registry=REGISTRY)
+rejections = Counter("pql_rejections", "Handoffs rejected by sales, by reason", ["reason"], registry=REGISTRY)
+time_to_accept = Histogram("pql_time_to_accept_seconds", "Handoff to acceptance", ["lane"], buckets=MINUTES,
+                           registry=REGISTRY)
+sla_breaches = Counter("pql_sla_breaches", "Handoffs not answered within their SLA", ["lane"], registry=REGISTRY)
+sla_open = Gauge("pql_sla_open_handoffs", "Handoffs on this worker awaiting a response (SLA clock running)",
+                 registry=REGISTRY)
+alerts_sent = Counter("pql_alerts_sent", "Alerts delivered", ["channel"], registry=REGISTRY)
+alerts_failed = Counter("pql_alerts_failed", "Alert delivery attempts that failed", ["channel"], registry=REGISTRY)
+alerts_deferred = Counter("pql_alerts_deferred", "Alerts moved to the retry topic after their attempts failed",
+                          ["channel"], registry=REGISTRY)
+alert_seconds = Histogram("pql_alert_delivery_seconds", "Alert delivery, attempts and backoff included",
+                          ["channel"], buckets=LATENCY, registry=REGISTRY)
 rules_info = Gauge("pql_rules_info", "Rules file in force", ["version"], registry=REGISTRY)
 build_info = Gauge("pql_build_info", "pql-pipeline build", ["version"], registry=REGISTRY)
 

@@ -5,7 +5,10 @@ Layout: one hash per account, ``<PQL_REDIS_PREFIX>mql:<account_id>`` with fields
 A change older than what is stored (by ``updated_at``) is ignored, so replays and out-of-order
 CRM events cannot move an account backwards.
 
-The worker reads it only when an account qualifies. When Redis is down the read waits and retries
+Also ``<PQL_REDIS_PREFIX>handoff:<handoff_id>`` = account id (expires after HANDOFF_TTL), written by
+the alerts task for every handoff, so `pql respond HANDOFF_ID` can find the account.
+
+The worker reads the MQL hash only when an account qualifies. When Redis is down the read waits and retries
 with capped exponential backoff (logged, counted in pql_redis_errors_total); it never guesses.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import redis.asyncio as aredis
 from schemas.mql import MqlRecord
 
 log = logging.getLogger("pql.mql")
+HANDOFF_TTL = 180 * 86400  # seconds
 
 # KEYS[1]=hash; ARGV: stage, owner ('' = none), updated_at ('' = unknown, always applies)
 _APPLY = """
@@ -72,6 +76,10 @@ class MqlStore:
     def put(self, rec: MqlRecord) -> bool:
         return bool(self._apply(keys=[self.key(rec.account_id)], args=_args(rec)))
 
+    def account_of(self, handoff_id: str) -> str | None:
+        v = self.r.get(f"{self.prefix}handoff:{handoff_id}")
+        return v.decode() if v is not None else None
+
 
 class AsyncMqlStore:
     """Asynchronous access with retries, for the worker."""
@@ -107,6 +115,16 @@ class AsyncMqlStore:
 
     async def put(self, rec: MqlRecord) -> bool:
         return bool(await self._retry("write", lambda: self._apply(keys=[self.key(rec.account_id)], args=_args(rec))))
+
+    async def index_handoffs(self, pairs: list[tuple[str, str]]) -> None:
+        """handoff id -> account, for `pql respond`."""
+        async def write():
+            pipe = self.r.pipeline(transaction=False)
+            for handoff_id, account in pairs:
+                pipe.set(f"{self.prefix}handoff:{handoff_id}", account, ex=HANDOFF_TTL)
+            return await pipe.execute()
+
+        await self._retry("handoff index write", write)
 
     async def close(self) -> None:
         await self.r.aclose()

@@ -1,7 +1,9 @@
 """`pql replay`: the backtest. Runs the live engine over a JSONL file, in file order.
 
 Events are read as a partition delivers them. Output (stdout) is one CloudEvent per line and is
-byte-identical for the same input; the summary and per-line rejections go to stderr.
+byte-identical for the same input; the summary and per-line rejections go to stderr. With `now`
+(`--now`), the SLA clocks are read at that time after the last event: every handoff due by then
+gives its pql.sla_breached, as the live worker publishes it (no sales responses in a replay).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from typing import IO, Iterable
 
 from pydantic import ValidationError
 
-from detectors import identity
+from detectors import identity, sales
 from detectors.engine import Engine
 from schemas.events import InvalidEvent, parse_event
 from schemas.mql import MqlRecord
@@ -97,6 +99,7 @@ class Replay:
         self.stages = stages
         self.links: dict[str, list] = {}
         self.states: dict[str, AccountState] = {}
+        self.clocks: sales.Clocks = {}
         self.summary = Summary()
 
     def feed(self, lineno: int, raw: bytes, out: IO[str], err: IO[str]) -> None:
@@ -126,6 +129,8 @@ class Replay:
             s.qualifications += 1
             if decision.type == "pql.handoff":
                 s.handoffs += 1
+                h = state.handoffs[-1]
+                self.clocks[h.id] = [h.due, account]
             else:
                 s.suppressed[decision.data.reason] += 1
             out.write(decision.to_json() + "\n")
@@ -135,8 +140,15 @@ class Replay:
                     out.write(ev.to_json() + "\n")
 
 
+    def breaches(self, now: int, out: IO[str]) -> None:
+        for handoff_id, account in sales.due(self.clocks, now):
+            for ev in sales.breach(self.states[account], handoff_id, now):
+                self.summary.stages[ev.data.stage] += 1
+                out.write(ev.to_json() + "\n")
+
+
 def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], out: IO[str], err: IO[str],
-           milestones: bool = False, progress=None, stages: bool = False) -> Summary:
+           milestones: bool = False, progress=None, stages: bool = False, now: int | None = None) -> Summary:
     r = Replay(engine, mql, milestones, stages)
     started = time.perf_counter()
     for n, raw in enumerate(lines, 1):
@@ -144,17 +156,20 @@ def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], ou
             r.feed(n, raw, out, err)
         if progress is not None and n % 8192 == 0:
             progress(n)
+    if now is not None:
+        r.breaches(now, out)
     r.summary.accounts = len(r.states)
     r.summary.seconds = time.perf_counter() - started
     return r.summary
 
 
-def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool, stages: bool = False) -> Summary:
+def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool, stages: bool = False,
+        now: int | None = None) -> Summary:
     """Replay a file to stdout/stderr, with a progress bar when stderr is a terminal."""
     out, err = sys.stdout, sys.stderr
     with open(events, "rb") as f:
         if not err.isatty():
-            return replay(f, engine, mql, out, err, milestones, stages=stages)
+            return replay(f, engine, mql, out, err, milestones, stages=stages, now=now)
         import click
 
         size = Path(events).stat().st_size
@@ -166,5 +181,5 @@ def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool
                 bar.update(pos - last[0])
                 last[0] = pos
 
-            return replay(f, engine, mql, out, err, milestones, progress, stages)
+            return replay(f, engine, mql, out, err, milestones, progress, stages, now)
 

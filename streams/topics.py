@@ -1,7 +1,7 @@
 """Topic names and creation. All names get PQL_TOPIC_PREFIX.
 
-in:  product.events (Segment JSON), crm.lifecycle (MQL state changes)
-out: pql.handoffs, pql.signals, pql.events.dlq
+in:  product.events (Segment JSON), crm.lifecycle (MQL state changes), sales.responses (accept/reject)
+out: pql.handoffs, pql.signals, pql.events.dlq, pql.alerts.retry (alerts that failed, retried later)
 internal (per app id): <app>-accounts (envelopes, see streams/envelope.py), <app>-links (compacted
 user -> account links, see streams/ingest.py); Faust adds <app>-accounts-changelog for the table.
 """
@@ -20,6 +20,8 @@ class Topics:
     handoffs: str
     signals: str
     dlq: str
+    responses: str
+    alerts_retry: str
     accounts: str
     links: str
 
@@ -28,6 +30,7 @@ class Topics:
         t = s.topic
         return cls(events=t("product.events"), crm=t("crm.lifecycle"), handoffs=t("pql.handoffs"),
                    signals=t("pql.signals"), dlq=t("pql.events.dlq"),
+                   responses=t("sales.responses"), alerts_retry=t("pql.alerts.retry"),
                    accounts=t(f"{s.app_id}-accounts"), links=t(f"{s.app_id}-links"))
 
     @property
@@ -49,7 +52,7 @@ def ensure_topics(s: Settings, topics: Topics) -> None:
         existing = admin.list_topics(timeout=15).topics
     except Exception as err:  # KafkaException: broker unreachable
         raise TopicError(f"cannot reach Kafka at {s.kafka_bootstrap} (PQL_KAFKA_BOOTSTRAP): {err}") from None
-    wanted = [topics.events, topics.crm, topics.dlq, *topics.copartitioned]
+    wanted = [topics.events, topics.crm, topics.dlq, topics.responses, topics.alerts_retry, *topics.copartitioned]
     missing = [NewTopic(name, s.partitions, s.replication) for name in wanted if name not in existing]
     if topics.links not in existing:
         missing.append(NewTopic(topics.links, s.partitions, s.replication, config={"cleanup.policy": "compact"}))

@@ -25,8 +25,11 @@ def test_live_equals_replay(env, tmp_path):
     mql.write_text("\n".join(json.dumps({"account_id": f"acct-{i:06d}", "stage": stage, "owner": f"rep-{i % 7}"})
                              for i, stage in zip(range(0, 150, 5), ["MQL", "SAL", "SQL", "Recycled", "Customer"] * 10)))
     assert env.pql("mql", "import", str(mql)).returncode == 0
-    expected = replay(env, events, mql=mql, milestones=True)
+    # The simulated week is in the past: every handoff's SLA ran out long ago, so the live worker
+    # breaches each at its first tick, exactly what replay's clock read "now" predicts.
+    expected = replay(env, events, mql=mql, milestones=True, now="now")
     assert any('"pql.handoff"' in x for x in expected) and any('"pql_supersedes_mql"' in x for x in expected)
+    assert sum('"pql.sla_breached"' in x for x in expected) == sum('"pql.handoff"' in x for x in expected)
     env.create_topic("product.events", 1)  # one input partition: the worker sees the file's order
     env.start_worker()
     sent = env.pql("publish", str(events))  # the CLI a user runs for backfills

@@ -1,0 +1,142 @@
+"""What `detect` does with one envelope (phase 1): run the pure core over its lines, no sends.
+
+Events go through the engine (Redis is read only when an account qualifies); responses and ticks go
+through detectors/sales.py. The result is everything the envelope changes: outputs, account states,
+the partition's SLA clocks, and dead letters. streams/app.py publishes it in one transaction.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from pydantic import ValidationError
+
+from detectors import sales
+from detectors.engine import Engine
+from schemas.cloudevents import HANDOFF, STAGE, CloudEvent
+from schemas.events import InvalidEvent, parse_event
+from schemas.sales import SalesResponse
+from schemas.state import AccountState
+from streams import envelope, metrics
+from streams.mqlstore import AsyncMqlStore
+from streams.topics import Topics
+
+
+@dataclass
+class Result:
+    outputs: list[tuple[str, str, bytes]] = field(default_factory=list)   # (topic, key, CloudEvent JSON)
+    states: dict[str, AccountState] = field(default_factory=dict)
+    clocks: sales.Clocks | None = None                                    # the partition's SLA clocks, once read
+    clocks_changed: bool = False
+    dead: list[tuple[str, bytes, str, str]] = field(default_factory=list)  # (key, raw, reason, detail)
+
+
+class Detect:
+    def __init__(self, engine: Engine, topics: Topics, accounts: Mapping[str, bytes], clocks: Mapping[str, bytes],
+                 mql: AsyncMqlStore, now_ms: Callable[[], int] = lambda: int(time.time() * 1000)):
+        self.engine, self.topics, self.accounts, self.clocks, self.mql = engine, topics, accounts, clocks, mql
+        self.now_ms = now_ms  # only for the latency metric; decisions never read it
+
+    def _state(self, r: Result, account: str) -> AccountState | None:
+        state = r.states.get(account)
+        if state is None:
+            stored = self.accounts.get(account)
+            state = AccountState.model_validate_json(stored) if stored else None
+        return state
+
+    def _clocks(self, r: Result, partition: int) -> sales.Clocks:
+        if r.clocks is None:
+            stored = self.clocks.get(str(partition))
+            r.clocks = json.loads(stored) if stored else {}
+        return r.clocks
+
+    def _emit(self, r: Result, topic: str, ev: CloudEvent) -> None:
+        r.outputs.append((topic, ev.subject, ev.to_json().encode()))
+        if ev.type == STAGE or ev.type == "pql.sla_breached":
+            metrics.stage_transitions.labels(ev.data.stage, ev.data.lane).inc()
+
+    async def process(self, body: bytes, partition: int) -> Result:
+        r = Result()
+        for kind, key, raw in envelope.unpack(body):
+            if kind == envelope.EVENT:
+                await self._event(r, key, raw, partition)
+            elif kind == envelope.RESPONSE:
+                self._response(r, key, raw, partition)
+            elif kind == envelope.TICK:
+                self._tick(r, int(raw), partition)
+        return r
+
+    async def _event(self, r: Result, account: str, raw: bytes, partition: int) -> None:
+        started = time.perf_counter()
+        try:
+            event = parse_event(raw)
+        except InvalidEvent:  # the ingest tier validated it; only a foreign producer gets here
+            metrics.events_invalid.labels("invalid_field").inc()
+            return
+        state, obs = self.engine.observe(self._state(r, account), event, account)
+        r.states[account] = state
+        if obs.duplicate:
+            metrics.events_duplicate.inc()
+        for m in obs.milestones:
+            metrics.milestones_reached.labels(m.data.milestone).inc()
+            self._emit(r, self.topics.signals, m)
+        if obs.qualified is not None:
+            metrics.qualifications.inc()
+            record, took = await self.mql.get(account)
+            metrics.mql_lookup.observe(took)
+            state, decision, stages = self.engine.decide(state, obs.qualified, record)
+            if decision.type == HANDOFF:
+                self._emit(r, self.topics.handoffs, decision)
+                metrics.handoffs_published.labels(decision.data.lane, decision.data.precedence).inc()
+                metrics.event_to_handoff.observe(max(0.0, (self.now_ms() - event.ms) / 1000))
+                h = state.handoffs[-1]
+                self._clocks(r, partition)[h.id] = [h.due, account]
+                r.clocks_changed = True
+            else:
+                self._emit(r, self.topics.signals, decision)
+                metrics.handoffs_suppressed.labels(decision.data.reason).inc()
+            for ev in stages:
+                self._emit(r, self.topics.signals, ev)
+        metrics.event_processing.observe(time.perf_counter() - started)
+
+    def _response(self, r: Result, account: str, raw: bytes, partition: int) -> None:
+        try:
+            resp = SalesResponse.model_validate_json(raw)
+        except ValidationError:  # validated by the ingest tier; only a foreign producer gets here
+            r.dead.append((account, raw, "bad_response", "not a valid sales response"))
+            return
+        state = self._state(r, account)
+        events, outcome = sales.respond(state, resp) if state is not None else ([], "unknown_handoff")
+        metrics.responses.labels(resp.status, outcome).inc()
+        if outcome == "unknown_handoff":
+            r.dead.append((account, raw, "unknown_handoff",
+                           f"handoff_id {resp.handoff_id} is not among account {account}'s recent handoffs"))
+            return
+        r.states[account] = state
+        if self._clocks(r, partition).pop(resp.handoff_id, None) is not None:  # any answer stops the clock
+            r.clocks_changed = True
+        for ev in events:
+            self._emit(r, self.topics.signals, ev)
+            if ev.data.stage == "accepted" and ev.data.seconds_since_handoff is not None:
+                metrics.time_to_accept.labels(ev.data.lane).observe(max(0.0, ev.data.seconds_since_handoff))
+            elif ev.data.stage == "rejected":
+                metrics.rejections.labels(ev.data.reason or "none").inc()
+
+    def _tick(self, r: Result, now: int, partition: int) -> None:
+        stored = r.clocks if r.clocks is not None else self.clocks.get(str(partition))
+        if not stored:
+            return
+        clocks = self._clocks(r, partition)
+        for handoff_id, account in sales.due(clocks, now):
+            del clocks[handoff_id]
+            r.clocks_changed = True
+            state = self._state(r, account)
+            if state is None:
+                continue
+            events = sales.breach(state, handoff_id, now)
+            r.states[account] = state
+            for ev in events:
+                metrics.sla_breaches.labels(ev.data.lane).inc()
+                self._emit(r, self.topics.signals, ev)
