@@ -17,3 +17,10 @@ def test_demo_prints_live_handoffs(kafka, redis_url):
     assert "summary:" in res.stdout and "event-to-handoff latency" in res.stdout
     handed = int(res.stdout.split("summary: ")[1].split(" handoffs")[0])
     assert handed == len(rows) > 0
+    # the sales side: simulated answers and breaches show up as they happen, alerts reach the stand-in
+    assert "sales: " in res.stdout and "alerts delivered to the local Slack stand-in" in res.stdout
+    shown = [ln for ln in res.stdout.splitlines() if "accepted by" in ln or "rejected by" in ln
+             or "SLA BREACHED" in ln]
+    assert shown, res.stdout
+    alerted = int(res.stdout.split("Slack stand-in: ")[1].split(" handoffs")[0])
+    assert alerted == handed
