@@ -59,6 +59,11 @@ def test_dashboard_queries_name_exported_metrics():
             assert used, target["expr"]
             for name in used:
                 assert name in names, f"{panel['title']}: {name} is not exported"
+    shown = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for wanted in ("pql_events_consumed_total", "pql_consumer_lag", "pql_event_to_handoff_seconds_bucket",
+                   "pql_handoffs_suppressed_total", 'stage="accepted"', 'stage="converted"',
+                   "pql_sla_breaches_total", "pql_rejections_total", "pql_alerts_sent_total"):
+        assert wanted in shown, f"the dashboard shows nothing of {wanted}"
 
 
 def _query(port: int, expr: str) -> float | None:
