@@ -12,7 +12,7 @@ DEFAULT_RULES = ROOT / "examples" / "rules.yaml"
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="PQL_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="PQL_", extra="ignore", env_ignore_empty=True)
 
     kafka_bootstrap: str = "127.0.0.1:9092"
     redis_url: str = "redis://127.0.0.1:6379/0"
