@@ -144,9 +144,12 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
         # calls (state creation), so measure after a 20 s warm-up
         warmup = 20.0
         total = int((seconds + warmup) * rate)
-        sender = subprocess.Popen([sys.executable, "-m", "streams.cli", "simulate", "--accounts", str(accounts), "--now",
-                                   "--events", str(total), "--rate", str(rate), "--seed", str(int(time.time()))],
-                                  env=worker_env(prefix, port), cwd=ROOT, stderr=subprocess.DEVNULL)
+        sender = subprocess.Popen([sys.executable, "-m", "benchmarks.sender", prefix + "product.events",
+                                   "--accounts", str(accounts), "--events", str(total), "--rate", str(rate),
+                                   "--seed", str(int(time.time()))],
+                                  env=worker_env(prefix, port), cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL)
+        assert sender.stdout.readline().strip() == b"ready"  # lines built before the clock starts
         measure_from = time.time() + warmup
         end = measure_from + seconds + 5
         while time.time() < end:
