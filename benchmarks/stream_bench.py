@@ -84,13 +84,14 @@ def worker_env(prefix: str, port: int) -> dict:
             "PQL_REDIS_PREFIX": prefix, "PQL_WEB_PORT": str(port), "PQL_LOG_LEVEL": "warn"}
 
 
-def metric(port: int, name: str) -> float:
+def metric(port: int, name: str, topic: str | None = None) -> float:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
             text = r.read().decode()
     except OSError:
         return 0.0
-    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(name + "{") or ln.startswith(name + " "))
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if (ln.startswith(name + "{") or ln.startswith(name + " ")) and (topic is None or f'topic="{topic}"' in ln))
 
 
 def drain(port: int, topics: list[str], n: int) -> tuple[float, int]:
@@ -133,6 +134,7 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
     w = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
                          stdout=log, stderr=subprocess.STDOUT)
     lat: list[float] = []
+    lag: list[tuple] = []
     try:
         while metric(port, "pql_table_recovery_seconds") == 0:  # the Faust tier has its partitions
             time.sleep(0.1)
@@ -152,7 +154,12 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
         assert sender.stdout.readline().strip() == b"ready"  # lines built before the clock starts
         measure_from = time.time() + warmup
         end = measure_from + seconds + 5
+        next_scrape = time.time() + 5
         while time.time() < end:
+            if time.time() >= next_scrape:  # which tier falls behind, if one does
+                next_scrape += 5
+                lag.append((round(time.time() - measure_from), metric(port, "pql_consumer_lag", prefix + "product.events"),
+                            metric(port, "pql_consumer_lag", prefix.strip(".") + "-accounts")))
             for m in c.consume(1000, timeout=0.2):
                 if m.error() is None:
                     t = json.loads(m.value())["time"]
@@ -165,6 +172,7 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
     finally:
         w.send_signal(signal.SIGTERM)
         w.wait(60)
+    print("lag (s since measuring, product.events, <app>-accounts): " + " ".join(f"{t}:{a:.0f}/{b:.0f}" for t, a, b in lag))
     return lat, consumed
 
 
@@ -189,7 +197,9 @@ def main() -> None:
         f.result()
     lines = list(Simulator(accounts=a.accounts, seed=1).events(a.events))
     out = io.StringIO()
-    replay(lines, Engine(load_rules(ROOT / "examples/rules.yaml")), {}, out, io.StringIO(), milestones=True)
+    # everything the worker publishes: milestones, stages, and the breaches of these past handoffs
+    replay(lines, Engine(load_rules(ROOT / "examples/rules.yaml")), {}, out, io.StringIO(), milestones=True,
+           stages=True, now=int(time.time() * 1000))
     expected = len(out.getvalue().splitlines())
     produce(topic, lines)
     n = len(lines)

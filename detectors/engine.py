@@ -23,8 +23,7 @@ from detectors.ids import event_id
 from detectors.milestones import Detector
 from detectors.timefmt import iso
 from schemas.cloudevents import (
-    HANDOFF, MILESTONE, SUPPRESSED, CloudEvent, FitResult, HandoffData, MilestoneData, MqlContext,
-    Qualification, SuppressedData,
+    HANDOFF, MILESTONE, SUPPRESSED, CloudEvent, FitResult, HandoffData, MilestoneData, MqlContext, SuppressedData,
 )
 from schemas.events import EPOCH, ONE_MS, Group
 from schemas.mql import IN_SALES, OPEN_MQL, MqlRecord
@@ -158,24 +157,24 @@ class Engine:
             rules_version=rules.version,
         )
         reason = None
-        taken = sales.in_sales(state)
-        ours = taken is not None and not _recycled(mql, taken.status_at)
+        last = sales.last(state)
+        ours = last is not None and last.status in ("accepted", "converted") and not _recycled(mql, last.status_at)
+        in_cooldown = last is not None and p.ms - last.at < rules.cooldown
         if fit is not None and not fit.passed:
             reason = "not_fit"
         elif mql is not None and mql.stage in IN_SALES:
             reason = "already_in_sales"
         elif ours:
             reason = "already_in_sales"  # sales accepted our last handoff, and the CRM has not recycled it
-        elif state.last_handoff is not None and p.ms - state.last_handoff < rules.cooldown:
+        elif in_cooldown:
             reason = "cooldown"
         if reason is not None:
             data = SuppressedData(
                 **ctx, reason=reason,
-                last_handoff_at=iso(state.last_handoff) if state.last_handoff is not None else None,
-                last_handoff_id=state.last_handoff_id,
+                last_handoff_at=iso(last.at) if last is not None else None,
+                last_handoff_id=last.id if last is not None else None,
             )
-            in_cycle = ours or state.last_handoff is not None and p.ms - state.last_handoff < rules.cooldown
-            stages = [] if reason == "cooldown" or in_cycle else sales.qualified_only(state, p.ms, reason)
+            stages = [] if ours or in_cooldown else sales.qualified_only(state, p.ms, reason)
             return state, self._event(SUPPRESSED, p, data), stages
         supersedes = mql is not None and mql.stage in OPEN_MQL
         data = HandoffData(
@@ -185,7 +184,6 @@ class Engine:
             sla_due_at=iso(p.ms + rules.sla.pql),
         )
         out = self._event(HANDOFF, p, data)
-        state.last_handoff, state.last_handoff_id = p.ms, out.id
         return state, out, sales.handed_off(state, out.id, "pql", p.ms, p.ms + rules.sla.pql)
 
     def _event(self, kind: str, p: Pending, data: Any) -> CloudEvent:

@@ -11,18 +11,25 @@ from detectors.ids import event_id
 from detectors.timefmt import iso
 from schemas.cloudevents import SLA_BREACHED, STAGE, CloudEvent, StageData
 from schemas.sales import SalesResponse
-from schemas.state import AccountState, Handoff
+from schemas.state import AccountState, Handoff, Sales
 
 MAX_HANDOFFS = 10  # handoffs remembered per account (responses to older ones are reported unknown)
 Clocks = dict[str, list]
 
 
+def _sales(state: AccountState) -> Sales:
+    if state.sales is None:
+        state.sales = Sales()
+    return state.sales
+
+
 def _stage(state: AccountState, stage: str, ms: int, h: Handoff | None, kind: str = STAGE,
            eid: str | None = None, **extra) -> CloudEvent:
-    if ms >= state.stages.get(stage, ms):
-        state.stages[stage] = ms
-    if state.stage is None or ms >= max(state.stages.values()):
-        state.stage = stage
+    s = _sales(state)
+    if ms >= s.stages.get(stage, ms):
+        s.stages[stage] = ms
+    if s.stage is None or ms >= max(s.stages.values()):
+        s.stage = stage
     data = StageData(
         account_id=state.account_id, stage=stage, at=iso(ms),
         lane=h.lane if h else "pql", handoff_id=h.id if h else None,
@@ -36,21 +43,22 @@ def _stage(state: AccountState, stage: str, ms: int, h: Handoff | None, kind: st
 def handed_off(state: AccountState, handoff_id: str, lane: str, ms: int, due: int) -> list[CloudEvent]:
     """A new handoff: the qualified and handed_off transitions; the handoff's SLA clock starts."""
     h = Handoff(id=handoff_id, lane=lane, at=ms, due=due)
-    state.handoffs = [*state.handoffs, h][-MAX_HANDOFFS:]
-    qualified = [] if state.stage == "qualified" else [_stage(state, "qualified", ms, h)]
+    s = _sales(state)
+    s.handoffs = [*s.handoffs, h][-MAX_HANDOFFS:]
+    qualified = [] if s.stage == "qualified" else [_stage(state, "qualified", ms, h)]
     return [*qualified, _stage(state, "handed_off", ms, h)]
 
 
 def qualified_only(state: AccountState, ms: int, reason: str) -> list[CloudEvent]:
     """A qualification that is not handed off (not fit, already in sales): one qualified transition
     per episode, not one per event while it lasts."""
-    if state.stage == "qualified":
+    if state.sales is not None and state.sales.stage == "qualified":
         return []
     return [_stage(state, "qualified", ms, None, reason=reason)]
 
 
 def find(state: AccountState, handoff_id: str) -> Handoff | None:
-    return next((h for h in state.handoffs if h.id == handoff_id), None)
+    return next((h for h in state.sales.handoffs if h.id == handoff_id), None) if state.sales else None
 
 
 def respond(state: AccountState, r: SalesResponse) -> tuple[list[CloudEvent], str]:
@@ -61,7 +69,6 @@ def respond(state: AccountState, r: SalesResponse) -> tuple[list[CloudEvent], st
     if h.status == r.status:
         return [], "repeat"
     h.status, h.status_at = r.status, r.ms
-    state.handoffs = list(state.handoffs)
     ev = _stage(state, r.status, r.ms, h, reason=r.reason, note=r.note, by=r.by, late=h.breached)
     return [ev], "recorded"
 
@@ -75,10 +82,9 @@ def breach(state: AccountState, handoff_id: str, now: int) -> list[CloudEvent]:
     return [_stage(state, "sla_breached", h.due, h, kind=SLA_BREACHED, eid=event_id(SLA_BREACHED, h.id))]
 
 
-def in_sales(state: AccountState) -> Handoff | None:
-    """The latest handoff, if sales accepted or converted it (then the account is theirs)."""
-    h = state.handoffs[-1] if state.handoffs else None
-    return h if h is not None and h.status in ("accepted", "converted") else None
+def last(state: AccountState) -> Handoff | None:
+    """The account's latest handoff (cooldown; and if sales accepted it, the account is theirs)."""
+    return state.sales.handoffs[-1] if state.sales and state.sales.handoffs else None
 
 
 def due(clocks: Clocks, now: int) -> list[tuple[str, str]]:

@@ -39,6 +39,14 @@ class Handoff(BaseModel):
     breached: bool = False
 
 
+class Sales(BaseModel):
+    """The account's way through sales (detectors/sales.py)."""
+
+    stage: str | None = None                 # latest stage (schemas/sales.py STAGES)
+    stages: dict[str, int] = Field(default_factory=dict)              # stage -> time of its latest transition
+    handoffs: list[Handoff] = Field(default_factory=list)             # the most recent handoffs, oldest first
+
+
 class AccountState(BaseModel):
     account_id: str
     traits: dict[str, Any] = Field(default_factory=dict)              # merged group traits, latest call wins per trait
@@ -48,8 +56,4 @@ class AccountState(BaseModel):
     seen: dict[str, int] = Field(default_factory=dict)                # messageId -> event time, for dedupe
     hits: dict[str, list[list[Any]]] = Field(default_factory=dict)    # milestone -> matching events kept for its window
     reached: dict[str, Reach] = Field(default_factory=dict)           # milestone -> latest reach
-    last_handoff: int | None = None          # event time of the last handoff (cooldown)
-    last_handoff_id: str | None = None
-    stage: str | None = None                 # latest stage (see schemas/sales.py STAGES)
-    stages: dict[str, int] = Field(default_factory=dict)              # stage -> time of its latest transition
-    handoffs: list[Handoff] = Field(default_factory=list)             # the most recent handoffs, oldest first
+    sales: Sales | None = None               # from the first qualification on (most accounts never qualify)

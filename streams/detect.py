@@ -91,7 +91,7 @@ class Detect:
                 self._emit(r, self.topics.handoffs, decision)
                 metrics.handoffs_published.labels(decision.data.lane, decision.data.precedence).inc()
                 metrics.event_to_handoff.observe(max(0.0, (self.now_ms() - event.ms) / 1000))
-                h = state.handoffs[-1]
+                h = sales.last(state)
                 self._clocks(r, partition)[h.id] = [h.due, account]
                 r.clocks_changed = True
             else:

@@ -129,7 +129,7 @@ class Replay:
             s.qualifications += 1
             if decision.type == "pql.handoff":
                 s.handoffs += 1
-                h = state.handoffs[-1]
+                h = sales.last(state)
                 self.clocks[h.id] = [h.due, account]
             else:
                 s.suppressed[decision.data.reason] += 1

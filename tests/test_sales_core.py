@@ -34,10 +34,10 @@ def test_handoff_starts_a_cycle_with_qualified_and_handed_off_stages():
     assert [s.type for s in stages] == ["pql.stage", "pql.stage"]
     assert [s.data.stage for s in stages] == ["qualified", "handed_off"]
     assert all(s.data.handoff_id == handoff.id for s in stages)
-    h = state.handoffs[-1]
+    h = sales.last(state)
     assert (h.id, h.status, h.due - h.at) == (handoff.id, "open", 10 * MIN)
     assert stages[1].data.sla_due_at == handoff.data.sla_due_at
-    assert state.stage == "handed_off" and set(state.stages) == {"qualified", "handed_off"}
+    assert state.sales.stage == "handed_off" and set(state.sales.stages) == {"qualified", "handed_off"}
 
 
 def test_accept_records_time_to_accept_and_a_repeat_is_ignored():
@@ -47,7 +47,7 @@ def test_accept_records_time_to_accept_and_a_repeat_is_ignored():
     assert out[0].data.seconds_since_handoff == 240.0 and out[0].data.by == "rep-1" and not out[0].data.late
     assert sales.respond(state, response(handoff.id, "accepted", 5)) == ([], "repeat")
     converted, _ = sales.respond(state, response(handoff.id, "converted", 60))
-    assert converted[0].data.stage == "converted" and state.stage == "converted"
+    assert converted[0].data.stage == "converted" and state.sales.stage == "converted"
     assert sales.breach(state, handoff.id, at_ms(handoff.data.sla_due_at)) == []  # answered: no breach
 
 
