@@ -172,7 +172,7 @@ class Alerts:
                 await self.index.index_handoffs([(h["id"], h["subject"]) for h in handoffs])
             await asyncio.gather(*(self._first(m, c) for m in todo for c in self.channels))
             await self._flush()
-            self.consumer.commit(asynchronous=False)
+            self._commit(self.consumer)
 
     async def _first(self, m, channel: Channel) -> None:
         """A fresh alert: deliver, or park it on the retry topic, or dead-letter it."""
@@ -202,7 +202,7 @@ class Alerts:
                     elif outcome == REFUSED:
                         self._dead(m, channel.name, detail)
                 await self._flush()
-                self.retries.commit(message=m, asynchronous=False)
+                self._commit(self.retries, message=m)
 
     async def deliver(self, channel: Channel, raw: bytes) -> tuple[str, str]:
         """Up to PQL_ALERT_ATTEMPTS attempts with backoff. (outcome, detail of the last failure)."""
@@ -238,6 +238,14 @@ class Alerts:
             if 400 <= resp.status < 500 and resp.status not in (408, 429):
                 raise Refused(f"HTTP {resp.status}: {text}")
             raise RuntimeError(f"HTTP {resp.status}: {text}")
+
+    def _commit(self, consumer, **kw) -> None:
+        from confluent_kafka import KafkaException
+
+        try:
+            consumer.commit(asynchronous=False, **kw)
+        except KafkaException as err:  # e.g. a rebalance moved the partitions: their new owner resends
+            log.info("alerts: offsets not committed (%s); those alerts may be sent again (X-PQL-Event-Id)", err)
 
     def _park(self, raw: bytes, channel: str, rnd: int) -> None:
         metrics.alerts_deferred.labels(channel).inc()

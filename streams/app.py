@@ -263,7 +263,15 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     async def alerts() -> None:
         from streams.alerts import Alerts
 
-        await Alerts(s, topics, rules, mql).run()
+        while True:  # a failing alert path must not stop detection: restart it, it re-reads what it had not committed
+            try:
+                await Alerts(s, topics, rules, mql).run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("alerts task failed; restarting it in 5 s")
+                await asyncio.sleep(5)
 
     rebalance_started = [time.perf_counter()]
 
