@@ -185,6 +185,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     clocks_changelog = f"{s.app_id}-clocks-changelog"
     detector = Detect(engine, topics, accounts.data, clocks.data, mql)
     open_clocks: dict[int, int] = {}  # partition -> handoffs awaiting a response (pql_sla_open_handoffs)
+    processed: dict[int, int] = {}    # partition -> offset after the last envelope published (lag)
 
 
     @app.agent(accounts_topic, concurrency=1)
@@ -223,6 +224,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
                     open_clocks[p] = len(result.clocks)
                     metrics.sla_open.set(sum(open_clocks.values()))
                 ev.ack()
+                processed[p] = ev.message.offset + 1
 
     @app.timer(s.sla_tick)
     async def sla_tick() -> None:
@@ -231,9 +233,9 @@ def build(settings: Settings, rules: Rules) -> faust.App:
         if ingest is None:
             return
         owned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == topics.accounts)
-        for p in list(open_clocks):
-            if p not in owned:
-                del open_clocks[p]
+        for gone in (open_clocks, processed):
+            for p in [p for p in gone if p not in owned]:
+                del gone[p]
         ingest.tick(owned, int(time.time() * 1000))
 
     @app.agent(crm_topic, concurrency=1)
@@ -298,13 +300,20 @@ def build(settings: Settings, rules: Rules) -> faust.App:
 
     @app.timer(5.0)
     async def lag() -> None:
-        """pql_consumer_lag for the Faust tier: last stable offset minus our position."""
+        """pql_consumer_lag for the Faust tier: end offset minus what was processed.
+
+        For envelopes, "processed" is the offset after the last one `detect` published (the fetch
+        position runs ahead of processing and would hide a backlog); for crm.lifecycle, the position.
+        """
         consumer = app.consumer
         for tp in consumer.assignment():
             if tp.topic not in (topics.accounts, topics.crm):
                 continue
             try:
-                position = await consumer.position(tp)
+                if tp.topic == topics.accounts:
+                    position = processed.get(tp.partition) or await consumer.position(tp)
+                else:
+                    position = await consumer.position(tp)
                 end = consumer.highwater(tp)
             except Exception:  # partition moving away mid-read
                 continue
