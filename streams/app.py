@@ -61,36 +61,6 @@ def guard_commits(consumer, lock: asyncio.Lock) -> None:
     consumer._pql_guarded = True
 
 
-def parallel_commits(producer) -> None:
-    """Commit the partitions' transactions concurrently, not one after another.
-
-    Faust 0.15's `commit_transactions` awaits each transactional id's offsets-commit and end-of-
-    transaction in turn: with 4 partitions that is about a dozen broker round trips in a row on every
-    commit, and handoffs wait for it. Each id has its own producer and lock, so they can overlap.
-    """
-    locks, producers = getattr(producer, "_trn_locks", None), getattr(producer, "_transaction_producers", None)
-    if locks is None or producers is None or getattr(producer, "_pql_parallel", False):
-        return  # another Faust version: keep its own commit
-
-    async def one(tid: str, offsets, group_id: str, start_new: bool) -> None:
-        async with locks[tid]:
-            tx = producers.get(tid)
-            if tx is None:
-                log.warning("commit invoked for unknown transaction %s", tid)
-                return
-            await tx.send_offsets_to_transaction(offsets, group_id)
-            await tx.commit_transaction()
-            if start_new:
-                await tx.begin_transaction()
-
-    async def commit_transactions(tid_to_offset_map, group_id, start_new_transaction=True) -> None:
-        await asyncio.gather(*(one(tid, offsets, group_id, start_new_transaction)
-                               for tid, offsets in tid_to_offset_map.items()))
-
-    producer.commit_transactions = commit_transactions
-    producer._pql_parallel = True
-
-
 def _credentials(s: Settings):
     if s.kafka_security_protocol == "PLAINTEXT":
         return None
@@ -187,11 +157,9 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     open_clocks: dict[int, int] = {}  # partition -> handoffs awaiting a response (pql_sla_open_handoffs)
     processed: dict[int, int] = {}    # partition -> offset after the last envelope published (lag)
 
-
     @app.agent(accounts_topic, concurrency=1)
     async def detect(stream):
         guard_commits(app.consumer, commit_lock)
-        parallel_commits(app.producer)
         async for ev in stream.noack().events():
             p = ev.message.partition
             t = tid(topics.accounts, p)
