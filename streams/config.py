@@ -51,10 +51,10 @@ class Settings(BaseSettings):
 
     @field_validator("store")
     @classmethod
-    def _memory_only(cls, v: str) -> str:
-        if v != "memory://":
-            raise ValueError("only memory:// is supported for now: Faust's rocksdb:// store lost state under "
-                             "the worker's transactional writes in our tests (see README, Configuration)")
+    def _known_store(cls, v: str) -> str:
+        if v not in ("memory://", "rocksdb://"):
+            raise ValueError("use memory:// or rocksdb:// (Faust's RocksDB store, backed by rocksdict: "
+                             "pip install 'pql-pipeline[rocksdb]')")
         return v
 
     @model_validator(mode="after")

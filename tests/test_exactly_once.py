@@ -82,11 +82,12 @@ def handoff_counts(env, n_expected) -> Counter:
     return Counter(json.loads(m.value())["id"] for m in msgs)
 
 
-def test_sigkill_at_random_instants_loses_and_duplicates_nothing(eo, tmp_path):
+@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
+def test_sigkill_at_random_instants_loses_and_duplicates_nothing(eo, tmp_path, store):
     lines = stream(accounts=1500)
     expected = expected_handoffs(eo, lines, tmp_path)
     eo.create_topic("product.events", 4)
-    worker = eo.start_worker()
+    worker = eo.start_worker(PQL_STORE=store)
     sender = threading.Thread(target=publish, args=(eo.kafka, eo.topic("product.events"), lines), kwargs={"rate": 250})
     sender.start()
     rng = random.Random(5)
@@ -97,7 +98,7 @@ def test_sigkill_at_random_instants_loses_and_duplicates_nothing(eo, tmp_path):
         time.sleep(rng.uniform(0.1, 1.5))
         kill9(worker)
         kills += 1
-        worker = eo.start_worker()
+        worker = eo.start_worker(PQL_STORE=store)
     sender.join()
     counts = handoff_counts(eo, len(expected))
     written = read(eo.kafka, [eo.topic("pql.handoffs")], until=lambda m: True, idle=2, committed=False)
