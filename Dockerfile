@@ -6,7 +6,7 @@ COPY schemas schemas
 COPY detectors detectors
 COPY streams streams
 COPY examples examples
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir '.[rocksdb]'
 ENV PQL_RULES=/app/examples/rules.yaml
 EXPOSE 6066
 CMD ["pql", "worker"]
