@@ -14,18 +14,17 @@ The engine updates the state it is given in place and returns it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable
 
 from detectors import sales
 from detectors.conditions import MISSING, compile_conditions, getter
 from detectors.ids import event_id
 from detectors.milestones import Detector
-from detectors.timefmt import iso
+from detectors.timefmt import iso, parse_ms
 from schemas.cloudevents import (
     HANDOFF, MILESTONE, SUPPRESSED, CloudEvent, FitResult, HandoffData, MilestoneData, MqlContext, SuppressedData,
 )
-from schemas.events import EPOCH, ONE_MS, Group
+from schemas.events import Group
 from schemas.mql import IN_SALES, OPEN_MQL, MqlRecord
 from schemas.rules import Rules
 from schemas.state import AccountState, Reach
@@ -220,11 +219,9 @@ def _recycled(mql: MqlRecord | None, since: int | None) -> bool:
     if mql is None or mql.stage != "Recycled" or not mql.timestamp or since is None:
         return False
     try:
-        at = datetime.fromisoformat(mql.timestamp.replace("Z", "+00:00"))
+        return parse_ms(mql.timestamp) > since
     except ValueError:
         return False
-    at = at if at.tzinfo else at.replace(tzinfo=timezone.utc)
-    return (at - EPOCH) // ONE_MS > since
 
 
 def _text(v: Any) -> str | None:

@@ -62,11 +62,15 @@ class MilestoneData(BaseModel):
     rules_version: str
 
 
+# Every transition an account goes through; each is one stage event on pql.signals.
+Stage = Literal["qualified", "handed_off", "accepted", "rejected", "converted", "sla_breached"]
+
+
 class StageData(BaseModel):
-    """One stage transition (qualified, handed_off, accepted, rejected, converted, sla_breached)."""
+    """One stage transition."""
 
     account_id: str
-    stage: Literal["qualified", "handed_off", "accepted", "rejected", "converted", "sla_breached"]
+    stage: Stage
     at: str                                  # when the transition happened (event time or response time)
     lane: Literal["pql", "mql"] = "pql"
     handoff_id: str | None = None            # None only for a qualification that was not handed off

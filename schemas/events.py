@@ -17,6 +17,13 @@ ONE_MS = timedelta(milliseconds=1)
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)  # event times past this (or before 1970) are rejected
 
 
+def to_ms(ts: datetime) -> int:
+    """Milliseconds since the epoch, exact; a time without a zone is UTC."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return (ts - EPOCH) // ONE_MS
+
+
 class _Event(BaseModel):
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
 
@@ -29,10 +36,7 @@ class _Event(BaseModel):
     @cached_property
     def ms(self) -> int:
         """Event time in integer milliseconds since the epoch (exact, no float rounding)."""
-        ts = self.timestamp
-        if ts.tzinfo is None:
-            ts = ts.replace(tzinfo=UTC)
-        return (ts - EPOCH) // ONE_MS
+        return to_ms(self.timestamp)
 
     @property
     def group_id(self) -> str | None:

@@ -8,19 +8,15 @@ from __future__ import annotations
 
 from datetime import datetime
 from functools import cached_property
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from schemas.events import EPOCH, LATEST, ONE_MS, UTC
+from schemas.events import EPOCH, LATEST, to_ms
 
-REASONS = ("not_icp", "duplicate", "bad_data", "student_or_research", "competitor", "no_budget", "bad_timing",
-           "other")
 Reason = Literal["not_icp", "duplicate", "bad_data", "student_or_research", "competitor", "no_budget",
                  "bad_timing", "other"]
-STATUSES = ("accepted", "rejected", "converted")
-# Every transition an account goes through; each is one stage event on pql.signals.
-STAGES = ("qualified", "handed_off", "accepted", "rejected", "converted", "sla_breached")
+REASONS = get_args(Reason)
 Text = Annotated[str, Field(min_length=1, max_length=200)]
 
 
@@ -45,5 +41,11 @@ class SalesResponse(BaseModel):
 
     @cached_property
     def ms(self) -> int:
-        ts = self.timestamp if self.timestamp.tzinfo else self.timestamp.replace(tzinfo=UTC)
-        return (ts - EPOCH) // ONE_MS
+        return to_ms(self.timestamp)
+
+
+def problem(err: ValidationError) -> str:
+    """The first thing wrong with a response, as 'field: message' (a check across fields names its own)."""
+    e = err.errors(include_url=False)[0]
+    field = ".".join(str(x) for x in e["loc"])
+    return f"{field + ': ' if field else ''}{e['msg'].removeprefix('Value error, ')}"

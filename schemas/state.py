@@ -42,7 +42,7 @@ class Handoff(BaseModel):
 class Sales(BaseModel):
     """The account's way through sales (detectors/sales.py)."""
 
-    stage: str | None = None                 # latest stage (schemas/sales.py STAGES)
+    stage: str | None = None                 # latest stage (schemas/cloudevents.py Stage)
     stages: dict[str, int] = Field(default_factory=dict)              # stage -> time of its latest transition
     handoffs: list[Handoff] = Field(default_factory=list)             # the most recent handoffs, oldest first
 

@@ -24,9 +24,10 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from detectors.timefmt import parse_ms
 from schemas.rules import Rules
 from streams import metrics
-from streams.ingest import dlq_headers
+from streams.ingest import dlq_headers, poll
 from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics
 
@@ -62,7 +63,7 @@ def evidence_words(evidence: list[dict]) -> str:
     names: dict[str, int] = {}
     for e in evidence:
         names[e["event"]] = names.get(e["event"], 0) + 1
-    times = [datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp() * 1000 for e in evidence]
+    times = [parse_ms(e["timestamp"]) for e in evidence]
     parts = [" → ".join(names) if len(names) > 1 else
              (f"{len(evidence)} × {evidence[0]['event']}" if len(evidence) > 1 else evidence[0]["event"])]
     if len(evidence) > 1 and max(times) > min(times):
@@ -156,10 +157,7 @@ class Alerts:
             self.producer.flush(10)
 
     async def _poll(self, consumer, n: int) -> list:
-        msgs = consumer.consume(n, timeout=0)
-        if not msgs:
-            msgs = await asyncio.get_running_loop().run_in_executor(None, consumer.consume, n, 0.2)
-        return [m for m in msgs if m.error() is None]
+        return [m for m in await poll(consumer, n, 0.2) if m.error() is None]
 
     async def _main(self) -> None:
         while self.running:

@@ -66,15 +66,15 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
         sys.exit(2)
     now_ms = None
     if now is not None:
-        from datetime import datetime, timezone
+        import time
+
+        from detectors.timefmt import parse_ms
 
         try:
-            when = datetime.now(timezone.utc) if now == "now" else datetime.fromisoformat(now.replace("Z", "+00:00"))
+            now_ms = int(time.time() * 1000) if now == "now" else parse_ms(now)
         except ValueError:
             click.echo(f"pql: --now: expected an ISO 8601 time or 'now', got {now!r}", err=True)
             sys.exit(2)
-        when = when if when.tzinfo else when.replace(tzinfo=timezone.utc)
-        now_ms = int(when.timestamp() * 1000)
     summary = rp.run(events, engine, mql, milestones, stages, now_ms)
     click.echo(summary.render(), err=True)
 
@@ -185,17 +185,13 @@ def respond(handoff_id: str, status: str | None, reason: str | None, note: str |
     import json
     from datetime import datetime, timezone
 
-    from schemas.sales import SalesResponse
+    from schemas.sales import SalesResponse, problem
     from streams.topics import Topics
 
-    if reason is not None:
-        if status is not None:
-            click.echo("pql: give one of --accept, --reject REASON, --convert", err=True)
-            sys.exit(2)
-        status = "rejected"
-    if status is None:
+    if (status is None) == (reason is None):
         click.echo("pql: give one of --accept, --reject REASON, --convert", err=True)
         sys.exit(2)
+    status = status or "rejected"
     s = _settings()
     if account is None:
         account = _store().account_of(handoff_id)
@@ -208,9 +204,7 @@ def respond(handoff_id: str, status: str | None, reason: str | None, note: str |
     try:
         SalesResponse.model_validate(doc)
     except ValidationError as err:
-        e = err.errors(include_url=False)[0]
-        field = ".".join(str(x) for x in e["loc"])
-        click.echo(f"pql: {field + ': ' if field else ''}{e['msg'].removeprefix('Value error, ')}", err=True)
+        click.echo(f"pql: {problem(err)}", err=True)
         sys.exit(2)
     from confluent_kafka import Producer
 

@@ -33,7 +33,7 @@ from detectors.engine import Engine
 from pydantic import ValidationError
 
 from schemas.events import InvalidEvent, parse_event
-from schemas.sales import SalesResponse
+from schemas.sales import SalesResponse, problem
 from streams import envelope, metrics
 from streams.topics import Topics
 
@@ -79,9 +79,7 @@ class Router:
         try:
             r = SalesResponse.model_validate_json(raw)
         except ValidationError as err:
-            e = err.errors(include_url=False)[0]
-            field = ".".join(str(x) for x in e["loc"])  # empty for a check across fields: it names them
-            batch.rejects.append((msg, "bad_response", f"{field + ': ' if field else ''}{e['msg'].removeprefix('Value error, ')}"))
+            batch.rejects.append((msg, "bad_response", problem(err)))
             return
         if not envelope.safe_key(r.account_id):
             batch.rejects.append((msg, "bad_response", "account_id: a control character in it"))
@@ -98,6 +96,14 @@ class Router:
         current = self.links.get(k)
         if current is None or current[1] <= int(ms):
             self.links[k] = [account, int(ms)]
+
+
+async def poll(consumer, n: int, wait: float) -> list:
+    """Up to n messages: what is buffered, else wait up to `wait` s in a thread (the loop stays free)."""
+    msgs = consumer.consume(n, timeout=0)
+    if not msgs:
+        msgs = await asyncio.get_running_loop().run_in_executor(None, consumer.consume, n, wait)
+    return msgs
 
 
 def dlq_headers(topic: str, partition: int, offset: int, reason: str, detail: str) -> list[tuple[str, bytes]]:
@@ -188,12 +194,9 @@ class Ingest:
             while self.running:
                 self._tail_links()
                 self._lag()
-                msgs = self.consumer.consume(self.batch_size, timeout=0)
+                msgs = await poll(self.consumer, self.batch_size, 0.05)
                 if not msgs:
-                    # nothing buffered: wait briefly for data without blocking the event loop
-                    msgs = await loop.run_in_executor(None, self.consumer.consume, self.batch_size, 0.05)
-                    if not msgs:
-                        continue
+                    continue
                 await self.linger(msgs)
                 await self.handle(msgs)
         finally:

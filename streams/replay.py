@@ -139,7 +139,6 @@ class Replay:
                 if self.stages:
                     out.write(ev.to_json() + "\n")
 
-
     def breaches(self, now: int, out: IO[str]) -> None:
         for handoff_id, account in sales.due(self.clocks, now):
             for ev in sales.breach(self.states[account], handoff_id, now):

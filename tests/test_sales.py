@@ -125,15 +125,21 @@ def wait_for(check, timeout: float = 60.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def handed_off(env: Env, endpoint: Endpoint, n: int):
+    """A worker, and n accounts that qualify: (the worker, {account: handoff id})."""
+    w = env.start_worker(**worker_vars(endpoint))
+    accounts = [f"acct-{i}" for i in range(n)]
+    publish(env.kafka, env.topic("product.events"), qualifying(accounts))
+    handoffs = {json.loads(m.value())["subject"]: json.loads(m.value())["id"] for m in
+                read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: len(m) >= n, idle=0.5)}
+    assert sorted(handoffs) == accounts  # one handoff each
+    return w, handoffs
+
+
 def test_alerts_responses_and_sla_breaches(kafka, redis_url, unique, tmp_path, endpoint):
     env = make_env(kafka, redis_url, unique, tmp_path, sla="15s")
     try:
-        w = env.start_worker(**worker_vars(endpoint))
-        accounts = [f"acct-{i}" for i in range(6)]
-        publish(env.kafka, env.topic("product.events"), qualifying(accounts))
-        handoffs = {json.loads(m.value())["subject"]: json.loads(m.value())["id"] for m in
-                    read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: len(m) >= 6, idle=0.5)}
-        assert sorted(handoffs) == accounts
+        w, handoffs = handed_off(env, endpoint, 6)
 
         # Responses: the CLI finds the account in Redis (indexed by the alerts task) or takes --account.
         ok = wait_for(lambda: env.pql("respond", handoffs["acct-0"], "--accept", "--by", "rep-1").returncode == 0,
@@ -209,12 +215,7 @@ def test_alerts_responses_and_sla_breaches(kafka, redis_url, unique, tmp_path, e
 def test_sla_clocks_survive_restarts_and_breach_once(kafka, redis_url, unique, tmp_path, endpoint):
     env = make_env(kafka, redis_url, unique, tmp_path, sla="12s")
     try:
-        w = env.start_worker(**worker_vars(endpoint))
-        accounts = [f"acct-{i}" for i in range(4)]
-        publish(env.kafka, env.topic("product.events"), qualifying(accounts))
-        handoffs = read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: len(m) >= 4, idle=0.5)
-        assert len(handoffs) == 4
-        ids = {json.loads(m.value())["subject"]: json.loads(m.value())["id"] for m in handoffs}
+        w, ids = handed_off(env, endpoint, 4)
         assert env.pql("respond", ids["acct-0"], "--accept", "--account", "acct-0").returncode == 0
         time.sleep(2)  # the clocks (and the acceptance) are committed with their transactions
         kill9(w)  # before any clock runs out: the next worker must find them in the table
