@@ -81,7 +81,7 @@ def naive_faust(topic: str, n: int) -> float:
 
 def worker_env(prefix: str, port: int) -> dict:
     return {**os.environ, "PQL_KAFKA_BOOTSTRAP": BOOT, "PQL_TOPIC_PREFIX": prefix, "PQL_APP_ID": prefix.strip("."),
-            "PQL_REDIS_PREFIX": prefix, "PQL_WEB_PORT": str(port), "PQL_LOG_LEVEL": "warn"}
+            "PQL_REDIS_PREFIX": prefix, "PQL_WEB_PORT": str(port), "PQL_LOG_LEVEL": os.environ.get("PQL_BENCH_LOG", "warn")}
 
 
 def metric(port: int, name: str, topic: str | None = None) -> float:
@@ -110,6 +110,16 @@ def drain(port: int, topics: list[str], n: int) -> tuple[float, int]:
             return last, got
 
 
+def peak_rss(pid: int) -> None:
+    """The worker's peak resident memory (VmHWM), printed."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
+        print(f"worker peak RSS: {kb / 1024:.0f} MiB")
+    except (OSError, StopIteration):
+        pass
+
+
 def our_worker(prefix: str, n: int) -> tuple[float, int]:
     port = 6190
     log = open(ROOT / "benchmarks" / "out" / f"{prefix}worker.log", "w")
@@ -124,8 +134,12 @@ def our_worker(prefix: str, n: int) -> tuple[float, int]:
         t1, outputs = drain(port, [prefix + "pql.handoffs", prefix + "pql.signals"], n)
         return t1 - t0, outputs
     finally:
+        peak_rss(w.pid)
         w.send_signal(signal.SIGTERM)
         w.wait(60)
+
+
+parts: list[tuple[float, float]] = []
 
 
 def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[list[float], int]:
@@ -134,6 +148,7 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
     w = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
                          stdout=log, stderr=subprocess.STDOUT)
     lat: list[float] = []
+    parts.clear()
     lag: list[tuple] = []
     try:
         while metric(port, "pql_table_recovery_seconds") == 0:  # the Faust tier has its partitions
@@ -159,17 +174,30 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
             if time.time() >= next_scrape:  # which tier falls behind, if one does
                 next_scrape += 5
                 lag.append((round(time.time() - measure_from), metric(port, "pql_consumer_lag", prefix + "product.events"),
-                            metric(port, "pql_consumer_lag", prefix.strip(".") + "-accounts")))
-            for m in c.consume(1000, timeout=0.2):
+                            metric(port, "pql_consumer_lag", prefix + prefix.strip(".") + "-accounts")))
+            # poll, not consume(n, timeout): a batch call waits for n messages or the whole timeout,
+            # which added up to 200 ms to each handoff's measured latency until session 3
+            m = c.poll(0.2)
+            now = time.time()
+            if m is not None:
                 if m.error() is None:
                     t = json.loads(m.value())["time"]
                     ev_ms = int(time.mktime(time.strptime(t[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone) * 1000 + int(t[20:23])
                     if ev_ms / 1000 >= measure_from:
-                        lat.append(time.time() - ev_ms / 1000)
+                        lat.append(now - ev_ms / 1000)
+                        # the split: event -> handoff sent in its transaction (ingest + detect), and
+                        # sent -> readable (commit wait + commit + the reader's fetch)
+                        parts.append(((m.timestamp()[1] - ev_ms) / 1000, now - m.timestamp()[1] / 1000))
+                        if os.environ.get("PQL_BENCH_TRACE"):
+                            print("TRACE", m.key().decode(), ev_ms, m.timestamp()[1], int(now * 1000), flush=True)
         sender.wait(60)
         c.close()
         consumed = int(metric(port, "pql_events_consumed_total"))
+        commits = metric(port, "pql_commit_seconds_count")
+        if commits:
+            print(f"commits: {commits:.0f}, mean {metric(port, 'pql_commit_seconds_sum') / commits * 1000:.1f} ms")
     finally:
+        peak_rss(w.pid)
         w.send_signal(signal.SIGTERM)
         w.wait(60)
     print("lag (s since measuring, product.events, <app>-accounts): " + " ".join(f"{t}:{a:.0f}/{b:.0f}" for t, a, b in lag))
@@ -226,6 +254,9 @@ def report_latency(a) -> None:
         print(f"latency at {a.latency_rate:,.0f} events/s for {a.latency_seconds:.0f}s after a 20s warm-up, {a.latency_accounts} accounts ({consumed} events consumed, "
               f"{len(lat)} handoffs): p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms "
               f"(target p99 <= 250 ms)")
+        for name, xs in (("event -> handoff sent", [a for a, _ in parts]), ("sent -> readable", [b for _, b in parts])):
+            q = statistics.quantiles(xs, n=100)
+            print(f"  {name}: p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms")
 
 
 if __name__ == "__main__":

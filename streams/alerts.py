@@ -170,7 +170,7 @@ class Alerts:
                 await self.index.index_handoffs([(h["id"], h["subject"]) for h in handoffs])
             await asyncio.gather(*(self._first(m, c) for m in todo for c in self.channels))
             await self._flush()
-            self._commit(self.consumer)
+            await self._commit(self.consumer)
 
     async def _first(self, m, channel: Channel) -> None:
         """A fresh alert: deliver, or park it on the retry topic, or dead-letter it."""
@@ -200,7 +200,7 @@ class Alerts:
                     elif outcome == REFUSED:
                         self._dead(m, channel.name, detail)
                 await self._flush()
-                self._commit(self.retries, message=m)
+                await self._commit(self.retries, message=m)
 
     async def deliver(self, channel: Channel, raw: bytes) -> tuple[str, str]:
         """Up to PQL_ALERT_ATTEMPTS attempts with backoff. (outcome, detail of the last failure)."""
@@ -237,11 +237,12 @@ class Alerts:
                 raise Refused(f"HTTP {resp.status}: {text}")
             raise RuntimeError(f"HTTP {resp.status}: {text}")
 
-    def _commit(self, consumer, **kw) -> None:
+    async def _commit(self, consumer, **kw) -> None:
+        """Commit and wait for the broker, in a thread: the event loop (detection) never waits on it."""
         from confluent_kafka import KafkaException
 
         try:
-            consumer.commit(asynchronous=False, **kw)
+            await asyncio.get_running_loop().run_in_executor(None, lambda: consumer.commit(asynchronous=False, **kw))
         except KafkaException as err:  # e.g. a rebalance moved the partitions: their new owner resends
             log.info("alerts: offsets not committed (%s); those alerts may be sent again (X-PQL-Event-Id)", err)
 

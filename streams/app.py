@@ -187,6 +187,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
                     continue
                 for account, body in bodies.items():  # memory follows only what went into the transaction
                     accounts.data[account] = body
+                    detector.keep(account, body, result.states[account])
                 if clock_body is not None:
                     clocks.data[str(p)] = clock_body
                     open_clocks[p] = len(result.clocks)
@@ -224,8 +225,14 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     async def ingest() -> None:
         conf = {**s.confluent(), "session.timeout.ms": int(s.session_timeout * 1000),
                 "heartbeat.interval.ms": int(s.session_timeout * 200)}
+        def next_unpublished(p: int) -> int | None:
+            """For the ingest tier's self-clocking: where `detect` is on partition p, if we own it."""
+            if TP(topics.accounts, p) not in app.consumer.assignment():
+                return None
+            return processed.get(p)
+
         loop = Ingest(conf, f"{s.app_id}-ingest", Router(engine, topics, P), topics, s.ingest_batch,
-                      s.ingest_linger)
+                      s.ingest_linger, s.ingest_linger_max, next_unpublished)
         app.pql_ingest = loop
         await loop.run()
 

@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".stack/worker-data")
     commit_interval: float = Field(default=0.1, gt=0, description="seconds between transaction commits")
     ingest_batch: int = Field(default=5000, ge=1)
-    ingest_linger: float = Field(default=0.03, ge=0, le=1, description="s to gather a batch after its first message")
+    ingest_linger: float = Field(default=0.01, ge=0, le=1, description="s to gather a batch after its first message")
+    ingest_linger_max: float = Field(default=0.25, ge=0, le=5,
+                                     description="s a batch may keep gathering while the Faust tier is busy")
     session_timeout: float = Field(default=10.0, ge=6, description="s before a silent worker's partitions move")
     redis_retry_max: float = Field(default=5.0, gt=0, description="longest wait between Redis retries, s")
     log_level: Literal["debug", "info", "warn", "error"] = "info"

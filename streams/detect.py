@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -35,16 +36,31 @@ class Result:
 
 class Detect:
     def __init__(self, engine: Engine, topics: Topics, accounts: Mapping[str, bytes], clocks: Mapping[str, bytes],
-                 mql: AsyncMqlStore, now_ms: Callable[[], int] = lambda: int(time.time() * 1000)):
+                 mql: AsyncMqlStore, now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+                 cache_size: int = 20_000):
         self.engine, self.topics, self.accounts, self.clocks, self.mql = engine, topics, accounts, clocks, mql
         self.now_ms = now_ms  # only for the latency metric; decisions never read it
+        # parsed states of recently active accounts (parsing was the largest cost per envelope)
+        self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
+        self.cache_size = cache_size
 
     def _state(self, r: Result, account: str) -> AccountState | None:
         state = r.states.get(account)
         if state is None:
             stored = self.accounts.get(account)
-            state = AccountState.model_validate_json(stored) if stored else None
+            if not stored:
+                return None
+            # A parsed copy is used only if it is exactly what the table holds. It leaves the cache
+            # while in use (the core changes it in place) and comes back only when published (`keep`).
+            hit = self.parsed.pop(account, None)
+            state = hit[1] if hit is not None and hit[0] == stored else AccountState.model_validate_json(stored)
         return state
+
+    def keep(self, account: str, body: bytes, state: AccountState) -> None:
+        """`state`, serialized as `body`, is now in the table: keep it parsed for the next envelope."""
+        self.parsed[account] = (body, state)
+        if len(self.parsed) > self.cache_size:
+            self.parsed.popitem(last=False)
 
     def _clocks(self, r: Result, partition: int) -> sales.Clocks:
         if r.clocks is None:

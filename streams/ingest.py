@@ -27,6 +27,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Callable
 
 from detectors import identity
 from detectors.engine import Engine
@@ -99,10 +100,13 @@ class Router:
 
 
 async def poll(consumer, n: int, wait: float) -> list:
-    """Up to n messages: what is buffered, else wait up to `wait` s in a thread (the loop stays free)."""
+    """Up to n messages: what is buffered, else wait up to `wait` s in a thread (the loop stays free)
+    for the first one. (consume(n, wait) would wait for n messages or the whole `wait`.)"""
     msgs = consumer.consume(n, timeout=0)
     if not msgs:
-        msgs = await asyncio.get_running_loop().run_in_executor(None, consumer.consume, n, wait)
+        msgs = await asyncio.get_running_loop().run_in_executor(None, consumer.consume, 1, wait)
+        if msgs and n > 1:
+            msgs += consumer.consume(n - 1, timeout=0)
     return msgs
 
 
@@ -121,10 +125,16 @@ class Ingest:
     """The consume -> route -> publish -> commit loop."""
 
     def __init__(self, conf: dict, group_id: str, router: Router, topics: Topics, batch_size: int,
-                 linger_s: float = 0.0):
+                 linger_s: float = 0.0, linger_max_s: float = 0.0,
+                 processed: Callable[[int], int | None] = lambda p: None):
         from confluent_kafka import Consumer, Producer
 
         self.router, self.topics, self.batch_size, self.linger_s = router, topics, batch_size, linger_s
+        self.linger_max_s = max(linger_s, linger_max_s)
+        # Self-clocking: `processed(p)` is the next envelope offset this process's Faust tier has yet
+        # to publish for accounts partition p (None when it does not own p); `sent` the last offset
+        # we wrote there. While one is behind the other, we keep gathering (see `linger`).
+        self.processed, self.sent = processed, {}
         self.consumer = Consumer({
             **conf, "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky", "fetch.wait.max.ms": 20,
@@ -184,6 +194,16 @@ class Ingest:
     def _delivered(self, err, msg) -> None:
         if err is not None:
             self.failed.append(str(err))
+        elif msg.topic() == self.topics.accounts:
+            self.sent[msg.partition()] = max(self.sent.get(msg.partition(), -1), msg.offset())
+
+    def detect_busy(self) -> bool:
+        """Is our Faust tier still on an envelope we sent it? (Only partitions it owns count.)"""
+        for p, offset in self.sent.items():
+            done = self.processed(p)
+            if done is not None and done <= offset:
+                return True
+        return False
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -203,15 +223,23 @@ class Ingest:
             self.close()
 
     async def linger(self, msgs: list) -> None:
-        """Gather messages for up to `linger_s` after the first: fewer, fuller envelopes mean less work
-        per event in the Faust tier and the broker, which is what keeps latency low under load."""
-        deadline = time.monotonic() + self.linger_s
-        while len(msgs) < self.batch_size and (left := deadline - time.monotonic()) > 0:
+        """Gather messages for `linger_s` after the first, then for as long as the Faust tier is still
+        busy with our previous envelopes (up to `linger_max_s`, or a full batch).
+
+        Fewer, fuller envelopes mean less work per event in the Faust tier. Sending a new envelope
+        while the last one waits in the queue gains nothing; holding it lets it grow, so a busy tier
+        gets bigger envelopes and catches up, and an idle one gets each batch at once.
+        """
+        start = time.monotonic()
+        while len(msgs) < self.batch_size:
+            waited = time.monotonic() - start
+            if waited >= self.linger_max_s or (waited >= self.linger_s and not self.detect_busy()):
+                return
             more = self.consumer.consume(self.batch_size - len(msgs), timeout=0)
             if more:
                 msgs.extend(more)
             else:
-                await asyncio.sleep(min(left, 0.005))
+                await asyncio.sleep(0.002)
 
     async def handle(self, msgs: list) -> None:
         batch, last = Batch(), {}
