@@ -19,13 +19,15 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import datetime, timezone
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from detectors.engine import Engine
 from schemas.rules import load_rules
+from streams import envelope
 from streams.replay import replay
 from streams.simulate import Simulator, key_of
 
@@ -139,16 +141,18 @@ def our_worker(prefix: str, n: int) -> tuple[float, int]:
         w.wait(60)
 
 
-parts: list[tuple[float, float]] = []
+def stamp_ms(iso_ms: str) -> int:
+    """'2026-11-23T17:00:00.123Z' -> ms since the epoch."""
+    return int(time.mktime(time.strptime(iso_ms[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone) * 1000 + int(iso_ms[20:23])
 
 
-def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[list[float], int]:
+def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[list[tuple], int]:
+    """(account, event ms, handoff sent ms, handoff readable ms) per handoff measured; events consumed."""
     port = 6191
     log = open(ROOT / "benchmarks" / "out" / f"{prefix}worker.log", "w")
     w = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
                          stdout=log, stderr=subprocess.STDOUT)
-    lat: list[float] = []
-    parts.clear()
+    seen: list[tuple] = []
     lag: list[tuple] = []
     try:
         while metric(port, "pql_table_recovery_seconds") == 0:  # the Faust tier has its partitions
@@ -174,22 +178,15 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
             if time.time() >= next_scrape:  # which tier falls behind, if one does
                 next_scrape += 5
                 lag.append((round(time.time() - measure_from), metric(port, "pql_consumer_lag", prefix + "product.events"),
-                            metric(port, "pql_consumer_lag", prefix + prefix.strip(".") + "-accounts")))
-            # poll, not consume(n, timeout): a batch call waits for n messages or the whole timeout,
-            # which added up to 200 ms to each handoff's measured latency until session 3
+                            metric(port, "pql_consumer_lag", accounts_topic(prefix))))
+            # poll, not consume(n, timeout): a batch call waits for n messages or for the whole
+            # timeout, which added up to 200 ms to each measured latency until session 3
             m = c.poll(0.2)
-            now = time.time()
-            if m is not None:
-                if m.error() is None:
-                    t = json.loads(m.value())["time"]
-                    ev_ms = int(time.mktime(time.strptime(t[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone) * 1000 + int(t[20:23])
-                    if ev_ms / 1000 >= measure_from:
-                        lat.append(now - ev_ms / 1000)
-                        # the split: event -> handoff sent in its transaction (ingest + detect), and
-                        # sent -> readable (commit wait + commit + the reader's fetch)
-                        parts.append(((m.timestamp()[1] - ev_ms) / 1000, now - m.timestamp()[1] / 1000))
-                        if os.environ.get("PQL_BENCH_TRACE"):
-                            print("TRACE", m.key().decode(), ev_ms, m.timestamp()[1], int(now * 1000), flush=True)
+            now_ms = int(time.time() * 1000)
+            if m is not None and m.error() is None:
+                ev_ms = stamp_ms(json.loads(m.value())["time"])
+                if ev_ms / 1000 >= measure_from:  # the handoff's Kafka timestamp: when detect sent it
+                    seen.append((m.key().decode(), ev_ms, m.timestamp()[1], now_ms))
         sender.wait(60)
         c.close()
         consumed = int(metric(port, "pql_events_consumed_total"))
@@ -201,7 +198,35 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
         w.send_signal(signal.SIGTERM)
         w.wait(60)
     print("lag (s since measuring, product.events, <app>-accounts): " + " ".join(f"{t}:{a:.0f}/{b:.0f}" for t, a, b in lag))
-    return lat, consumed
+    return seen, consumed
+
+
+def accounts_topic(prefix: str) -> str:
+    return prefix + prefix.strip(".") + "-accounts"  # PQL_TOPIC_PREFIX + PQL_APP_ID + "-accounts"
+
+
+def envelope_times(prefix: str, wanted: set[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """When the ingest tier wrote each (account, event timestamp) into an envelope (its Kafka timestamp)."""
+    topic = accounts_topic(prefix)
+    c = Consumer({"bootstrap.servers": BOOT, "group.id": f"env-{time.time_ns()}", "auto.offset.reset": "earliest"})
+    parts = c.list_topics(topic, timeout=10).topics[topic].partitions
+    c.assign([TopicPartition(topic, p, 0) for p in parts])
+    found: dict[tuple[str, str], int] = {}
+    idle = 0
+    while idle < 3 and len(found) < len(wanted):
+        msgs = c.consume(5000, timeout=1)
+        idle = 0 if msgs else idle + 1
+        for m in msgs:
+            if m.error() is not None:
+                continue
+            for kind, account, raw in envelope.unpack(m.value()):
+                i = raw.find(b'"timestamp":"')
+                if kind == envelope.EVENT and i >= 0:
+                    key = (account, raw[i + 13:i + 37].decode())
+                    if key in wanted and key not in found:
+                        found[key] = m.timestamp()[1]
+    c.close()
+    return found
 
 
 def main() -> None:
@@ -248,15 +273,31 @@ def main() -> None:
 
 
 def report_latency(a) -> None:
-    lat, consumed = latency(f"lat{int(time.time())}.", a.latency_seconds, a.latency_rate, a.latency_accounts)
-    if len(lat) > 1:
-        q = statistics.quantiles(lat, n=100)
-        print(f"latency at {a.latency_rate:,.0f} events/s for {a.latency_seconds:.0f}s after a 20s warm-up, {a.latency_accounts} accounts ({consumed} events consumed, "
-              f"{len(lat)} handoffs): p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms "
-              f"(target p99 <= 250 ms)")
-        for name, xs in (("event -> handoff sent", [a for a, _ in parts]), ("sent -> readable", [b for _, b in parts])):
+    prefix = f"lat{int(time.time())}."
+    seen, consumed = latency(prefix, a.latency_seconds, a.latency_rate, a.latency_accounts)
+    if len(seen) < 2:
+        print(f"latency: only {len(seen)} handoffs measured")
+        return
+    q = statistics.quantiles([read - ev for _, ev, _, read in seen], n=100)
+    print(f"latency at {a.latency_rate:,.0f} events/s for {a.latency_seconds:.0f}s after a 20s warm-up, {a.latency_accounts} accounts ({consumed} events consumed, "
+          f"{len(seen)} handoffs): p50 {q[49]:.0f} ms, p99 {q[98]:.0f} ms, max {max(read - ev for _, ev, _, read in seen)} ms "
+          f"(target p99 <= 250 ms)")
+    # where the time goes, per handoff: the qualifying event's envelope is found on <app>-accounts
+    stamp = {(acct, ev): datetime.fromtimestamp(ev / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ev % 1000:03d}Z"
+             for acct, ev, _, _ in seen}
+    written = envelope_times(prefix, {(k[0], v) for k, v in stamp.items()})
+    stages = {"ingest (event -> its envelope written)": [], "detect (envelope -> handoff sent)": [],
+              "commit (sent -> readable, read_committed)": []}
+    for acct, ev, sent, read in seen:
+        env = written.get((acct, stamp[(acct, ev)]))
+        if env is not None:
+            for xs, v in zip(stages.values(), (env - ev, sent - env, read - sent)):
+                xs.append(v)
+    print(f"  split of {len(next(iter(stages.values())))} handoffs:")
+    for name, xs in stages.items():
+        if len(xs) > 1:
             q = statistics.quantiles(xs, n=100)
-            print(f"  {name}: p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms")
+            print(f"    {name:42} p50 {q[49]:4.0f} ms  p90 {q[89]:4.0f} ms  p99 {q[98]:4.0f} ms")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from streams.topics import Topics
 
 log = logging.getLogger("pql.worker")
 CE_HEADERS = [("content-type", b"application/cloudevents+json")]
+HANDOFF_COMMIT_DELAY = 0.005
 
 
 def guard_commits(consumer, lock: asyncio.Lock) -> None:
@@ -59,6 +60,19 @@ def guard_commits(consumer, lock: asyncio.Lock) -> None:
 
     consumer.commit = commit
     consumer._pql_guarded = True
+
+
+def short_retries(producer) -> None:
+    """Retry sends after 20 ms instead of aiokafka's 100 ms.
+
+    Right after a commit, Kafka (4.x, to a pre-KIP-890 client such as aiokafka) refuses a send to a
+    partition whose commit markers it is still writing, with the retriable NOT_ENOUGH_REPLICAS; the
+    retry then waits `retry_backoff_ms`, and so does the next commit, which flushes that send. 20 ms
+    is what aiokafka itself uses for the same race when adding partitions (KAFKA-5477). Faust has
+    no setting for it: every producer it makes (one per partition transaction) gets it here.
+    """
+    extra = producer._settings_extra
+    producer._settings_extra = lambda: {**extra(), "retry_backoff_ms": 20}
 
 
 def _credentials(s: Settings):
@@ -106,6 +120,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     accounts = app.Table("accounts", partitions=P, value_type=bytes)
     # SLA clocks: one value per partition, {handoff_id: [due_ms, account]} (detectors/sales.py)
     clocks = app.Table("clocks", partitions=P, value_type=bytes)
+    short_retries(app.producer)
     mql = AsyncMqlStore(s.redis_url, s.redis_prefix, s.redis_retry_max, on_error=metrics.redis_errors.inc)
     metrics.rules_info.labels(rules.version).set(1)
     metrics.build_info.labels(_version()).set(1)
@@ -194,6 +209,27 @@ def build(settings: Settings, rules: Rules) -> faust.App:
                     metrics.sla_open.set(sum(open_clocks.values()))
                 ev.ack()
                 processed[p] = ev.message.offset + 1
+            if any(topic == topics.handoffs for topic, _, _ in result.outputs):
+                commit_soon(p)
+
+    soon: dict[int, asyncio.Task] = {}
+
+    def commit_soon(p: int) -> None:
+        """A handoff is readable only once its transaction commits: commit p's now, not at the next
+        timer tick (the timer still commits everything else every PQL_COMMIT_INTERVAL)."""
+        if p in soon:
+            return
+
+        async def commit() -> None:
+            try:
+                await asyncio.sleep(HANDOFF_COMMIT_DELAY)  # handoffs close together share one commit
+                await app.consumer.commit(topics={TP(topics.accounts, p)})
+            except Exception as err:  # e.g. a rebalance: the timer or the new owner commits
+                log.info("early commit of partition %d skipped (%s)", p, err)
+            finally:
+                del soon[p]
+
+        soon[p] = asyncio.ensure_future(commit())
 
     @app.timer(s.sla_tick)
     async def sla_tick() -> None:
