@@ -237,6 +237,7 @@ def main() -> None:
     ap.add_argument("--latency-rate", type=float, default=5000)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--only-latency", action="store_true")
+    ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--latency-accounts", type=int, default=5000)
     a = ap.parse_args()
     (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
@@ -269,7 +270,8 @@ def main() -> None:
           f"unattributed live)")
     if tb:
         print(f"ratios: worker / naive Faust = {tb / tc:.1f}x (target >= 5x); worker / raw client = {ta / tc:.2f}")
-    report_latency(a)
+    if not a.skip_latency:
+        report_latency(a)
 
 
 def report_latency(a) -> None:
