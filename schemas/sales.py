@@ -45,7 +45,7 @@ class SalesResponse(BaseModel):
 
 
 def problem(err: ValidationError) -> str:
-    """The first thing wrong with a response, as 'field: message' (a check across fields names its own)."""
+    """The first thing wrong with a record, as 'field: message' (a check across fields names its own)."""
     e = err.errors(include_url=False)[0]
     field = ".".join(str(x) for x in e["loc"])
     return f"{field + ': ' if field else ''}{e['msg'].removeprefix('Value error, ')}"

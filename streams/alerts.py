@@ -22,9 +22,8 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
-from detectors.timefmt import parse_ms
+from detectors.timefmt import iso, parse_ms
 from schemas.rules import Rules
 from streams import metrics
 from streams.ingest import dlq_headers, poll
@@ -40,11 +39,8 @@ def signature(body: bytes, secret: str) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
-def _when(iso: str | None) -> str:
-    if not iso:
-        return "-"
-    dt = datetime.fromisoformat(iso.replace("Z", "+00:00")).astimezone(timezone.utc)
-    return dt.strftime("%Y-%m-%d %H:%M UTC")
+def _when(text: str | None) -> str:
+    return f"{iso(parse_ms(text))[:16].replace('T', ' ')} UTC" if text else "-"
 
 
 def _span(ms: float) -> str:

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from detectors.engine import Engine
 from schemas.mql import MqlRecord
 from schemas.rules import Rules
+from schemas.sales import problem
 from streams import metrics
 from streams.config import Settings
 from streams.detect import Detect
@@ -249,8 +250,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
             try:
                 rec = MqlRecord.model_validate_json(ev.value or b"")
             except ValidationError as err:
-                e = err.errors(include_url=False)[0]
-                detail = f"{'.'.join(str(x) for x in e['loc']) or 'record'}: {e['msg']}"
+                detail = problem(err)
                 metrics.events_invalid.labels("bad_crm_record").inc()
                 await send_now(topics.dlq, ev.key, ev.value or b"", None, dlq_headers(
                     ev.message.topic, ev.message.partition, ev.message.offset, "bad_crm_record", detail))

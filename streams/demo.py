@@ -24,14 +24,11 @@ from collections import Counter
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from detectors.timefmt import parse_ms
 from streams.config import ROOT, load_settings
 from streams.mqlstore import MqlStore
 from schemas.mql import MqlRecord
 from schemas.rules import load_rules
-
-
-def _parse_time(iso: str) -> float:
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 SLA = 15  # seconds, for the demo only (the example rules say 1h)
@@ -181,7 +178,7 @@ def _watch(s, run, seconds, rate, describe, env, worker, slack) -> None:
         if ev["type"] == "pql.handoff":
             handoffs += 1
             team.handed_off(ev)
-            latency = time.time() - _parse_time(ev["time"])
+            latency = time.time() - parse_ms(ev["time"]) / 1000
             lat.append(latency)
             name = (d.get("account_name") or "")[:12]
             print(f"{ev['time'][11:19]}  {name + ' ' + d['account_id'][-6:]:22} {str(d['owner'] or '-'):7} "

@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import datetime, timezone
 
 import redis
 import redis.asyncio as aredis
 
+from detectors.timefmt import iso, parse_ms
 from schemas.mql import MqlRecord
 
 log = logging.getLogger("pql.mql")
@@ -39,13 +39,7 @@ return 1
 
 def normalize_time(value: str | None) -> str:
     """Any ISO 8601 time -> 'YYYY-MM-DDTHH:MM:SS.mmmZ' (so times compare as strings); '' if none."""
-    if not value:
-        return ""
-    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    dt = dt.astimezone(timezone.utc)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    return iso(parse_ms(value)) if value else ""
 
 
 def _record(account_id: str, h: dict) -> MqlRecord | None:
