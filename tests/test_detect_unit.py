@@ -10,7 +10,7 @@ from streams import envelope
 from streams.detect import Detect
 from streams.topics import Topics
 from streams.config import Settings
-from tests.helpers import at, rules, track
+from helpers import at, rules, track
 
 RULES = rules({"invites": {"event": "Invite Sent", "count": 3, "within": "7d", "points": 60}})
 

@@ -6,7 +6,7 @@ from detectors.engine import Engine
 from streams.config import Settings
 from streams.ingest import Ingest, Router
 from streams.topics import Topics
-from tests.helpers import rules
+from helpers import rules
 
 TOPICS = Topics.of(Settings())
 
