@@ -48,8 +48,10 @@ def rules_check(file: str) -> None:
 @click.option("--now", "now", metavar="TIME",
               help="Read the SLA clocks at TIME (ISO 8601, or 'now') after the last event: print a "
                    "pql.sla_breached for every handoff due by then.")
+@click.option("--responses", "responses_path", type=click.Path(exists=True, dir_okay=False),
+              help="Sales responses, JSON lines as on sales.responses, applied in time order among the events.")
 def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool, stages: bool,
-           now: str | None) -> None:
+           now: str | None, responses_path: str | None) -> None:
     """Run the detection engine over an EVENTS.jsonl file (the backtest).
 
     Handoffs and suppressions (CloudEvents, one per line) go to stdout; rejected lines and a
@@ -61,8 +63,9 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
     engine = Engine(_rules(rules_path))
     try:
         mql = rp.load_mql(mql_path) if mql_path else {}
-    except rp.MqlFileError as err:
-        click.echo(f"pql: bad MQL file: {err}", err=True)
+        responses = rp.load_responses(responses_path) if responses_path else []
+    except rp.InputFileError as err:
+        click.echo(f"pql: bad input file: {err}", err=True)  # names the path, line and field
         sys.exit(2)
     now_ms = None
     if now is not None:
@@ -75,7 +78,7 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
         except ValueError:
             click.echo(f"pql: --now: expected an ISO 8601 time or 'now', got {now!r}", err=True)
             sys.exit(2)
-    summary = rp.run(events, engine, mql, milestones, stages, now_ms)
+    summary = rp.run(events, engine, mql, milestones, stages, now_ms, responses)
     click.echo(summary.render(), err=True)
 
 
@@ -267,11 +270,11 @@ def mql_get(account: str) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 def mql_import(file: str) -> None:
     """Load MQL records from JSONL ({"account_id","stage","owner"}, as `pql replay --mql`)."""
-    from streams.replay import MqlFileError, load_mql
+    from streams.replay import InputFileError, load_mql
 
     try:
         records = load_mql(file)
-    except MqlFileError as err:
+    except InputFileError as err:
         click.echo(f"pql: bad MQL file: {err}", err=True)
         sys.exit(2)
     store = _store()

@@ -3,7 +3,10 @@
 Events are read as a partition delivers them. Output (stdout) is one CloudEvent per line and is
 byte-identical for the same input; the summary and per-line rejections go to stderr. With `now`
 (`--now`), the SLA clocks are read at that time after the last event: every handoff due by then
-gives its pql.sla_breached, as the live worker publishes it (no sales responses in a replay).
+gives its pql.sla_breached, as the live worker publishes it. Sales responses (`--responses`, the
+records of `sales.responses`) are applied in time order among the events: a response is applied
+before the first event later than it (an answer after its handoff's SLA ran out counts as late,
+after the breach, when `now` is given).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from detectors import identity, sales
 from detectors.engine import Engine
 from schemas.events import InvalidEvent, parse_event
 from schemas.mql import MqlRecord
+from schemas.sales import SalesResponse, problem
 from schemas.state import AccountState
 
 SHOW_LINES = 20  # line numbers listed per invalid reason in the summary
@@ -37,6 +41,7 @@ class Summary:
     handoffs: int = 0
     suppressed: Counter = field(default_factory=Counter)
     stages: Counter = field(default_factory=Counter)
+    responses: Counter = field(default_factory=Counter)
     accounts: int = 0
     seconds: float = 0.0
 
@@ -59,6 +64,7 @@ class Summary:
             f"handoffs:        {self.handoffs}",
             "suppressed:      " + _counts(self.suppressed),
             "stages:          " + _counts(self.stages),
+            *(["responses:       " + _counts(self.responses)] if self.responses else []),
             f"accounts:        {self.accounts}",
         ]
         return "\n".join(out)
@@ -68,8 +74,8 @@ def _counts(c: Counter) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
 
 
-class MqlFileError(ValueError):
-    pass
+class InputFileError(ValueError):
+    """A bad line in an --mql or --responses file: names the path, the line and the field."""
 
 
 def load_mql(path: str | Path) -> dict[str, MqlRecord]:
@@ -84,15 +90,31 @@ def load_mql(path: str | Path) -> dict[str, MqlRecord]:
             except ValidationError as err:
                 e = err.errors(include_url=False)[0]
                 where = ".".join(str(p) for p in e["loc"]) or "line"
-                raise MqlFileError(f"{path}:{n}: {where}: {e['msg']}") from None
+                raise InputFileError(f"{path}:{n}: {where}: {e['msg']}") from None
             records[rec.account_id] = rec
     return records
+
+
+def load_responses(path: str | Path) -> list[tuple[int, SalesResponse]]:
+    """(line number, response) in time order (file order among equal times); a bad line stops with
+    its number and field."""
+    found: list[tuple[int, SalesResponse]] = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                found.append((n, SalesResponse.model_validate_json(raw)))
+            except ValidationError as err:
+                raise InputFileError(f"{path}:{n}: {problem(err)}") from None
+    return sorted(found, key=lambda x: x[1].ms)
 
 
 class Replay:
     """The replay loop; holds identity links and account states in plain dicts."""
 
-    def __init__(self, engine: Engine, mql: dict[str, MqlRecord], milestones: bool = False, stages: bool = False):
+    def __init__(self, engine: Engine, mql: dict[str, MqlRecord], milestones: bool = False, stages: bool = False,
+                 responses: list[tuple[int, SalesResponse]] = (), now: int | None = None):
         self.engine = engine
         self.mql = mql
         self.milestones = milestones
@@ -101,6 +123,7 @@ class Replay:
         self.states: dict[str, AccountState] = {}
         self.clocks: sales.Clocks = {}
         self.summary = Summary()
+        self.responses, self.next_response, self.now = list(responses), 0, now
 
     def feed(self, lineno: int, raw: bytes, out: IO[str], err: IO[str]) -> None:
         s = self.summary
@@ -112,6 +135,7 @@ class Replay:
             err.write(f"line {lineno}: {bad.reason}: {bad.detail}\n")
             return
         s.by_type[event.type] += 1
+        self.answers(event.ms, out, err)
         account, why_not, _ = identity.route(event, self.links, self.engine.relevant)
         if account is None:
             s.unattributed += why_not == identity.UNATTRIBUTED
@@ -139,22 +163,54 @@ class Replay:
                 if self.stages:
                     out.write(ev.to_json() + "\n")
 
+    def answers(self, until: int | None, out: IO[str], err: IO[str]) -> None:
+        """Apply the responses timed up to `until` (all that are left when None)."""
+        while self.next_response < len(self.responses):
+            n, r = self.responses[self.next_response]
+            if until is not None and r.ms > until:
+                return
+            self.next_response += 1
+            state = self.states.get(r.account_id)
+            if state is None:
+                outcome, events = "unknown_handoff", []
+            else:
+                h = sales.find(state, r.handoff_id)
+                if self.now is not None and h is not None and r.ms >= h.due and r.handoff_id in self.clocks:
+                    self._breach(r.handoff_id, r.account_id, r.ms, out)  # live breaches it first
+                events, outcome = sales.respond(state, r)
+            self.summary.responses[outcome] += 1
+            if outcome == "unknown_handoff":
+                err.write(f"responses line {n}: unknown_handoff: handoff_id {r.handoff_id} is not among "
+                          f"account {r.account_id}'s recent handoffs\n")
+                continue
+            self.clocks.pop(r.handoff_id, None)  # any answer stops the clock
+            for ev in events:
+                self.summary.stages[ev.data.stage] += 1
+                if self.stages:
+                    out.write(ev.to_json() + "\n")
+
+    def _breach(self, handoff_id: str, account: str, now: int, out: IO[str]) -> None:
+        del self.clocks[handoff_id]
+        for ev in sales.breach(self.states[account], handoff_id, now):
+            self.summary.stages[ev.data.stage] += 1
+            out.write(ev.to_json() + "\n")
+
     def breaches(self, now: int, out: IO[str]) -> None:
         for handoff_id, account in sales.due(self.clocks, now):
-            for ev in sales.breach(self.states[account], handoff_id, now):
-                self.summary.stages[ev.data.stage] += 1
-                out.write(ev.to_json() + "\n")
+            self._breach(handoff_id, account, now, out)
 
 
 def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], out: IO[str], err: IO[str],
-           milestones: bool = False, progress=None, stages: bool = False, now: int | None = None) -> Summary:
-    r = Replay(engine, mql, milestones, stages)
+           milestones: bool = False, progress=None, stages: bool = False, now: int | None = None,
+           responses: list[tuple[int, SalesResponse]] = ()) -> Summary:
+    r = Replay(engine, mql, milestones, stages, responses, now)
     started = time.perf_counter()
     for n, raw in enumerate(lines, 1):
         if raw.strip():
             r.feed(n, raw, out, err)
         if progress is not None and n % 8192 == 0:
             progress(n)
+    r.answers(now, out, err)
     if now is not None:
         r.breaches(now, out)
     r.summary.accounts = len(r.states)
@@ -163,12 +219,12 @@ def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], ou
 
 
 def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool, stages: bool = False,
-        now: int | None = None) -> Summary:
+        now: int | None = None, responses: list[tuple[int, SalesResponse]] = ()) -> Summary:
     """Replay a file to stdout/stderr, with a progress bar when stderr is a terminal."""
     out, err = sys.stdout, sys.stderr
     with open(events, "rb") as f:
         if not err.isatty():
-            return replay(f, engine, mql, out, err, milestones, stages=stages, now=now)
+            return replay(f, engine, mql, out, err, milestones, stages=stages, now=now, responses=responses)
         import click
 
         size = Path(events).stat().st_size
@@ -180,5 +236,5 @@ def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool
                 bar.update(pos - last[0])
                 last[0] = pos
 
-            return replay(f, engine, mql, out, err, milestones, progress, stages, now)
+            return replay(f, engine, mql, out, err, milestones, progress, stages, now, responses)
 

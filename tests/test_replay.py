@@ -143,3 +143,67 @@ def test_hostile_field_values_never_crash(docs):
     out, err = io.StringIO(), io.StringIO()
     s = replay(lines, Engine(ENGINE_RULES), {}, out, err, milestones=True)
     assert s.lines == len(lines)
+
+
+def _handoff(tmp_path, docs):
+    f = tmp_path / "events.jsonl"
+    _write(f, docs)
+    out = [json.loads(x) for x in _pql("replay", str(f), "--rules", str(RULES)).stdout.splitlines()]
+    return f, [o for o in out if o["type"] == "pql.handoff"]
+
+
+def _responses(tmp_path, *docs):
+    r = tmp_path / "responses.jsonl"
+    _write(r, docs)
+    return r
+
+
+def _qualify(day: int) -> list:
+    """Three invites on `day`: one qualification (the example rules' team_invites, 60 points)."""
+    return [track("Invite Sent", at(days=day, hours=h), invitee_email=f"{day}-{h}@x.io") for h in (1, 2, 3)]
+
+
+def test_replay_applies_sales_responses_in_time_order(tmp_path):
+    first = [group("acme", at(), employees=40, name="Acme"), *_qualify(0)]
+    f, handoffs = _handoff(tmp_path, first + _qualify(40))  # day 40: after the 30-day cooldown
+    h = handoffs[0]  # at hour 3; the example rules give sales 1 h
+    accepted = {"handoff_id": h["id"], "account_id": "acme", "status": "accepted", "by": "rep-1",
+                "timestamp": at(hours=4, minutes=10)}
+    r = _responses(tmp_path, accepted)
+    res = _pql("replay", str(f), "--rules", str(RULES), "--stages", "--responses", str(r), "--now", at(days=60))
+    assert res.returncode == 0, res.stderr
+    out = [json.loads(x) for x in res.stdout.splitlines()]
+    stages = [(o["type"], o["data"].get("stage"), o["data"].get("late")) for o in out if o["type"] != "pql.handoff"]
+    # live: the clock runs out 1 h after the handoff, the answer comes 10 min later (late), and the
+    # account stays with sales: the day-40 qualification is suppressed, no second handoff
+    assert ("pql.sla_breached", "sla_breached", False) in stages and ("pql.stage", "accepted", True) in stages
+    suppressed = [o["data"]["reason"] for o in out if o["type"] == "pql.suppressed"]
+    assert suppressed == ["already_in_sales"] and sum(o["type"] == "pql.handoff" for o in out) == 1
+    assert "responses:       recorded 1" in res.stderr
+    # without the response, the same events give a second handoff after the cooldown
+    plain = _pql("replay", str(f), "--rules", str(RULES))
+    assert sum(json.loads(x)["type"] == "pql.handoff" for x in plain.stdout.splitlines()) == 2
+
+
+def test_replay_answer_in_time_stops_the_clock(tmp_path):
+    f, (h,) = _handoff(tmp_path, [group("acme", at(), employees=40), *_qualify(0)])
+    r = _responses(tmp_path, {"handoff_id": h["id"], "account_id": "acme", "status": "rejected",
+                              "reason": "no_budget", "timestamp": at(hours=3, minutes=30)})
+    res = _pql("replay", str(f), "--rules", str(RULES), "--stages", "--responses", str(r), "--now", at(days=2))
+    out = [json.loads(x) for x in res.stdout.splitlines()]
+    assert not any(o["type"] == "pql.sla_breached" for o in out)
+    (rejected,) = [o for o in out if o["data"].get("stage") == "rejected"]
+    assert rejected["data"]["reason"] == "no_budget" and not rejected["data"].get("late")
+
+
+def test_replay_reports_bad_and_unknown_responses(tmp_path):
+    f, (h,) = _handoff(tmp_path, [group("acme", at(), employees=40), *_qualify(0)])
+    r = _responses(tmp_path, {"handoff_id": "nope", "account_id": "acme", "status": "accepted",
+                              "timestamp": at(hours=4)})
+    res = _pql("replay", str(f), "--rules", str(RULES), "--responses", str(r))
+    assert res.returncode == 0 and "responses line 1: unknown_handoff: handoff_id nope" in res.stderr
+    r = _responses(tmp_path, {"handoff_id": h["id"], "account_id": "acme", "status": "accepted",
+                              "timestamp": at(hours=4)},
+                   {"handoff_id": h["id"], "account_id": "acme", "status": "rejected", "timestamp": at(hours=5)})
+    bad = _pql("replay", str(f), "--rules", str(RULES), "--responses", str(r))
+    assert bad.returncode == 2 and f"{r}:2: reason: a rejection needs a reason" in bad.stderr
