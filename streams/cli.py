@@ -63,9 +63,8 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
     engine = Engine(_rules(rules_path))
     try:
         mql = rp.load_mql(mql_path) if mql_path else {}
-        responses = rp.load_responses(responses_path) if responses_path else []
     except rp.InputFileError as err:
-        click.echo(f"pql: bad input file: {err}", err=True)  # names the path, line and field
+        click.echo(f"pql: bad MQL file: {err}", err=True)
         sys.exit(2)
     now_ms = None
     if now is not None:
@@ -78,6 +77,7 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
         except ValueError:
             click.echo(f"pql: --now: expected an ISO 8601 time or 'now', got {now!r}", err=True)
             sys.exit(2)
+    responses = rp.load_responses(responses_path, sys.stderr) if responses_path else []
     summary = rp.run(events, engine, mql, milestones, stages, now_ms, responses)
     click.echo(summary.render(), err=True)
 

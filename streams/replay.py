@@ -75,7 +75,7 @@ def _counts(c: Counter) -> str:
 
 
 class InputFileError(ValueError):
-    """A bad line in an --mql or --responses file: names the path, the line and the field."""
+    """A bad line in an --mql file: names the path, the line and the field."""
 
 
 def load_mql(path: str | Path) -> dict[str, MqlRecord]:
@@ -95,9 +95,9 @@ def load_mql(path: str | Path) -> dict[str, MqlRecord]:
     return records
 
 
-def load_responses(path: str | Path) -> list[tuple[int, SalesResponse]]:
-    """(line number, response) in time order (file order among equal times); a bad line stops with
-    its number and field."""
+def load_responses(path: str | Path, err: IO[str]) -> list[tuple[int, SalesResponse]]:
+    """(line number, response) in time order (file order among equal times). A bad line is reported
+    on `err` with its number and field and left out, as the worker dead-letters it."""
     found: list[tuple[int, SalesResponse]] = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
@@ -105,8 +105,8 @@ def load_responses(path: str | Path) -> list[tuple[int, SalesResponse]]:
                 continue
             try:
                 found.append((n, SalesResponse.model_validate_json(raw)))
-            except ValidationError as err:
-                raise InputFileError(f"{path}:{n}: {problem(err)}") from None
+            except ValidationError as bad:
+                err.write(f"responses line {n}: bad_response: {problem(bad)}\n")
     return sorted(found, key=lambda x: x[1].ms)
 
 

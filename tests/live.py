@@ -130,12 +130,14 @@ def values(msgs) -> list[dict]:
 
 
 def replay(env: Env, events: Path, rules: Path | None = None, mql: Path | None = None,
-           milestones: bool = False, now: str | None = None) -> list[str]:
+           milestones: bool = False, now: str | None = None, responses: Path | None = None) -> list[str]:
     args = ["replay", str(events), "--rules", str(rules or ROOT / "examples/rules.yaml")]
     if now:
         args += ["--now", now]
     if mql:
         args += ["--mql", str(mql)]
+    if responses:
+        args += ["--responses", str(responses)]
     if milestones:  # everything the worker puts on pql.signals
         args += ["--milestones", "--stages"]
     res = env.pql(*args)

@@ -205,5 +205,6 @@ def test_replay_reports_bad_and_unknown_responses(tmp_path):
     r = _responses(tmp_path, {"handoff_id": h["id"], "account_id": "acme", "status": "accepted",
                               "timestamp": at(hours=4)},
                    {"handoff_id": h["id"], "account_id": "acme", "status": "rejected", "timestamp": at(hours=5)})
-    bad = _pql("replay", str(f), "--rules", str(RULES), "--responses", str(r))
-    assert bad.returncode == 2 and f"{r}:2: reason: a rejection needs a reason" in bad.stderr
+    bad = _pql("replay", str(f), "--rules", str(RULES), "--stages", "--responses", str(r))
+    assert bad.returncode == 0 and "responses line 2: bad_response: reason: a rejection needs a reason" in bad.stderr
+    assert [json.loads(x)["data"].get("stage") for x in bad.stdout.splitlines()][-1] == "accepted"  # line 1 applied
