@@ -131,6 +131,8 @@ class Alerts:
                   "session.timeout.ms": int(s.session_timeout * 1000), "fetch.wait.max.ms": 50}
         self.consumer = Consumer({**common, "group.id": f"{s.app_id}-alerts"})
         self.retries = Consumer({**common, "group.id": f"{s.app_id}-alerts-retry", "max.poll.interval.ms": 600_000})
+        # the handoff index for `pql respond`, kept apart so that slow deliveries never delay it
+        self.handoffs = Consumer({**common, "group.id": f"{s.app_id}-index"})
         self.producer = Producer({**conf, "enable.idempotence": True, "linger.ms": 5})
         self.running = True
         self.session = None
@@ -144,11 +146,12 @@ class Alerts:
         log.info("alerts: channels %s", names)
         self.consumer.subscribe([self.topics.handoffs, self.topics.signals])
         self.retries.subscribe([self.topics.alerts_retry])
+        self.handoffs.subscribe([self.topics.handoffs])
         try:
-            await asyncio.gather(self._main(), self._retry_loop())
+            await asyncio.gather(self._main(), self._retry_loop(), self._index_loop())
         finally:
             await self.session.close()
-            for c in (self.consumer, self.retries):
+            for c in (self.consumer, self.retries, self.handoffs):
                 c.close()
             self.producer.flush(10)
 
@@ -167,6 +170,16 @@ class Alerts:
             await asyncio.gather(*(self._first(m, c) for m in todo for c in self.channels))
             await self._flush()
             await self._commit(self.consumer)
+
+    async def _index_loop(self) -> None:
+        """handoff id -> account in Redis as soon as a handoff is readable (`_main` indexes each one
+        again before its alert, so an alert never names a handoff `pql respond` cannot find)."""
+        while self.running:
+            msgs = await self._poll(self.handoffs, 500)
+            if msgs:
+                handoffs = [json.loads(m.value()) for m in msgs]
+                await self.index.index_handoffs([(h["id"], h["subject"]) for h in handoffs])
+                await self._commit(self.handoffs)
 
     async def _first(self, m, channel: Channel) -> None:
         """A fresh alert: deliver, or park it on the retry topic, or dead-letter it."""
