@@ -171,7 +171,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     clocks_changelog = f"{s.app_id}-clocks-changelog"
     detector = Detect(engine, topics, accounts.data, clocks.data, mql)
     open_clocks: dict[int, int] = {}  # partition -> handoffs awaiting a response (pql_sla_open_handoffs)
-    processed: dict[int, int] = {}    # partition -> offset after the last envelope published (lag)
+    processed: dict[int, int] = {}    # partition -> offset after the last envelope published (lag, ingest pacing)
 
     @app.agent(accounts_topic, concurrency=1)
     async def detect(stream):
@@ -261,14 +261,14 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     async def ingest() -> None:
         conf = {**s.confluent(), "session.timeout.ms": int(s.session_timeout * 1000),
                 "heartbeat.interval.ms": int(s.session_timeout * 200)}
-        def next_unpublished(p: int) -> int | None:
-            """For the ingest tier's self-clocking: where `detect` is on partition p, if we own it."""
-            if TP(topics.accounts, p) not in app.consumer.assignment():
-                return None
-            return processed.get(p)
+
+        def unpublished() -> dict[int, int]:
+            """For the ingest tier's self-clocking: where `detect` is, on the partitions we own."""
+            owned = app.consumer.assignment()
+            return {p: offset for p, offset in processed.items() if TP(topics.accounts, p) in owned}
 
         loop = Ingest(conf, f"{s.app_id}-ingest", Router(engine, topics, P), topics, s.ingest_batch,
-                      s.ingest_linger, s.ingest_linger_max, next_unpublished)
+                      s.ingest_linger, s.ingest_linger_max, unpublished)
         app.pql_ingest = loop
         await loop.run()
 

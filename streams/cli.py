@@ -63,7 +63,7 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
     engine = Engine(_rules(rules_path))
     try:
         mql = rp.load_mql(mql_path) if mql_path else {}
-    except rp.InputFileError as err:
+    except rp.MqlFileError as err:
         click.echo(f"pql: bad MQL file: {err}", err=True)
         sys.exit(2)
     now_ms = None
@@ -270,11 +270,11 @@ def mql_get(account: str) -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 def mql_import(file: str) -> None:
     """Load MQL records from JSONL ({"account_id","stage","owner"}, as `pql replay --mql`)."""
-    from streams.replay import InputFileError, load_mql
+    from streams.replay import MqlFileError, load_mql
 
     try:
         records = load_mql(file)
-    except InputFileError as err:
+    except MqlFileError as err:
         click.echo(f"pql: bad MQL file: {err}", err=True)
         sys.exit(2)
     store = _store()

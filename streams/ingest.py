@@ -126,14 +126,14 @@ class Ingest:
 
     def __init__(self, conf: dict, group_id: str, router: Router, topics: Topics, batch_size: int,
                  linger_s: float = 0.0, linger_max_s: float = 0.0,
-                 processed: Callable[[int], int | None] = lambda p: None):
+                 processed: Callable[[], dict[int, int]] = dict):
         from confluent_kafka import Consumer, Producer
 
         self.router, self.topics, self.batch_size, self.linger_s = router, topics, batch_size, linger_s
         self.linger_max_s = max(linger_s, linger_max_s)
-        # Self-clocking: `processed(p)` is the next envelope offset this process's Faust tier has yet
-        # to publish for accounts partition p (None when it does not own p); `sent` the last offset
-        # we wrote there. While one is behind the other, we keep gathering (see `linger`).
+        # Self-clocking: `processed()` maps each accounts partition this process's Faust tier owns to
+        # the next envelope offset it has yet to publish; `sent` holds the last offset we wrote to
+        # each partition. While one is behind the other, we keep gathering (see `linger`).
         self.processed, self.sent = processed, {}
         self.consumer = Consumer({
             **conf, "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
@@ -199,11 +199,8 @@ class Ingest:
 
     def detect_busy(self) -> bool:
         """Is our Faust tier still on an envelope we sent it? (Only partitions it owns count.)"""
-        for p, offset in self.sent.items():
-            done = self.processed(p)
-            if done is not None and done <= offset:
-                return True
-        return False
+        done = self.processed()
+        return any(p in done and done[p] <= offset for p, offset in self.sent.items())
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

@@ -74,8 +74,8 @@ def _counts(c: Counter) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "none"
 
 
-class InputFileError(ValueError):
-    """A bad line in an --mql file: names the path, the line and the field."""
+class MqlFileError(ValueError):
+    pass
 
 
 def load_mql(path: str | Path) -> dict[str, MqlRecord]:
@@ -90,7 +90,7 @@ def load_mql(path: str | Path) -> dict[str, MqlRecord]:
             except ValidationError as err:
                 e = err.errors(include_url=False)[0]
                 where = ".".join(str(p) for p in e["loc"]) or "line"
-                raise InputFileError(f"{path}:{n}: {where}: {e['msg']}") from None
+                raise MqlFileError(f"{path}:{n}: {where}: {e['msg']}") from None
             records[rec.account_id] = rec
     return records
 

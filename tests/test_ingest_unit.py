@@ -50,14 +50,14 @@ def gathering(loop: Ingest) -> float:
 
 
 def test_an_idle_faust_tier_gets_the_batch_after_the_short_linger():
-    loop = ingest(lambda p: 11)       # detect published everything up to offset 10
+    loop = ingest(lambda: {0: 11})    # detect published everything up to offset 10
     loop._delivered(None, Delivered(0, 10))
     assert not loop.detect_busy()
     assert gathering(loop) < 0.2
 
 
 def test_a_busy_faust_tier_makes_the_batch_wait_and_grow_up_to_the_max():
-    loop = ingest(lambda p: 10)       # offset 10 sent, not yet published
+    loop = ingest(lambda: {0: 10})    # offset 10 sent, not yet published
     loop._delivered(None, Delivered(0, 10))
     assert loop.detect_busy()
     assert gathering(loop) >= 0.39
@@ -65,7 +65,7 @@ def test_a_busy_faust_tier_makes_the_batch_wait_and_grow_up_to_the_max():
 
 def test_the_batch_goes_as_soon_as_detect_catches_up():
     done = {0: 10}
-    loop = ingest(lambda p: done[p])
+    loop = ingest(lambda: done)
     loop._delivered(None, Delivered(0, 10))
 
     async def catch_up():
@@ -82,6 +82,6 @@ def test_the_batch_goes_as_soon_as_detect_catches_up():
 
 
 def test_partitions_another_worker_owns_never_hold_a_batch():
-    loop = ingest(lambda p: None)     # not ours: nothing to wait for
+    loop = ingest(lambda: {})         # not ours: nothing to wait for
     loop._delivered(None, Delivered(2, 500))
     assert not loop.detect_busy()
