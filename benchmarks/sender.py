@@ -13,10 +13,10 @@ import os
 import re
 import sys
 import time
-from datetime import datetime, timezone
 
 from confluent_kafka import Producer
 
+from detectors.timefmt import iso
 from streams.simulate import Simulator, key_of
 
 STAMP = re.compile(rb'"timestamp":"[^"]*"')
@@ -40,8 +40,7 @@ def main() -> None:
         now = time.time()
         if int(now * 1000) != stamp_s:
             stamp_s = int(now * 1000)
-            dt = datetime.fromtimestamp(stamp_s / 1000, timezone.utc)
-            stamp = b'"timestamp":"' + f"{dt:%Y-%m-%dT%H:%M:%S}.{stamp_s % 1000:03d}Z".encode() + b'"'
+            stamp = b'"timestamp":"' + iso(stamp_s).encode() + b'"'
         while True:
             try:
                 p.produce(a.topic, STAMP.sub(stamp, line, count=1), key=key)

@@ -19,13 +19,13 @@ import subprocess
 import sys
 import time
 import urllib.request
-from datetime import datetime, timezone
 from pathlib import Path
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from detectors.engine import Engine
+from detectors.timefmt import iso, parse_ms
 from schemas.rules import load_rules
 from streams import envelope
 from streams.replay import replay
@@ -83,7 +83,7 @@ def naive_faust(topic: str, n: int) -> float:
 
 def worker_env(prefix: str, port: int) -> dict:
     return {**os.environ, "PQL_KAFKA_BOOTSTRAP": BOOT, "PQL_TOPIC_PREFIX": prefix, "PQL_APP_ID": prefix.strip("."),
-            "PQL_REDIS_PREFIX": prefix, "PQL_WEB_PORT": str(port), "PQL_LOG_LEVEL": os.environ.get("PQL_BENCH_LOG", "warn")}
+            "PQL_REDIS_PREFIX": prefix, "PQL_WEB_PORT": str(port), "PQL_LOG_LEVEL": "warn"}
 
 
 def metric(port: int, name: str, topic: str | None = None) -> float:
@@ -141,11 +141,6 @@ def our_worker(prefix: str, n: int) -> tuple[float, int]:
         w.wait(60)
 
 
-def stamp_ms(iso_ms: str) -> int:
-    """'2026-11-23T17:00:00.123Z' -> ms since the epoch."""
-    return int(time.mktime(time.strptime(iso_ms[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone) * 1000 + int(iso_ms[20:23])
-
-
 def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[list[tuple], int]:
     """(account, event ms, handoff sent ms, handoff readable ms) per handoff measured; events consumed."""
     port = 6191
@@ -184,7 +179,7 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
             m = c.poll(0.2)
             now_ms = int(time.time() * 1000)
             if m is not None and m.error() is None:
-                ev_ms = stamp_ms(json.loads(m.value())["time"])
+                ev_ms = parse_ms(json.loads(m.value())["time"])
                 if ev_ms / 1000 >= measure_from:  # the handoff's Kafka timestamp: when detect sent it
                     seen.append((m.key().decode(), ev_ms, m.timestamp()[1], now_ms))
         sender.wait(60)
@@ -285,8 +280,7 @@ def report_latency(a) -> None:
           f"{len(seen)} handoffs): p50 {q[49]:.0f} ms, p99 {q[98]:.0f} ms, max {max(read - ev for _, ev, _, read in seen)} ms "
           f"(target p99 <= 250 ms)")
     # where the time goes, per handoff: the qualifying event's envelope is found on <app>-accounts
-    stamp = {(acct, ev): datetime.fromtimestamp(ev / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ev % 1000:03d}Z"
-             for acct, ev, _, _ in seen}
+    stamp = {(acct, ev): iso(ev) for acct, ev, _, _ in seen}
     written = envelope_times(prefix, {(k[0], v) for k, v in stamp.items()})
     stages = {"ingest (event -> its envelope written)": [], "detect (envelope -> handoff sent)": [],
               "commit (sent -> readable, read_committed)": []}
