@@ -3,23 +3,31 @@
 No I/O, no wall clock: time is the event's own ``timestamp``; the MQL record comes in as a value.
 It works in two steps so the live worker reads Redis only when an account qualifies:
 
-    state, obs = engine.observe(state, event, account_id)    # milestones, maybe a qualification
-    if obs.qualified:
-        state, decision, stages = engine.decide(state, obs.qualified, mql_record)
+    state, obs = engine.observe(state, event, account_id)    # milestones, maybe qualifications
+    for p in obs.qualified:
+        state, decision, stages = engine.decide(state, p, mql_record)
+
+Order independence (README "Time semantics"): events are ordered by position ``(ms, messageId)``.
+An event is inserted at its position and every milestone is re-evaluated at each later position its
+window reaches; a position qualifies when the points of the milestones holding within
+``qualify.window`` before it reach ``qualify.score``. Holding only grows as events arrive, so each
+position qualifies at most once, and the decision for it is the one a replay of the time-sorted
+stream makes, with the same id and bytes, except in the cases ``Observation.diverged`` counts.
+Events older than the account's newest minus ``lateness`` are refused (``too_late``).
 
 Responses and SLA breaches (the sales side) are in detectors/sales.py.
-
 The engine updates the state it is given in place and returns it.
 """
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right, insort
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from detectors import sales
 from detectors.conditions import MISSING, compile_conditions, getter
 from detectors.ids import event_id
-from detectors.milestones import Detector
+from detectors.milestones import MAX_ROWS, Detector, position
 from detectors.timefmt import iso, parse_ms
 from schemas.cloudevents import (
     HANDOFF, MILESTONE, SUPPRESSED, CloudEvent, FitResult, HandoffData, MilestoneData, MqlContext, SuppressedData,
@@ -27,24 +35,39 @@ from schemas.cloudevents import (
 from schemas.events import Group
 from schemas.mql import IN_SALES, OPEN_MQL, MqlRecord
 from schemas.rules import Rules
-from schemas.state import AccountState, Reach
+from schemas.state import AccountState, Evidence, Handoff, Reach
+
+MAX_CALLS = 50  # group calls kept one by one per account; older ones are merged into `traits`
+
+# Why a published output can differ from a replay of the time-sorted stream (pql_divergence_total):
+EARLIER_QUALIFICATION = "earlier_qualification"  # a late event qualified a position before a published handoff
+LATE_EVIDENCE = "late_evidence"                  # a late event entered the window of a published decision
+LATE_TRAITS = "late_traits"                      # a late group call predates a published handoff (fit, name)
+DIVERGENCE = (EARLIER_QUALIFICATION, LATE_EVIDENCE, LATE_TRAITS)
+
+Pos = tuple[int, str]
+
 
 @dataclass(slots=True)
 class Pending:
-    """An account that has just qualified; `decide` turns it into a handoff or a suppression."""
+    """A position that has just qualified; `decide` turns it into a handoff or a suppression."""
 
     account_id: str
     ms: int
     message_id: str
     score: int
     milestones: list[str]
+    refit: bool = False      # re-decided after a late group call: only a handoff is published
+    diverged: str | None = None  # set by `decide` when it publishes nothing for EARLIER_QUALIFICATION
 
 
 @dataclass(slots=True)
 class Observation:
     duplicate: bool = False
+    too_late: bool = False
     milestones: list[CloudEvent] = field(default_factory=list)
-    qualified: Pending | None = None
+    qualified: list[Pending] = field(default_factory=list)     # in position order
+    diverged: list[str] = field(default_factory=list)          # DIVERGENCE reasons
 
 
 class Engine:
@@ -56,7 +79,8 @@ class Engine:
         for d in self.detectors:
             for name in d.names:
                 self.listening.setdefault((d.type, name), []).append(d)
-        self.horizon = rules.horizon
+        self.lateness = rules.lateness
+        self.window = rules.qualify.window
         fit = rules.fit.traits if rules.fit else None
         self.fit = compile_conditions(fit) if fit else None
         self.fit_traits = [(p, getter(p)) for p in fit] if fit else []
@@ -74,91 +98,201 @@ class Engine:
         if state is None:
             state = AccountState(account_id=account_id, newest=ms, pruned_at=ms)
         obs = Observation()
+        if ms < state.newest - self.lateness:
+            obs.too_late = True
+            return state, obs
         if msg in state.seen:
             obs.duplicate = True
             return state, obs
         state.seen[msg] = ms
         if ms > state.newest:
             state.newest = ms
-            if ms - state.pruned_at >= self.horizon // 8:
+            if ms - state.pruned_at >= self.lateness // 8:
                 self._expire(state)
         if isinstance(event, Group):
-            self._traits(state, event, ms)
+            self._group_call(state, event, account_id, obs)
             return state, obs
-        reached = False
+        new: list[tuple[Pos, str]] = []
+        inserted = False
         for d in self.listening.get((event.type, event.name), ()):
-            if not d.where(event):
-                continue
-            rows = state.hits.setdefault(d.id, [])
-            evidence = d.apply(rows, event, ms)
-            if not rows:
-                del state.hits[d.id]
-            if evidence is None:
-                continue
-            reached = True
-            before = state.reached.get(d.id)
-            if before is None or ms >= before.at:
-                state.reached[d.id] = Reach(at=ms, message_id=msg, evidence=evidence)
-            if before is None or ms - before.at > self.rules.qualify.window:
-                obs.milestones.append(self._milestone_event(account_id, d, ms, msg, state.reached[d.id]))
-        if reached:
-            obs.qualified = self._qualify(state, account_id, ms, msg)
+            if d.where(event) and (row := d.row(event)) is not None:
+                new += self._insert(state, d, row)
+                inserted = True
+        if inserted:
+            self._late_evidence(state, ms, obs)
+        if not new:
+            return state, obs
+        new.sort()
+        for pos, mid in new:
+            self._signal(state, account_id, pos, mid, obs)
+        self._qualify(state, account_id, new, obs)
         return state, obs
 
-    def _traits(self, state: AccountState, event: Group, ms: int) -> None:
-        if state.traits_at is None or ms >= state.traits_at:
-            state.traits.update(event.traits)
-            if state.traits_at != ms:
-                state.traits_at = ms
-        else:  # an older call only fills traits we do not have yet
-            for k, v in event.traits.items():
-                state.traits.setdefault(k, v)
+    def _insert(self, state: AccountState, d: Detector, row: list) -> list[tuple[Pos, str]]:
+        """Insert a row; the positions where the milestone now holds and did not before."""
+        rows = state.hits.setdefault(d.id, [])
+        i = bisect_left(rows, position(row), key=position)
+        rows.insert(i, row)
+        if len(rows) > MAX_ROWS:
+            del rows[0]
+            i -= 1
+        reach = state.reach.setdefault(d.id, [])
+        found = []
+        for j in d.affected(rows, i):
+            pos = position(rows[j])
+            if _has(reach, pos):
+                continue  # held there already (holding only grows)
+            if d.holds(rows, j) is not None:
+                insort(reach, list(pos), key=tuple)
+                found.append((pos, d.id))
+        if not reach:
+            del state.reach[d.id]
+        return found
+
+    def _group_call(self, state: AccountState, event: Group, account_id: str, obs: Observation) -> None:
+        insort(state.calls, [event.ms, event.messageId, event.traits], key=lambda c: (c[0], c[1]))
+        while len(state.calls) > MAX_CALLS:
+            state.traits.update(state.calls.pop(0)[2])
+        if state.sales and any(h.at >= event.ms for h in state.sales.handoffs):
+            obs.diverged.append(LATE_TRAITS)
+        # qualifications suppressed for fit at or after this call: fit again now? (the sorted stream
+        # would have handed them off)
+        if self.fit is not None and state.unfit:
+            for ms, msg in [u for u in state.unfit if (u[0], u[1]) >= (event.ms, event.messageId)]:
+                if self.fit(self.traits_at(state, (ms, msg))):
+                    state.unfit.remove([ms, msg])
+                    score, counted = self._score(state, (ms, msg))
+                    obs.qualified.append(Pending(account_id, ms, msg, score, counted, refit=True))
+
+    def traits_at(self, state: AccountState, pos: Pos) -> dict[str, Any]:
+        """The account's traits as of a position: every group call up to it, the later winning per trait."""
+        calls = state.calls
+        end = bisect_right(calls, pos, key=lambda c: (c[0], c[1]))
+        if end == 0:
+            return state.traits
+        merged = dict(state.traits)
+        for c in calls[:end]:
+            merged.update(c[2])
+        return merged
 
     def _expire(self, state: AccountState) -> None:
-        lo = state.newest - self.horizon
-        state.seen = {m: t for m, t in state.seen.items() if t >= lo}
+        """Forget what no event inside the lateness bound can need any more."""
+        cut = state.newest - self.lateness
+        state.seen = {m: t for m, t in state.seen.items() if t >= cut}
         for mid in list(state.hits):
             d = self.by_id.get(mid)
-            rows = state.hits[mid]
-            if d is not None:
-                d.expire(rows, state.newest)
-            if d is None or not rows:
+            if d is None:  # a milestone the rules no longer have
+                for part in (state.hits, state.reach, state.anchor):
+                    part.pop(mid, None)
+                continue
+            reach = state.reach.get(mid, [])
+            k = bisect_left(reach, cut, key=lambda r: r[0])
+            if k > 0:  # freeze the latest reach before the cut, with its evidence
+                at, msg = reach[k - 1]
+                state.anchor[mid] = Reach(at=at, message_id=msg, evidence=self._evidence_at(state, mid, (at, msg)))
+            if reach:
+                del reach[:k]
+                if not reach:
+                    del state.reach[mid]
+            d.keep(state.hits[mid], cut)
+            if not state.hits[mid]:
                 del state.hits[mid]
+        state.unfit = [u for u in state.unfit if u[0] >= cut]
+        while state.calls and state.calls[0][0] < cut:
+            state.traits.update(state.calls.pop(0)[2])
         state.pruned_at = state.newest
 
-    def _qualify(self, state: AccountState, account_id: str, ms: int, msg: str) -> Pending | None:
-        lo = ms - self.rules.qualify.window
-        counted = [d.id for d in self.detectors if (r := state.reached.get(d.id)) and lo <= r.at <= ms]
-        score = sum(self.by_id[m].rule.points for m in counted)
-        if score < self.rules.qualify.score:
-            return None
-        return Pending(account_id, ms, msg, score, counted)
+    # -- where a milestone holds ------------------------------------------------------------------
+    def _latest(self, state: AccountState, mid: str, pos: Pos, before: bool = False,
+                skip: set | None = None) -> Pos | None:
+        """The latest position at or before `pos` (strictly before, with `before`) where `mid` holds."""
+        reach = state.reach.get(mid, ())
+        k = (bisect_left if before else bisect_right)(reach, pos, key=tuple) - 1
+        while k >= 0:
+            p = tuple(reach[k])
+            if skip is None or (p, mid) not in skip:
+                return p
+            k -= 1
+        a = state.anchor.get(mid)
+        return (a.at, a.message_id) if a is not None else None
+
+    def _evidence_at(self, state: AccountState, mid: str, pos: Pos) -> list[Evidence]:
+        a = state.anchor.get(mid)
+        if a is not None and (a.at, a.message_id) == pos:
+            return a.evidence
+        rows = state.hits[mid]
+        i = bisect_left(rows, pos, key=position)
+        return self.by_id[mid].holds(rows, i) or []
+
+    def _score(self, state: AccountState, pos: Pos, skip: set | None = None) -> tuple[int, list[str]]:
+        lo = pos[0] - self.window
+        counted = [d.id for d in self.detectors
+                   if (r := self._latest(state, d.id, pos, skip=skip)) is not None and r[0] >= lo]
+        return sum(self.by_id[m].rule.points for m in counted), counted
+
+    def _signal(self, state: AccountState, account_id: str, pos: Pos, mid: str, obs: Observation) -> None:
+        """pql.milestone at a new reach, unless the milestone already held within the qualify window."""
+        prev = self._latest(state, mid, pos, before=True)
+        if prev is None or pos[0] - prev[0] > self.window:
+            obs.milestones.append(self._milestone_event(account_id, self.by_id[mid], pos, state))
+
+    def _qualify(self, state: AccountState, account_id: str, new: list[tuple[Pos, str]], obs: Observation) -> None:
+        """Positions that qualify now and did not before: new reaches, and reaches the new ones bring
+        inside their qualify window."""
+        first, last = new[0][0], new[-1][0]
+        skip = set(new)
+        candidates = set()
+        for reach in state.reach.values():
+            lo = bisect_left(reach, first, key=tuple)
+            hi = bisect_right(reach, (last[0] + self.window, "\U0010ffff"), key=tuple)
+            candidates.update(tuple(r) for r in reach[lo:hi])
+        for pos in sorted(candidates):
+            score, counted = self._score(state, pos)
+            if score < self.rules.qualify.score:
+                continue
+            held_before = any(_has(state.reach.get(mid, ()), pos) and (pos, mid) not in skip for mid in counted)
+            if held_before and self._score(state, pos, skip)[0] >= self.rules.qualify.score:
+                continue  # qualified before this event: decided then
+            obs.qualified.append(Pending(account_id, pos[0], pos[1], score, counted))
+
+    def _late_evidence(self, state: AccountState, ms: int, obs: Observation) -> None:
+        """A late event inside the qualify window before a published handoff may change its evidence."""
+        if state.sales and any(ms < h.at <= ms + self.window for h in state.sales.handoffs):
+            obs.diverged.append(LATE_EVIDENCE)
 
     # -- step 2: decision ----------------------------------------------------------------------
     def decide(self, state: AccountState, p: Pending, mql: MqlRecord | None
-               ) -> tuple[AccountState, CloudEvent, list[CloudEvent]]:
-        """A handoff or a suppression, and the stage events (detectors/sales.py) that go with it."""
+               ) -> tuple[AccountState, CloudEvent | None, list[CloudEvent]]:
+        """A handoff or a suppression, and the stage events (detectors/sales.py) that go with it.
+
+        None when the position would start a handoff episode whose handoff, at a later position,
+        is already published (EARLIER_QUALIFICATION): that handoff stands and its cooldown now
+        counts from this position. None too for a re-check after a late group call (`refit`) that
+        does not end in a handoff: the suppression published before stands.
+        """
         rules = self.rules
+        pos = (p.ms, p.message_id)
+        traits = self.traits_at(state, pos)
         fit = None
         if self.fit is not None:
-            seen = {path: v for path, get in self.fit_traits if (v := get(state.traits)) is not MISSING}
-            fit = FitResult(passed=self.fit(state.traits), traits=seen)
+            seen = {path: v for path, get in self.fit_traits if (v := get(traits)) is not MISSING}
+            fit = FitResult(passed=self.fit(traits), traits=seen)
         ctx = dict(
             account_id=p.account_id,
-            account_name=_text(state.traits.get("name")),
+            account_name=_text(traits.get("name")),
             qualified_at=iso(p.ms),
             score=p.score,
             threshold=rules.qualify.score,
             milestones=p.milestones,
-            evidence={m: state.reached[m].evidence for m in p.milestones},
+            evidence={m: self._evidence_at(state, m, self._latest(state, m, pos)) for m in p.milestones},
             fit=fit,
             mql=MqlContext(stage=mql.stage, owner=mql.owner) if mql else None,
             rules_version=rules.version,
         )
         reason = None
-        last = sales.last(state)
+        last, later = _around(state, p.ms)
         ours = last is not None and last.status in ("accepted", "converted") and not _recycled(mql, last.status_at)
-        in_cooldown = last is not None and p.ms - last.at < rules.cooldown
+        in_cooldown = last is not None and p.ms - last.start < rules.cooldown
         if fit is not None and not fit.passed:
             reason = "not_fit"
         elif mql is not None and mql.stage in IN_SALES:
@@ -167,6 +301,10 @@ class Engine:
             reason = "already_in_sales"  # sales accepted our last handoff, and the CRM has not recycled it
         elif in_cooldown:
             reason = "cooldown"
+        if reason is not None and p.refit:
+            return state, None, []  # its suppression is already published
+        if reason == "not_fit" and [p.ms, p.message_id] not in state.unfit:
+            insort(state.unfit, [p.ms, p.message_id])
         if reason is not None:
             data = SuppressedData(
                 **ctx, reason=reason,
@@ -175,6 +313,10 @@ class Engine:
             )
             stages = [] if ours or in_cooldown else sales.qualified_only(state, p.ms, reason)
             return state, self._event(SUPPRESSED, p, data), stages
+        if later is not None:
+            later.since = min(later.start, p.ms)
+            p.diverged = EARLIER_QUALIFICATION
+            return state, None, []
         supersedes = mql is not None and mql.stage in OPEN_MQL
         data = HandoffData(
             **ctx,
@@ -191,10 +333,11 @@ class Engine:
             type=kind, time=iso(p.ms), subject=p.account_id, data=data,
         )
 
-    def _milestone_event(self, account_id: str, d: Detector, ms: int, msg: str, reach: Reach) -> CloudEvent:
+    def _milestone_event(self, account_id: str, d: Detector, pos: Pos, state: AccountState) -> CloudEvent:
+        ms, msg = pos
         data = MilestoneData(
             account_id=account_id, milestone=d.id, description=d.description, points=d.rule.points,
-            reached_at=iso(ms), evidence=reach.evidence, rules_version=self.rules.version,
+            reached_at=iso(ms), evidence=self._evidence_at(state, d.id, pos), rules_version=self.rules.version,
         )
         return CloudEvent(
             id=event_id(MILESTONE, account_id, self.rules.version, msg, d.id),
@@ -206,12 +349,34 @@ class Engine:
         self, state: AccountState | None, event: Any, account_id: str,
         mql_of: Callable[[str], MqlRecord | None],
     ) -> tuple[AccountState, Observation, list[CloudEvent]]:
-        """observe + decide: the decision (if any) first, then its stage events."""
+        """observe + decide: each decision, then its stage events, in position order."""
         state, obs = self.observe(state, event, account_id)
-        if obs.qualified is None:
-            return state, obs, []
-        state, decision, stages = self.decide(state, obs.qualified, mql_of(account_id))
-        return state, obs, [decision, *stages]
+        out: list[CloudEvent] = []
+        if obs.qualified:
+            mql = mql_of(account_id)
+            for p in obs.qualified:
+                state, decision, stages = self.decide(state, p, mql)
+                if decision is None:
+                    obs.diverged += [p.diverged] if p.diverged else []
+                    continue
+                out += [decision, *stages]
+        return state, obs, out
+
+
+def _has(reach: list, pos: Pos) -> bool:
+    k = bisect_left(reach, pos, key=tuple)
+    return k < len(reach) and tuple(reach[k]) == pos
+
+
+def _around(state: AccountState, ms: int) -> tuple[Handoff | None, Handoff | None]:
+    """The latest handoff at or before `ms`, and the earliest after it."""
+    last = later = None
+    for h in state.sales.handoffs if state.sales else ():
+        if h.at <= ms:
+            last = h
+        elif later is None:
+            later = h
+    return last, later
 
 
 def _recycled(mql: MqlRecord | None, since: int | None) -> bool:

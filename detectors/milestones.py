@@ -1,14 +1,19 @@
-"""Milestone detectors: does this event reach the milestone, and with what evidence?
+"""Milestone detectors: does the milestone hold at a position, and with what evidence?
 
-Each detector owns the ``hits`` rows its milestone needs (see schemas/state.py) and keeps only
-what its window needs: windowed kinds keep rows no older than ``within`` behind the newest row;
-unwindowed counts keep the last ``count`` rows (one per distinct value when ``distinct`` is set).
-Windows are closed at both ends: an event exactly ``within`` before another is inside.
+Each detector owns the ``hits`` rows of its milestone (see schemas/state.py), kept in position
+order ``(ms, messageId)``. ``holds(rows, i)`` evaluates the milestone with its window ending at row
+``i``, seeing only rows at or before it: exactly what a replay of the time-sorted stream sees when
+it reaches that event, whatever order the rows arrived in. Windows are closed at both ends: an
+event exactly ``within`` before another is inside.
+
+Rows are kept as long as a late event can still need them (``keep``): for windowed kinds, ``within``
+behind the oldest position a late event may take (``cut``); for unwindowed counts, every row from
+``cut`` on plus the ``count`` latest before it.
 """
 from __future__ import annotations
 
 import hashlib
-from bisect import insort
+from bisect import bisect_left, bisect_right
 from typing import Any
 
 from detectors.conditions import MISSING, compile_conditions, getter
@@ -26,6 +31,14 @@ def _number(v: Any) -> float | None:
 def distinct_key(value: Any) -> str:
     """Short stable hash: distinct values (often e-mail addresses) are never stored as written."""
     return hashlib.blake2b(repr(value).encode(), digest_size=8).hexdigest()
+
+
+def position(row: list[Any]) -> tuple[int, str]:
+    return row[0], row[1]
+
+
+def _ms(row: list[Any]) -> int:
+    return row[0]
 
 
 class Detector:
@@ -47,9 +60,6 @@ class Detector:
             self.of, self.to = getter(rule.ratio.of), getter(rule.ratio.to)
             self.at_least = rule.ratio.at_least
 
-    def matches(self, event: Any) -> bool:
-        return event.name in self.names and self.where(event)
-
     def _props(self, event: Any) -> dict[str, Any]:
         out = {}
         for path, get in self.shown:
@@ -58,51 +68,50 @@ class Detector:
                 out[path] = v
         return out
 
-    def apply(self, rows: list[list[Any]], event: Any, ms: int) -> list[Evidence] | None:
-        """Record a matching event; return the evidence if it reaches the milestone, else None."""
+    def row(self, event: Any) -> list[Any] | None:
+        """The row a matching event adds, or None when it cannot count (ratio below its bar, no
+        distinct value). A ratio milestone keeps only the events that reach it."""
+        key = None
         if self.kind == "ratio":
             of, to = _number(self.of(event)), _number(self.to(event))
             if of is None or not to or to <= 0 or of / to < self.at_least:
                 return None
-            return [_evidence([ms, event.messageId, event.name, None, self._props(event)])]
-        key = None
-        if self.distinct is not None:
+        elif self.distinct is not None:
             value = self.distinct(event)
             if value is MISSING or value is None:
                 return None  # nothing to count distinctly
             key = distinct_key(value)
-        row = [ms, event.messageId, event.name, key, self._props(event)]
-        if self.within is not None and rows and rows[-1][0] > ms:
-            insort(rows, row, key=_time)  # keep event-time order; equal times keep arrival order
-        else:
-            rows.append(row)
-        if self.kind == "sequence":
-            return self._sequence(rows, ms)
-        return self._count(rows, ms)
+        return [event.ms, event.messageId, event.name, key, self._props(event)]
 
-    def _count(self, rows: list[list[Any]], ms: int) -> list[Evidence] | None:
+    def affected(self, rows: list[list[Any]], i: int) -> range:
+        """Indexes of the rows whose outcome a row inserted at `i` can change."""
+        if self.kind == "ratio":
+            return range(i, i + 1)
         if self.within is None:
-            if self.distinct is not None:  # keep the latest row per distinct value
-                latest = {r[3]: r for r in rows}
-                rows[:] = sorted(latest.values(), key=lambda r: r[0])
-            del rows[: max(0, len(rows) - self.count)]
-            inside = rows
-        else:
-            self._trim(rows)
-            lo = ms - self.within
-            inside = [r for r in rows if lo <= r[0] <= ms]
-        if self.distinct is not None:
-            inside = sorted({r[3]: r for r in inside}.values(), key=lambda r: r[0])
-        if len(inside) < self.count:
-            return None
-        return [_evidence(r) for r in inside[-max(self.count, 10):]]
+            return range(i, len(rows))
+        end = bisect_right(rows, rows[i][0] + self.within, key=_ms)
+        return range(i, end)
 
-    def _sequence(self, rows: list[list[Any]], ms: int) -> list[Evidence] | None:
-        self._trim(rows)
-        lo, steps, step, found = ms - self.within, self.rule.sequence, 0, []
-        for r in rows:
-            if r[0] < lo or r[0] > ms:
-                continue
+    def holds(self, rows: list[list[Any]], i: int) -> list[Evidence] | None:
+        """Evidence if the milestone holds at rows[i] (the window ends there), else None."""
+        if self.kind == "ratio":
+            return [_evidence(rows[i])]
+        lo = 0 if self.within is None else bisect_left(rows, rows[i][0] - self.within, key=_ms)
+        inside = rows[lo:i + 1]
+        if self.kind == "sequence":
+            return self._sequence(inside)
+        if self.distinct is not None:  # the latest row per distinct value
+            latest = {r[3]: r for r in inside}
+            if len(latest) < self.count:
+                return None
+            inside = sorted(latest.values(), key=position)
+        elif len(inside) < self.count:
+            return None
+        return [_evidence(r) for r in inside[-(self.count if self.within is None else max(self.count, 10)):]]
+
+    def _sequence(self, inside: list[list[Any]]) -> list[Evidence] | None:
+        steps, step, found = self.rule.sequence, 0, []
+        for r in inside:
             if r[2] == steps[step]:
                 found.append(r)
                 step += 1
@@ -110,20 +119,20 @@ class Detector:
                     return [_evidence(x) for x in found]
         return None
 
-    def _trim(self, rows: list[list[Any]]) -> None:
-        lo = rows[-1][0] - self.within  # rows are in event-time order
-        if rows[0][0] < lo or len(rows) > MAX_ROWS:
-            rows[:] = [r for r in rows if r[0] >= lo][-MAX_ROWS:]
-
-    def expire(self, rows: list[list[Any]], newest: int) -> None:
-        """Drop rows no window can need any more (called on the account's expiry sweep)."""
-        if self.within is not None and rows:
-            lo = newest - self.within
-            rows[:] = [r for r in rows if r[0] >= lo]
-
-
-def _time(row: list[Any]) -> int:
-    return row[0]
+    def keep(self, rows: list[list[Any]], cut: int) -> None:
+        """Drop rows no event at or after `cut` can need (the expiry sweep)."""
+        if not rows:
+            return
+        if self.kind == "ratio":
+            rows[:] = rows[bisect_left(rows, cut, key=_ms):]
+        elif self.within is not None:
+            rows[:] = rows[bisect_left(rows, cut - self.within, key=_ms):][-MAX_ROWS:]
+        else:
+            i = bisect_left(rows, cut, key=_ms)
+            before = rows[:i]
+            if self.distinct is not None:
+                before = sorted({r[3]: r for r in before}.values(), key=position)
+            rows[:] = (before[-self.count:] + rows[i:])[-MAX_ROWS:]
 
 
 def _evidence(row: list[Any]) -> Evidence:

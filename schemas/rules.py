@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 _UNITS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 _DURATION = re.compile(r"^(?:\d+[smhd])+$")
@@ -127,9 +129,14 @@ class Qualify(_Strict):
 MilestoneId = Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")]
 
 
+DAY = 86_400_000
+
+
 class Rules(_Strict):
     version: Name
-    cooldown: Duration = 30 * 86_400_000
+    cooldown: Duration = 30 * DAY
+    lateness: Duration = 7 * DAY     # how far behind an account's newest event an event may be and still count
+    hold: Duration = 7 * DAY         # how long before a user's group call their unattributed events still count
     sla: Sla = Sla()
     fit: Fit | None = None
     milestones: Annotated[dict[MilestoneId, Milestone], Field(min_length=1)]
@@ -143,11 +150,13 @@ class Rules(_Strict):
             data = {**data, "version": str(data["version"])}
         return data
 
-    @property
-    def horizon(self) -> int:
-        """How long state must remember an event: the longest window, and at least 24 h (ms)."""
-        windows = [m.within or 0 for m in self.milestones.values()]
-        return max([86_400_000, self.qualify.window, *windows])
+    @field_validator("lateness")
+    @classmethod
+    def _lateness_under_cooldown(cls, v: int, info: ValidationInfo) -> int:
+        cooldown = info.data.get("cooldown")
+        if cooldown is not None and v >= cooldown:
+            raise ValueError("must be shorter than cooldown (a late event could otherwise reorder handoff episodes)")
+        return v
 
 
 class RulesError(ValueError):

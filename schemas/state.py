@@ -1,9 +1,11 @@
-"""State contract: what the engine keeps per account (a Faust table value; JSON in the changelog).
+"""State contract: what the engine keeps per account and per user (Faust table values; JSON in the
+changelogs).
 
-Times are integer milliseconds since the epoch. ``hits`` rows are
-``[ms, messageId, event, distinct_key, props]``: ``distinct_key`` is a short hash (never the raw
-value, which may be an e-mail address) and ``props`` holds only the fields a rule's ``where`` or
-``ratio`` names.
+Times are integer milliseconds since the epoch. A *position* is ``(ms, messageId)``: events are
+ordered by event time, ties broken by messageId (see README "Time semantics"). ``hits`` rows are
+``[ms, messageId, event, distinct_key, props]`` in position order: ``distinct_key`` is a short hash
+(never the raw value, which may be an e-mail address) and ``props`` holds only the fields a rule's
+``where`` or ``ratio`` names.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ class Evidence(BaseModel):
 
 
 class Reach(BaseModel):
-    at: int                      # latest reach time (event time, ms)
+    at: int                      # reach time (event time, ms)
     message_id: str              # the event that reached it
     evidence: list[Evidence]
 
@@ -33,10 +35,15 @@ class Handoff(BaseModel):
     id: str
     lane: str = "pql"
     at: int                                  # handed off (event time of the qualifying event)
+    since: int | None = None                 # earlier start of its episode, found late (cooldown counts from it)
     due: int                                 # SLA due
     status: str = "open"                     # open | accepted | rejected | converted
     status_at: int | None = None             # time of the latest response
     breached: bool = False
+
+    @property
+    def start(self) -> int:
+        return self.at if self.since is None else self.since
 
 
 class Sales(BaseModel):
@@ -49,11 +56,23 @@ class Sales(BaseModel):
 
 class AccountState(BaseModel):
     account_id: str
-    traits: dict[str, Any] = Field(default_factory=dict)              # merged group traits, latest call wins per trait
-    traits_at: int | None = None             # event time of the group call the traits came from
-    newest: int = 0                          # newest event time applied
+    traits: dict[str, Any] = Field(default_factory=dict)              # group traits merged from calls older than `calls`
+    calls: list[list[Any]] = Field(default_factory=list)              # recent group calls [ms, messageId, traits], by position
+    newest: int = 0                          # newest event time seen (an event older than newest - lateness is too late)
     pruned_at: int = 0                       # `newest` at the last expiry sweep
     seen: dict[str, int] = Field(default_factory=dict)                # messageId -> event time, for dedupe
-    hits: dict[str, list[list[Any]]] = Field(default_factory=dict)    # milestone -> matching events kept for its window
-    reached: dict[str, Reach] = Field(default_factory=dict)           # milestone -> latest reach
+    hits: dict[str, list[list[Any]]] = Field(default_factory=dict)    # milestone -> its matching events, by position
+    reach: dict[str, list[list[Any]]] = Field(default_factory=dict)   # milestone -> positions [ms, messageId] it holds at
+    anchor: dict[str, Reach] = Field(default_factory=dict)            # milestone -> latest reach before `reach` (evidence kept)
+    unfit: list[list[Any]] = Field(default_factory=list)              # positions suppressed not_fit (a late group call re-checks them)
     sales: Sales | None = None               # from the first qualification on (most accounts never qualify)
+
+
+class UserState(BaseModel):
+    """Identity of one user key (``u:<userId>`` or ``a:<anonymousId>``), see detectors/identity.py."""
+
+    key: str
+    links: list[list[Any]] = Field(default_factory=list)              # [ms, account] of the user's group calls, by time
+    alias: str | None = None                 # an anonymous key joined to a user key: its events are that user's
+    held: list[list[Any]] = Field(default_factory=list)               # [ms, messageId, event JSON] awaiting an account
+    newest: int = 0                          # newest event time seen for this key

@@ -95,18 +95,28 @@ class Detect:
         r.states[account] = state
         if obs.duplicate:
             metrics.events_duplicate.inc()
+        if obs.too_late:
+            metrics.events_late.inc()
+            r.dead.append((account, raw, "too_late", f"event time {event.timestamp.isoformat()} is more than the "
+                           f"rules' lateness behind account {account}'s newest event"))
+        for reason in obs.diverged:
+            metrics.divergence.labels(reason).inc()
         for m in obs.milestones:
             metrics.milestones_reached.labels(m.data.milestone).inc()
             self._emit(r, self.topics.signals, m)
-        if obs.qualified is not None:
-            metrics.qualifications.inc()
+        if obs.qualified:
             record, took = await self.mql.get(account)
             metrics.mql_lookup.observe(took)
-            state, decision, stages = self.engine.decide(state, obs.qualified, record)
-            if decision.type == HANDOFF:
+        for p in obs.qualified:
+            metrics.qualifications.inc()
+            state, decision, stages = self.engine.decide(state, p, record)
+            if decision is None:
+                if p.diverged:
+                    metrics.divergence.labels(p.diverged).inc()
+            elif decision.type == HANDOFF:
                 self._emit(r, self.topics.handoffs, decision)
                 metrics.handoffs_published.labels(decision.data.lane, decision.data.precedence).inc()
-                metrics.event_to_handoff.observe(max(0.0, (self.now_ms() - event.ms) / 1000))
+                metrics.event_to_handoff.observe(max(0.0, (self.now_ms() - p.ms) / 1000))
                 h = sales.last(state)
                 self._clocks(r, partition)[h.id] = [h.due, account]
                 r.clocks_changed = True

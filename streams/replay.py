@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from detectors import identity, sales
 from detectors.engine import Engine
+from schemas.cloudevents import HANDOFF, SUPPRESSED
 from schemas.events import InvalidEvent, parse_event
 from schemas.mql import MqlRecord
 from schemas.sales import SalesResponse, problem
@@ -36,6 +37,8 @@ class Summary:
     invalid: dict[str, list[int]] = field(default_factory=dict)
     unattributed: int = 0
     duplicates: int = 0
+    too_late: int = 0
+    diverged: Counter = field(default_factory=Counter)
     milestones: Counter = field(default_factory=Counter)
     qualifications: int = 0
     handoffs: int = 0
@@ -59,6 +62,8 @@ class Summary:
         out += [
             f"unattributed:    {self.unattributed}",
             f"duplicates:      {self.duplicates}",
+            f"too late:        {self.too_late}",
+            *(["diverged:        " + _counts(self.diverged)] if self.diverged else []),
             "milestones:      " + _counts(self.milestones),
             f"qualifications:  {self.qualifications}",
             f"handoffs:        {self.handoffs}",
@@ -142,26 +147,30 @@ class Replay:
             return
         state, obs, outputs = self.engine.step(self.states.get(account), event, account, self.mql.get)
         self.states[account] = state
-        if obs.duplicate:
-            s.duplicates += 1
+        s.duplicates += obs.duplicate
+        s.too_late += obs.too_late
+        s.diverged.update(obs.diverged)
+        if obs.too_late:
+            err.write(f"line {lineno}: too_late: event time {event.timestamp.isoformat()} is more than the rules' "
+                      f"lateness behind account {account}'s newest event\n")
         for m in obs.milestones:
             s.milestones[m.data.milestone] += 1
             if self.milestones:
                 out.write(m.to_json() + "\n")
-        if outputs:
-            decision = outputs[0]
-            s.qualifications += 1
-            if decision.type == "pql.handoff":
-                s.handoffs += 1
-                h = sales.last(state)
-                self.clocks[h.id] = [h.due, account]
-            else:
-                s.suppressed[decision.data.reason] += 1
-            out.write(decision.to_json() + "\n")
-            for ev in outputs[1:]:
-                s.stages[ev.data.stage] += 1
-                if self.stages:
-                    out.write(ev.to_json() + "\n")
+        for ev in outputs:
+            if ev.type in (HANDOFF, SUPPRESSED):
+                s.qualifications += 1
+                if ev.type == HANDOFF:
+                    s.handoffs += 1
+                    h = sales.last(state)
+                    self.clocks[h.id] = [h.due, account]
+                else:
+                    s.suppressed[ev.data.reason] += 1
+                out.write(ev.to_json() + "\n")
+                continue
+            s.stages[ev.data.stage] += 1
+            if self.stages:
+                out.write(ev.to_json() + "\n")
 
     def answers(self, until: int | None, out: IO[str], err: IO[str]) -> None:
         """Apply the responses timed up to `until` (all that are left when None)."""

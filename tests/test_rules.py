@@ -15,7 +15,7 @@ def test_example_loads():
     r = load_rules(ROOT / "examples/rules.yaml")
     assert r.version == "2026-11-23" and set(r.milestones) == {"team_invites", "usage_limit", "activation", "crm_integration"}
     assert r.cooldown == 30 * 86_400_000 and r.sla.pql == 3_600_000
-    assert r.horizon == 30 * 86_400_000
+    assert r.lateness == r.hold == 7 * 86_400_000
 
 
 @pytest.mark.parametrize("text,ms", [("90s", 90_000), ("15m", 900_000), ("1h", 3_600_000), ("30d", 2_592_000_000),

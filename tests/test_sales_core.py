@@ -20,8 +20,8 @@ def engine(**extra) -> Engine:
 def qualify(e: Engine, state=None, mql=None, mid=None, **when):
     ev = event(track("Integration Connected", at(**when), mid=mid, integration="hubspot"))
     state, obs = e.observe(state, ev, "acme")
-    assert obs.qualified is not None
-    return e.decide(state, obs.qualified, mql)
+    assert len(obs.qualified) == 1
+    return e.decide(state, obs.qualified[0], mql)
 
 
 def response(handoff_id: str, status: str, minutes: float, **kw) -> SalesResponse:

@@ -1,0 +1,142 @@
+"""Order independence (issue 11): the outputs are those of the time-sorted stream, whatever the
+arrival order within the lateness bound.
+
+Histories are drawn by hypothesis; the arrival order delays each event by up to (not including) the
+rules' lateness, so no event is too late. Two properties:
+- for every account none of whose decisions was published before one of its late events arrived,
+  the published decisions and stage events are byte for byte those of the sorted replay;
+- for every account, the number of handoffs is the same.
+"""
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter, defaultdict
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from detectors.engine import Engine
+from helpers import T0, rules
+from schemas.events import parse_event
+from streams.replay import replay
+
+HOUR = 3_600_000
+LATENESS_H = 48
+RULES = rules(
+    {
+        "inv": {"event": "Invite Sent", "distinct": "properties.email", "count": 3, "within": "1d", "points": 40},
+        "limit": {"event": "Usage Recorded", "ratio": {"of": "properties.used", "to": "properties.limit",
+                                                      "at_least": 0.8}, "points": 30},
+        "act": {"sequence": ["Source Connected", "Job Run", "Results Viewed"], "within": "2d", "points": 40},
+        "crm": {"event": "Integration Connected", "points": 20},
+        "jobs": {"event": "Job Run", "count": 4, "points": 10},
+    },
+    score=60, window="3d", cooldown="4d", lateness=f"{LATENESS_H}h", hold="1d",
+    fit={"traits": {"employees": {"gte": 10}}},
+)
+ACCOUNTS = ["a1", "a2"]
+TRAITS = {"a1": {"employees": 50, "name": "Acme"}, "a2": {"employees": 5, "name": "Tiny"}}
+NAMES = ["Invite Sent", "Invite Sent", "Usage Recorded", "Source Connected", "Job Run", "Results Viewed",
+         "Integration Connected", "Feature Used"]
+
+
+def _iso(ms: int) -> str:
+    from detectors.timefmt import iso
+
+    return iso(int(T0.timestamp() * 1000) + ms)
+
+
+@st.composite
+def histories(draw, n_min=10, n_max=60, days=8, shuffle=False):
+    """(docs, delays): with `shuffle`, the delays give a random permutation (the span is kept under
+    the lateness, so none is too late)."""
+    n = draw(st.integers(n_min, n_max))
+    docs, delays = [], []
+    for k in range(n):
+        account = draw(st.sampled_from(ACCOUNTS))
+        ms = draw(st.integers(0, days * 24 * 4)) * HOUR // 4  # quarter hours
+        mid = f"m{k:03d}"
+        if draw(st.integers(0, 14)) == 0:
+            # a company's traits do not flip within the lateness bound (see test_late_traits_are_counted)
+            doc = {"type": "group", "groupId": account, "userId": f"{account}-u", "messageId": mid,
+                   "timestamp": _iso(ms), "traits": TRAITS[account]}
+        else:
+            name = draw(st.sampled_from(NAMES))
+            props = {"email": f"p{draw(st.integers(0, 4))}@x.io", "used": draw(st.integers(60, 100)), "limit": 100}
+            doc = {"type": "track", "event": name, "userId": f"{account}-u", "messageId": mid, "timestamp": _iso(ms),
+                   "properties": props, "context": {"groupId": account}}
+        docs.append(doc)
+        delays.append(draw(st.integers(0, LATENESS_H * 4 - 1)) * HOUR // 4)
+    if shuffle:
+        order = draw(st.permutations(range(n)))
+        delays = [(order[k] + 10**6) * LATENESS_H * HOUR * 4 - _shift(docs[k]["timestamp"], 0) for k in range(n)]
+    return docs, delays
+
+
+def _run(docs: list[dict]) -> list[dict]:
+    out = io.StringIO()
+    replay([json.dumps(d).encode() for d in docs], Engine(RULES), {}, out, io.StringIO(), stages=True)
+    return [json.loads(x) for x in out.getvalue().splitlines()]
+
+
+def _arrival(docs, delays):
+    keyed = sorted(range(len(docs)), key=lambda i: (_shift(docs[i]["timestamp"], delays[i]), i))
+    return [docs[i] for i in keyed]
+
+
+def _shift(ts: str, delay: int) -> int:
+    from detectors.timefmt import parse_ms
+
+    return parse_ms(ts) + delay
+
+
+def _by_account(outputs: list[dict]) -> dict[str, Counter]:
+    found: dict[str, Counter] = defaultdict(Counter)
+    for o in outputs:
+        found[o["subject"]][json.dumps(o, sort_keys=True)] += 1
+    return found
+
+
+def _exempt(arrival: list[dict]) -> set[str]:
+    """Accounts that had a decision published before one of their late events arrived."""
+    engine, states, newest, decided, exempt = Engine(RULES), {}, {}, set(), set()
+    for d in arrival:
+        acct = d.get("groupId") or d["context"]["groupId"]
+        ev = parse_event(json.dumps(d))
+        pos = (ev.ms, ev.messageId)
+        if acct in newest and pos < newest[acct] and acct in decided:
+            exempt.add(acct)
+        newest[acct] = max(newest.get(acct, pos), pos)
+        states[acct], _, out = engine.step(states.get(acct), ev, acct, lambda a: None)
+        if out:
+            decided.add(acct)
+    return exempt
+
+
+def _check(history) -> int:
+    """Assert both properties; returns how many accounts were compared byte for byte."""
+    docs, delays = history
+    ordered = sorted(docs, key=lambda d: (d["timestamp"], d["messageId"]))
+    arrival = _arrival(docs, delays)
+    want, got = _run(ordered), _run(arrival)
+    want_by, got_by = _by_account(want), _by_account(got)
+    exempt = _exempt(arrival)
+    for acct in ACCOUNTS:
+        handoffs = lambda by: sum(n for o, n in by[acct].items() if '"type": "pql.handoff"' in o)
+        assert handoffs(got_by) == handoffs(want_by), acct
+        if acct not in exempt:
+            assert got_by[acct] == want_by[acct], acct
+    return sum(1 for a in ACCOUNTS if a not in exempt and want_by[a])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories())
+def test_delays_within_lateness_give_the_sorted_outputs(history):
+    _check(history)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(histories(n_min=6, n_max=25, days=1, shuffle=True))
+def test_any_permutation_within_lateness_gives_the_sorted_outputs(history):
+    _check(history)
