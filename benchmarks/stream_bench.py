@@ -96,20 +96,22 @@ def metric(port: int, name: str, topic: str | None = None) -> float:
                if (ln.startswith(name + "{") or ln.startswith(name + " ")) and (topic is None or f'topic="{topic}"' in ln))
 
 
-def drain(port: int, topics: list[str], n: int) -> tuple[float, int]:
-    """Wait until the worker consumed all n inputs and outputs went quiet; (time of last output, outputs)."""
+def drain(port: int, topics: list[str], n: int) -> tuple[float, int, list[str]]:
+    """Wait until the worker consumed all n inputs and outputs went quiet; (time of last output,
+    outputs, ids of the handoffs among them)."""
     c = Consumer({"bootstrap.servers": BOOT, "group.id": f"count-{time.time_ns()}", "auto.offset.reset": "earliest",
                   "isolation.level": "read_committed"})
     c.subscribe(topics)
-    got, last = 0, time.perf_counter()
+    got, last, handoffs = 0, time.perf_counter(), []
     while True:
         msgs = [m for m in c.consume(10_000, timeout=0.2) if m.error() is None]
         if msgs:
             got, last = got + len(msgs), time.perf_counter()
+            handoffs += [json.loads(m.value())["id"] for m in msgs if m.topic() == topics[0]]
         consumed = metric(port, "pql_events_consumed_total") + metric(port, "pql_events_invalid_total")
         if consumed >= n and time.perf_counter() - last > 3:
             c.close()
-            return last, got
+            return last, got, handoffs
 
 
 def peak_rss(pid: int) -> None:
@@ -122,7 +124,7 @@ def peak_rss(pid: int) -> None:
         pass
 
 
-def our_worker(prefix: str, n: int) -> tuple[float, int]:
+def our_worker(prefix: str, n: int) -> tuple[float, int, list[str]]:
     port = 6190
     log = open(ROOT / "benchmarks" / "out" / f"{prefix}worker.log", "w")
     w = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
@@ -133,8 +135,8 @@ def our_worker(prefix: str, n: int) -> tuple[float, int]:
                 raise RuntimeError(f"worker exited; read {log.name}")
             time.sleep(0.02)
         t0 = time.perf_counter()
-        t1, outputs = drain(port, [prefix + "pql.handoffs", prefix + "pql.signals"], n)
-        return t1 - t0, outputs
+        t1, outputs, handoffs = drain(port, [prefix + "pql.handoffs", prefix + "pql.signals"], n)
+        return t1 - t0, outputs, handoffs
     finally:
         peak_rss(w.pid)
         w.send_signal(signal.SIGTERM)
@@ -250,6 +252,7 @@ def main() -> None:
     replay(lines, Engine(load_rules(ROOT / "examples/rules.yaml")), {}, out, io.StringIO(), milestones=True,
            stages=True, now=int(time.time() * 1000))
     expected = len(out.getvalue().splitlines())
+    want = sorted(json.loads(x)["id"] for x in out.getvalue().splitlines() if '"pql.handoff"' in x)
     produce(topic, lines)
     n = len(lines)
     print(f"stream: {n} events, {a.accounts} accounts, 4 partitions; {expected} outputs expected (replay)")
@@ -259,10 +262,10 @@ def main() -> None:
     if not a.skip_naive:
         tb = naive_faust(topic, n)
         print(f"(b) naive Faust, table per event : {n / tb:>9,.0f} events/s ({tb:.1f}s)")
-    tc, outputs = our_worker(prefix, n)
-    print(f"(c) pql worker end to end        : {n / tc:>9,.0f} events/s ({tc:.1f}s; {outputs} outputs, replay "
-          f"gives {expected}: events without context.groupId on other partitions than their group call can be "
-          f"unattributed live)")
+    tc, outputs, handoffs = our_worker(prefix, n)
+    print(f"(c) pql worker end to end        : {n / tc:>9,.0f} events/s ({tc:.1f}s)")
+    print(f"live == replay: {outputs} outputs (replay {expected}); {len(handoffs)} handoffs (replay {len(want)}); "
+          f"handoff id sets {'EQUAL' if sorted(handoffs) == want else 'DIFFER'}")
     if tb:
         print(f"ratios: worker / naive Faust = {tb / tc:.1f}x (target >= 5x); worker / raw client = {ta / tc:.2f}")
     if not a.skip_latency:

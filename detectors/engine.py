@@ -4,6 +4,7 @@ No I/O, no wall clock: time is the event's own ``timestamp``; the MQL record com
 It works in two steps so the live worker reads Redis only when an account qualifies:
 
     state, obs = engine.observe(state, event, account_id)    # milestones, maybe qualifications
+                                                             # (observe_all: several events at once)
     for p in obs.qualified:
         state, decision, stages = engine.decide(state, p, mql_record)
 
@@ -13,7 +14,7 @@ window reaches; a position qualifies when the points of the milestones holding w
 ``qualify.window`` before it reach ``qualify.score``. Holding only grows as events arrive, so each
 position qualifies at most once, and the decision for it is the one a replay of the time-sorted
 stream makes, with the same id and bytes, except in the cases ``Observation.diverged`` counts.
-Events older than the account's newest minus ``lateness`` are refused (``too_late``).
+Events older than the account's newest minus ``lateness + hold`` are refused (``too_late``).
 
 Responses and SLA breaches (the sales side) are in detectors/sales.py.
 The engine updates the state it is given in place and returns it.
@@ -63,8 +64,8 @@ class Pending:
 
 @dataclass(slots=True)
 class Observation:
-    duplicate: bool = False
-    too_late: bool = False
+    duplicates: int = 0
+    too_late: list = field(default_factory=list)               # the events refused as too late
     milestones: list[CloudEvent] = field(default_factory=list)
     qualified: list[Pending] = field(default_factory=list)     # in position order
     diverged: list[str] = field(default_factory=list)          # DIVERGENCE reasons
@@ -79,7 +80,7 @@ class Engine:
         for d in self.detectors:
             for name in d.names:
                 self.listening.setdefault((d.type, name), []).append(d)
-        self.lateness = rules.lateness
+        self.bound = rules.bound
         self.window = rules.qualify.window
         fit = rules.fit.traits if rules.fit else None
         self.fit = compile_conditions(fit) if fit else None
@@ -94,24 +95,43 @@ class Engine:
         return name is not None and (event.type, name) in self.listening
 
     def observe(self, state: AccountState | None, event: Any, account_id: str) -> tuple[AccountState, Observation]:
-        msg, ms = event.messageId, event.ms
+        return self.observe_all(state, [event], account_id)
+
+    def observe_all(self, state: AccountState | None, events: list, account_id: str
+                    ) -> tuple[AccountState, Observation]:
+        """Apply events of one account together, then evaluate: a burst of late events (held events
+        released by a group call) is judged with all of them in place, as the sorted stream would."""
         if state is None:
-            state = AccountState(account_id=account_id, newest=ms, pruned_at=ms)
+            state = AccountState(account_id=account_id, newest=events[0].ms, pruned_at=events[0].ms)
         obs = Observation()
-        if ms < state.newest - self.lateness:
-            obs.too_late = True
-            return state, obs
+        new: list[tuple[Pos, str]] = []
+        for event in events:
+            new += self._apply(state, event, account_id, obs)
+        if new:
+            new.sort()
+            for pos, mid in new:
+                self._signal(state, account_id, pos, mid, obs)
+            self._qualify(state, account_id, new, obs)
+        obs.qualified.sort(key=lambda p: (p.ms, p.message_id))  # re-checks after group calls among them
+        return state, obs
+
+    def _apply(self, state: AccountState, event: Any, account_id: str, obs: Observation) -> list[tuple[Pos, str]]:
+        """Insert one event; the positions where a milestone now holds and did not before."""
+        msg, ms = event.messageId, event.ms
+        if ms < state.newest - self.bound:
+            obs.too_late.append(event)
+            return []
         if msg in state.seen:
-            obs.duplicate = True
-            return state, obs
+            obs.duplicates += 1
+            return []
         state.seen[msg] = ms
         if ms > state.newest:
             state.newest = ms
-            if ms - state.pruned_at >= self.lateness // 8:
+            if ms - state.pruned_at >= self.bound // 8:
                 self._expire(state)
         if isinstance(event, Group):
             self._group_call(state, event, account_id, obs)
-            return state, obs
+            return []
         new: list[tuple[Pos, str]] = []
         inserted = False
         for d in self.listening.get((event.type, event.name), ()):
@@ -120,13 +140,7 @@ class Engine:
                 inserted = True
         if inserted:
             self._late_evidence(state, ms, obs)
-        if not new:
-            return state, obs
-        new.sort()
-        for pos, mid in new:
-            self._signal(state, account_id, pos, mid, obs)
-        self._qualify(state, account_id, new, obs)
-        return state, obs
+        return new
 
     def _insert(self, state: AccountState, d: Detector, row: list) -> list[tuple[Pos, str]]:
         """Insert a row; the positions where the milestone now holds and did not before."""
@@ -177,7 +191,7 @@ class Engine:
 
     def _expire(self, state: AccountState) -> None:
         """Forget what no event inside the lateness bound can need any more."""
-        cut = state.newest - self.lateness
+        cut = state.newest - self.bound
         state.seen = {m: t for m, t in state.seen.items() if t >= cut}
         for mid in list(state.hits):
             d = self.by_id.get(mid)
@@ -346,11 +360,11 @@ class Engine:
 
     # -- both steps, for callers that have the MQL state at hand --------------------------------
     def step(
-        self, state: AccountState | None, event: Any, account_id: str,
+        self, state: AccountState | None, events: list, account_id: str,
         mql_of: Callable[[str], MqlRecord | None],
     ) -> tuple[AccountState, Observation, list[CloudEvent]]:
-        """observe + decide: each decision, then its stage events, in position order."""
-        state, obs = self.observe(state, event, account_id)
+        """observe_all + decide: each decision, then its stage events, in position order."""
+        state, obs = self.observe_all(state, events, account_id)
         out: list[CloudEvent] = []
         if obs.qualified:
             mql = mql_of(account_id)

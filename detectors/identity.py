@@ -1,16 +1,42 @@
-"""Identity: which account an event belongs to.
+"""Identity: which account an event belongs to, whatever order events arrive in. Pure.
 
-The account is ``context.groupId`` on the event, else the account of the user's latest ``group``
-call (by event time; ties go to the later arrival). Users are keyed ``u:<userId>`` or
-``a:<anonymousId>``; a link is ``[account_id, event ms]``.
+An event's account is its ``context.groupId``; else the account of its user's group call: the
+latest call at or before the event (event time), else the earliest call at most ``hold`` after it
+(users often act before the app sends ``group``). Until such a call is known, the event is *held*
+under its user key. User keys are ``u:<userId>``, else ``a:<anonymousId>``. An ``identify`` that
+carries both ids, or an ``alias`` (``previousId`` -> ``userId``), joins ``a:<id>`` to ``u:<userId>``:
+the anonymous key's held events and group calls move to the user key, and its later events follow.
+
+The work is expressed as *lines*, each for one key, so the live worker can run each on the
+partition that owns the key (streams/detect.py) and `pql replay` can run them in one loop:
+
+    (EVENT, account, event)         apply to the account (detectors/engine.py)
+    (USER, user_key, event)         attribute through the user's links, or hold
+    (LINK, user_key, (account, ms)) the user made a group call
+    (JOIN, anonymous_key, (user_key, ms)) the anonymous key is that user
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from bisect import insort
+from typing import Any, Callable
 
-from schemas.events import Group
+from schemas.events import Alias, Group, Identify
+from schemas.state import UserState
 
-Link = list  # [account_id, ms]
+EVENT, USER, LINK, JOIN = "e", "u", "l", "j"
+SKIP, UNATTRIBUTED = "skip", "unattributed"
+MAX_LINKS = 8     # group calls remembered per user (a user in more accounts keeps the latest)
+MAX_HELD = 1000   # events held per user key; older ones are dropped as unattributed
+
+Line = tuple[str, str, Any]
+
+
+def user_key(event: Any) -> str | None:
+    if event.userId:
+        return "u:" + event.userId
+    if event.anonymousId:
+        return "a:" + event.anonymousId
+    return None
 
 
 def user_keys(event: Any) -> list[str]:
@@ -22,46 +48,110 @@ def user_keys(event: Any) -> list[str]:
     return keys
 
 
-def resolve(event: Any, links: Mapping[str, Link]) -> str | None:
-    """The event's account, or None when it cannot be tied to one (unattributed)."""
+def dispatch(event: Any, relevant: Callable[[Any], bool]) -> tuple[list[Line], str | None]:
+    """The first lines for one valid input event, and why there are none (SKIP or UNATTRIBUTED)."""
     if isinstance(event, Group):
-        return event.groupId
-    gid = event.group_id
-    if gid:
-        return gid
-    for key in user_keys(event):
-        link = links.get(key)
-        if link:
-            return link[0]
-    return None
-
-
-def link(event: Group, current: Link | None) -> Link | None:
-    """The user's new link after this group call, or None when an earlier-known later call wins."""
-    if current is not None and current[1] > event.ms:
-        return None
-    return [event.groupId, event.ms]
-
-
-SKIP, UNATTRIBUTED = "skip", "unattributed"
-
-
-def route(event: Any, links: dict[str, Link], relevant) -> tuple[str | None, str | None, list[tuple[str, Link]]]:
-    """Shared by `pql replay` and the live ingest, so both attribute events identically.
-
-    Updates `links` from a group call. Returns (account, why_not, new_links): account is the
-    account to hand the event to, else why_not is SKIP (nothing a rule can use) or UNATTRIBUTED
-    (a rule would use it, but no account is known).
-    """
-    if isinstance(event, Group):
-        changed = []
-        for key in user_keys(event):
-            new = link(event, links.get(key))
-            if new is not None:
-                links[key] = new
-                changed.append((key, new))
-        return event.groupId, None, changed
+        return [(EVENT, event.groupId, event)] + [(LINK, k, (event.groupId, event.ms)) for k in user_keys(event)], None
+    if isinstance(event, Identify):
+        if event.userId and event.anonymousId:
+            return [(JOIN, "a:" + event.anonymousId, ("u:" + event.userId, event.ms))], None
+        return [], SKIP
+    if isinstance(event, Alias):
+        if event.userId and event.previousId and event.previousId != event.userId:
+            return [(JOIN, "a:" + event.previousId, ("u:" + event.userId, event.ms))], None
+        return [], SKIP
     if event.type not in ("track", "page", "screen") or not relevant(event):
-        return None, SKIP, []
-    account = resolve(event, links)
-    return (account, None, []) if account is not None else (None, UNATTRIBUTED, [])
+        return [], SKIP
+    if event.group_id:
+        return [(EVENT, event.group_id, event)], None
+    key = user_key(event)
+    if key is None:
+        return [], UNATTRIBUTED
+    return [(USER, key, event)], None
+
+
+def resolve(links: list[list[Any]], ms: int, hold: int) -> str | None:
+    """The account of the latest link at or before `ms`, else of the earliest within `hold` after it."""
+    best = None
+    for t, account in links:
+        if t <= ms:
+            best = account
+        else:
+            return best if best is not None or t > ms + hold else account
+    return best
+
+
+class Users:
+    """Runs USER, LINK and JOIN lines on user states; returns the lines they lead to.
+
+    `raw(event)` gives the bytes a held event is kept as, `parse(raw)` the event back. Dropped
+    counts the held events that could no longer be attributed (expired or over MAX_HELD)."""
+
+    def __init__(self, hold: int, bound: int, raw: Callable[[Any], str], parse: Callable[[str], Any]):
+        self.hold, self.bound, self.raw, self.parse = hold, bound, raw, parse
+
+    def run(self, u: UserState, kind: str, arg: Any) -> tuple[list[Line], int]:
+        """One USER, LINK or JOIN line on its key's state: (lines it leads to, held events dropped)."""
+        if kind == USER:
+            return self.user(u, arg)
+        if kind == LINK:
+            return self.link(u, *arg)
+        return self.join(u, *arg), 0
+
+    def user(self, u: UserState, event: Any) -> tuple[list[Line], int]:
+        self._saw(u, event.ms)
+        if u.alias is not None and event.ms >= u.alias_at - self.hold:
+            return [(USER, u.alias, event)], 0
+        account = resolve(u.links, event.ms, self.hold)
+        if account is not None:
+            return [(EVENT, account, event)], 0
+        if all(h[1] != event.messageId for h in u.held):
+            insort(u.held, [event.ms, event.messageId, self.raw(event)], key=lambda h: (h[0], h[1]))
+        return [], self._expire(u)
+
+    def link(self, u: UserState, account: str, ms: int) -> tuple[list[Line], int]:
+        self._saw(u, ms)
+        if u.alias is not None:
+            return [(LINK, u.alias, (account, ms))], 0
+        if [ms, account] not in u.links:
+            insort(u.links, [ms, account])
+            del u.links[:-MAX_LINKS]
+        out, kept = [], []
+        for h in u.held:
+            account_of = resolve(u.links, h[0], self.hold)
+            if account_of is None:
+                kept.append(h)
+            else:
+                out.append((EVENT, account_of, self.parse(h[2])))
+        u.held = kept
+        return out, self._expire(u)
+
+    def join(self, u: UserState, target: str, ms: int) -> list[Line]:
+        """The anonymous key is `target` from `ms` on: its group calls, and its held events from
+        `hold` before the earliest join on, move there. (Older ones stay held: an earlier join may
+        still arrive.)"""
+        self._saw(u, ms)
+        if u.key == target:
+            return []
+        if u.alias != target:
+            u.alias, u.alias_at = target, ms
+        elif ms < u.alias_at:
+            u.alias_at = ms
+        else:
+            return []
+        out: list[Line] = [(LINK, target, (account, t)) for t, account in u.links]
+        lo = u.alias_at - self.hold
+        out += [(USER, target, self.parse(h[2])) for h in u.held if h[0] >= lo]
+        u.links, u.held = [], [h for h in u.held if h[0] < lo]
+        return out
+
+    def _saw(self, u: UserState, ms: int) -> None:
+        u.newest = max(u.newest, ms)
+
+    def _expire(self, u: UserState) -> int:
+        """Drop held events no group call can attribute any more (it would be too late), and the
+        oldest beyond MAX_HELD. Returns how many were dropped."""
+        before = len(u.held)
+        cut = u.newest - self.bound
+        u.held = [h for h in u.held if h[0] >= cut][-MAX_HELD:]
+        return before - len(u.held)

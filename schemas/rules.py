@@ -136,7 +136,7 @@ class Rules(_Strict):
     version: Name
     cooldown: Duration = 30 * DAY
     lateness: Duration = 7 * DAY     # how far behind an account's newest event an event may be and still count
-    hold: Duration = 7 * DAY         # how long before a user's group call their unattributed events still count
+    hold: Duration = DAY             # how long before a user's group call their unattributed events still count
     sla: Sla = Sla()
     fit: Fit | None = None
     milestones: Annotated[dict[MilestoneId, Milestone], Field(min_length=1)]
@@ -150,13 +150,20 @@ class Rules(_Strict):
             data = {**data, "version": str(data["version"])}
         return data
 
-    @field_validator("lateness")
+    @field_validator("hold")
     @classmethod
-    def _lateness_under_cooldown(cls, v: int, info: ValidationInfo) -> int:
-        cooldown = info.data.get("cooldown")
-        if cooldown is not None and v >= cooldown:
-            raise ValueError("must be shorter than cooldown (a late event could otherwise reorder handoff episodes)")
+    def _bound_under_cooldown(cls, v: int, info: ValidationInfo) -> int:
+        cooldown, lateness = info.data.get("cooldown"), info.data.get("lateness")
+        if cooldown is not None and lateness is not None and lateness + v >= cooldown:
+            raise ValueError("lateness + hold must be shorter than cooldown (a late event could otherwise "
+                             "reorder handoff episodes)")
         return v
+
+    @property
+    def bound(self) -> int:
+        """How far behind its account's newest event an event may be and still count (ms): the
+        arrival disorder allowed (`lateness`) plus the attribution delay (`hold`)."""
+        return self.lateness + self.hold
 
 
 class RulesError(ValueError):

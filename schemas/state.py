@@ -58,7 +58,7 @@ class AccountState(BaseModel):
     account_id: str
     traits: dict[str, Any] = Field(default_factory=dict)              # group traits merged from calls older than `calls`
     calls: list[list[Any]] = Field(default_factory=list)              # recent group calls [ms, messageId, traits], by position
-    newest: int = 0                          # newest event time seen (an event older than newest - lateness is too late)
+    newest: int = 0                          # newest event time seen (an event older than newest - lateness - hold is too late)
     pruned_at: int = 0                       # `newest` at the last expiry sweep
     seen: dict[str, int] = Field(default_factory=dict)                # messageId -> event time, for dedupe
     hits: dict[str, list[list[Any]]] = Field(default_factory=dict)    # milestone -> its matching events, by position
@@ -74,5 +74,6 @@ class UserState(BaseModel):
     key: str
     links: list[list[Any]] = Field(default_factory=list)              # [ms, account] of the user's group calls, by time
     alias: str | None = None                 # an anonymous key joined to a user key: its events are that user's
+    alias_at: int | None = None              # event time of the earliest join (events older than it - hold stay held)
     held: list[list[Any]] = Field(default_factory=list)               # [ms, messageId, event JSON] awaiting an account
     newest: int = 0                          # newest event time seen for this key

@@ -33,7 +33,7 @@ from detectors.engine import Engine
 from schemas.mql import MqlRecord
 from schemas.rules import Rules
 from schemas.sales import problem
-from streams import metrics
+from streams import envelope, metrics
 from streams.config import Settings
 from streams.detect import Detect
 from streams.ingest import Ingest, Router, dlq_headers
@@ -121,6 +121,8 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     accounts = app.Table("accounts", partitions=P, value_type=bytes)
     # SLA clocks: one value per partition, {handoff_id: [due_ms, account]} (detectors/sales.py)
     clocks = app.Table("clocks", partitions=P, value_type=bytes)
+    # identity: user key -> UserState JSON (links, held events), on the user key's partition
+    users = app.Table("users", partitions=P, value_type=bytes)
     short_retries(app.producer)
     mql = AsyncMqlStore(s.redis_url, s.redis_prefix, s.redis_retry_max, on_error=metrics.redis_errors.inc)
     metrics.rules_info.labels(rules.version).set(1)
@@ -134,8 +136,9 @@ def build(settings: Settings, rules: Rules) -> faust.App:
         """The partition went to another worker mid-envelope; its new owner processes the envelope."""
 
     async def send_tx(topic: str, key: str, value: bytes, partition: int, transactional_id: str,
-                      headers: list | None = CE_HEADERS, first: bool = False) -> None:
-        """Into the transaction of source partition `partition` (commits with its input offsets).
+                      headers: list | None = CE_HEADERS, first: bool = False, source: int | None = None) -> None:
+        """To `partition` of `topic`, in the transaction of source partition `source` (default: the
+        same number), which commits with that partition's input offsets.
 
         Only the first send of an envelope may start a new transaction and retry: later, the lost
         transaction may hold this envelope's earlier sends.
@@ -151,7 +154,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
             except (IllegalOperation, ProducerSendError) as err:
                 # A rebalance ended the transaction (or dropped its producer) under us.
                 fatal = err
-                if TP(topics.accounts, partition) not in app.consumer.assignment():
+                if TP(topics.accounts, partition if source is None else source) not in app.consumer.assignment():
                     raise PartitionMoved() from None  # never touch a producer we do not own
                 if attempt == 1:
                     await app.producer.maybe_begin_transaction(transactional_id)
@@ -169,7 +172,8 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     commit_lock = asyncio.Lock()
     changelog = f"{s.app_id}-accounts-changelog"
     clocks_changelog = f"{s.app_id}-clocks-changelog"
-    detector = Detect(engine, topics, accounts.data, clocks.data, mql)
+    users_changelog = f"{s.app_id}-users-changelog"
+    detector = Detect(engine, topics, accounts.data, clocks.data, mql, users=users.data, partitions=P)
     open_clocks: dict[int, int] = {}  # partition -> handoffs awaiting a response (pql_sla_open_handoffs)
     processed: dict[int, int] = {}    # partition -> offset after the last envelope published (lag, ingest pacing)
 
@@ -189,21 +193,27 @@ def build(settings: Settings, rules: Rules) -> faust.App:
             # an envelope, nor an envelope without its input offset.
             async with commit_lock:
                 bodies = {account: state.model_dump_json().encode() for account, state in result.states.items()}
-                sends = [(topic, key, value, CE_HEADERS) for topic, key, value in result.outputs]
-                sends += [(changelog, json.dumps(account), body, None) for account, body in bodies.items()]
+                user_bodies = {key: u.model_dump_json().encode() for key, u in result.users.items()}
+                sends = [(topic, key, value, CE_HEADERS, p) for topic, key, value in result.outputs]
+                sends += [(changelog, json.dumps(account), body, None, p) for account, body in bodies.items()]
+                sends += [(users_changelog, json.dumps(key), body, None, p) for key, body in user_bodies.items()]
+                for q, lines in sorted(result.forward.items()):  # identity's lines for other partitions
+                    sends += [(topics.accounts, "", body, None, q) for body in envelope.pack_all(lines)]
                 clock_body = None
                 if result.clocks_changed:
                     clock_body = json.dumps(result.clocks, separators=(",", ":")).encode()
-                    sends.append((clocks_changelog, json.dumps(str(p)), clock_body, None))
+                    sends.append((clocks_changelog, json.dumps(str(p)), clock_body, None, p))
                 try:
-                    for n, (topic, key, value, headers) in enumerate(sends):
-                        await send_tx(topic, key, value, p, t, headers=headers, first=n == 0)
+                    for n, (topic, key, value, headers, to) in enumerate(sends):
+                        await send_tx(topic, key, value, to, t, headers=headers, first=n == 0, source=p)
                 except PartitionMoved:
                     log.info("partition %d moved while publishing; its new owner takes the envelope", p)
                     continue
                 for account, body in bodies.items():  # memory follows only what went into the transaction
                     accounts.data[account] = body
                     detector.keep(account, body, result.states[account])
+                for key, body in user_bodies.items():
+                    users.data[key] = body
                 if clock_body is not None:
                     clocks.data[str(p)] = clock_body
                     open_clocks[p] = len(result.clocks)

@@ -151,11 +151,14 @@ def publish(file: str, topic: str | None, rate: float | None) -> None:
 @click.option("--seed", default=7, show_default=True)
 @click.option("--now", is_flag=True, help="Stamp events with the current time instead of a simulated week.")
 @click.option("--out", "out", type=click.Path(dir_okay=False), help="Write JSONL here instead of Kafka.")
-def simulate(accounts: int, count: int, rate: float | None, seed: int, now: bool, out: str | None) -> None:
+@click.option("--late-group", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+              help="Share of accounts whose users act (without context.groupId) before the app sends `group`.")
+def simulate(accounts: int, count: int, rate: float | None, seed: int, now: bool, out: str | None,
+             late_group: float) -> None:
     """Synthetic product-usage traffic, to Kafka (product.events) or to a JSONL file."""
     from streams.simulate import Simulator
 
-    sim = Simulator(accounts=accounts, seed=seed, live=now)
+    sim = Simulator(accounts=accounts, seed=seed, live=now, late_group=late_group)
     lines = sim.events(count)
     if out:
         with open(out, "wb") as f:

@@ -1,8 +1,10 @@
 """What `detect` does with one envelope (phase 1): run the pure core over its lines, no sends.
 
-Events go through the engine (Redis is read only when an account qualifies); responses and ticks go
-through detectors/sales.py. The result is everything the envelope changes: outputs, account states,
-the partition's SLA clocks, and dead letters. streams/app.py publishes it in one transaction.
+Identity lines (user, link, join) run on the user states of this partition (detectors/identity.py);
+what they lead to for another partition is forwarded to it. Events go through the engine (Redis is
+read only when an account qualifies); responses and ticks go through detectors/sales.py. The result
+is everything the envelope changes: outputs, account and user states, forwarded lines, the
+partition's SLA clocks, and dead letters. streams/app.py publishes it in one transaction.
 """
 from __future__ import annotations
 
@@ -14,12 +16,12 @@ from typing import Callable, Mapping
 
 from pydantic import ValidationError
 
-from detectors import sales
+from detectors import identity, sales
 from detectors.engine import Engine
 from schemas.cloudevents import HANDOFF, STAGE, CloudEvent
 from schemas.events import InvalidEvent, parse_event
 from schemas.sales import SalesResponse
-from schemas.state import AccountState
+from schemas.state import AccountState, UserState
 from streams import envelope, metrics
 from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics
@@ -29,16 +31,24 @@ from streams.topics import Topics
 class Result:
     outputs: list[tuple[str, str, bytes]] = field(default_factory=list)   # (topic, key, CloudEvent JSON)
     states: dict[str, AccountState] = field(default_factory=dict)
+    users: dict[str, UserState] = field(default_factory=dict)
+    forward: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)  # partition -> lines for `pack_all`
     clocks: sales.Clocks | None = None                                    # the partition's SLA clocks, once read
     clocks_changed: bool = False
     dead: list[tuple[str, bytes, str, str]] = field(default_factory=list)  # (key, raw, reason, detail)
+    raw: dict[str, bytes] = field(default_factory=dict)  # messageId -> the bytes an event line came as
 
 
 class Detect:
     def __init__(self, engine: Engine, topics: Topics, accounts: Mapping[str, bytes], clocks: Mapping[str, bytes],
                  mql: AsyncMqlStore, now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
-                 cache_size: int = 20_000):
+                 cache_size: int = 20_000, users: Mapping[str, bytes] | None = None, partitions: int = 1):
         self.engine, self.topics, self.accounts, self.clocks, self.mql = engine, topics, accounts, clocks, mql
+        self.users = users if users is not None else {}
+        self.partitions = partitions
+        rules = engine.rules
+        self.identity = identity.Users(rules.hold, rules.bound, raw=lambda e: e.model_dump_json(by_alias=True),
+                                       parse=parse_event)
         self.now_ms = now_ms  # only for the latency metric; decisions never read it
         # parsed states of recently active accounts (parsing was the largest cost per envelope)
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
@@ -55,6 +65,13 @@ class Detect:
             hit = self.parsed.pop(account, None)
             state = hit[1] if hit is not None and hit[0] == stored else AccountState.model_validate_json(stored)
         return state
+
+    def _user(self, r: Result, key: str) -> UserState:
+        u = r.users.get(key)
+        if u is None:
+            stored = self.users.get(key)
+            u = r.users[key] = UserState.model_validate_json(stored) if stored else UserState(key=key)
+        return u
 
     def keep(self, account: str, body: bytes, state: AccountState) -> None:
         """`state`, serialized as `body`, is now in the table: keep it parsed for the next envelope."""
@@ -74,31 +91,63 @@ class Detect:
             metrics.stage_transitions.labels(ev.data.stage, ev.data.lane).inc()
 
     async def process(self, body: bytes, partition: int) -> Result:
-        r = Result()
+        """Each account's events in the envelope are applied together (identity may release a burst
+        of held ones), before any response or tick that follows them."""
+        r, pending = Result(), {}
         for kind, key, raw in envelope.unpack(body):
-            if kind == envelope.EVENT:
-                await self._event(r, key, raw, partition)
-            elif kind == envelope.RESPONSE:
-                self._response(r, key, raw, partition)
-            elif kind == envelope.TICK:
-                self._tick(r, int(raw), partition)
+            if kind in (envelope.RESPONSE, envelope.TICK):
+                await self._flush(r, pending, partition)
+                if kind == envelope.RESPONSE:
+                    self._response(r, key, raw, partition)
+                else:
+                    self._tick(r, int(raw), partition)
+                continue
+            try:
+                arg = envelope.decode(kind, raw)
+            except (InvalidEvent, ValueError):  # the ingest tier validated it; only a foreign producer gets here
+                metrics.events_invalid.labels("invalid_field").inc()
+                continue
+            if kind in (envelope.EVENT, envelope.USER):
+                r.raw[arg.messageId] = raw
+            self._line(r, pending, kind, key, arg, partition)
+        await self._flush(r, pending, partition)
         return r
 
-    async def _event(self, r: Result, account: str, raw: bytes, partition: int) -> None:
+    def _line(self, r: Result, pending: dict, kind: str, key: str, arg, partition: int) -> None:
+        """Run one line here if its key is ours, else forward it (in this envelope's transaction)."""
+        work = [(kind, key, arg)]
+        while work:
+            kind, key, arg = work.pop(0)
+            target = envelope.partition_of(key, self.partitions)
+            if target != partition:
+                r.forward.setdefault(target, []).append(envelope.encode(kind, key, arg))
+            elif kind == identity.EVENT:
+                pending.setdefault(key, []).append(arg)
+            else:
+                more, dropped = self.identity.run(self._user(r, key), kind, arg)
+                if kind == identity.USER and not more:
+                    metrics.events_held.inc()
+                if dropped:
+                    metrics.events_unattributed.inc(dropped)
+                work += more
+
+    async def _flush(self, r: Result, pending: dict, partition: int) -> None:
+        for account, events in pending.items():
+            await self._events(r, account, events, partition)
+        pending.clear()
+
+    async def _events(self, r: Result, account: str, events: list, partition: int) -> None:
         started = time.perf_counter()
-        try:
-            event = parse_event(raw)
-        except InvalidEvent:  # the ingest tier validated it; only a foreign producer gets here
-            metrics.events_invalid.labels("invalid_field").inc()
-            return
-        state, obs = self.engine.observe(self._state(r, account), event, account)
+        state, obs = self.engine.observe_all(self._state(r, account), events, account)
         r.states[account] = state
-        if obs.duplicate:
-            metrics.events_duplicate.inc()
-        if obs.too_late:
+        if obs.duplicates:
+            metrics.events_duplicate.inc(obs.duplicates)
+        for event in obs.too_late:
             metrics.events_late.inc()
-            r.dead.append((account, raw, "too_late", f"event time {event.timestamp.isoformat()} is more than the "
-                           f"rules' lateness behind account {account}'s newest event"))
+            raw = r.raw.get(event.messageId) or event.model_dump_json(by_alias=True).encode()
+            r.dead.append((account, raw, "too_late",
+                           f"event time {event.timestamp.isoformat()} is more than the rules' lateness + hold "
+                           f"behind account {account}'s newest event"))
         for reason in obs.diverged:
             metrics.divergence.labels(reason).inc()
         for m in obs.milestones:
@@ -125,7 +174,7 @@ class Detect:
                 metrics.handoffs_suppressed.labels(decision.data.reason).inc()
             for ev in stages:
                 self._emit(r, self.topics.signals, ev)
-        metrics.event_processing.observe(time.perf_counter() - started)
+        metrics.event_processing.observe((time.perf_counter() - started) / len(events))
 
     def _response(self, r: Result, account: str, raw: bytes, partition: int) -> None:
         try:

@@ -4,8 +4,14 @@ One Kafka message carries many lines bound for one partition, so Faust's per-mes
 once per batch, not once per event. A line is one of:
 
     <account>\\t<event JSON>            a product event
+    \\x1eu<user key>\\t<event JSON>     an event to attribute through its user (detectors/identity.py)
+    \\x1el<user key>\\t<account>\\t<ms>  the user's group call
+    \\x1ej<anonymous key>\\t<user key>\\t<ms>  identify/alias: the anonymous key is that user
     \\x1er<account>\\t<response JSON>    a sales response (schemas/sales.py)
     \\x1et\\t<ms>                        a tick: the wall clock, for SLA clocks (sent every second)
+
+Account lines go to the account's partition, user lines to the user key's: `detect` forwards what a
+user line leads to (an attributed event, a moved held event) to the partition that owns it.
 
 Keys never contain a tab, a newline or any other control character. The partition of a key is
 ``crc32(key) % partitions``: the same on every worker and in every client.
@@ -15,7 +21,10 @@ from __future__ import annotations
 import zlib
 from typing import Iterator
 
-EVENT, RESPONSE, TICK = "e", "r", "t"
+from detectors.identity import EVENT, USER
+from schemas.events import parse_event
+
+RESPONSE, TICK = "r", "t"
 _MARK = "\x1e"
 
 
@@ -26,6 +35,23 @@ def partition_of(key: str, partitions: int) -> int:
 def marked(kind: str, key: str) -> str:
     """The key to pack for a line of another kind than EVENT."""
     return key if kind == EVENT else _MARK + kind + key
+
+
+def encode(kind: str, key: str, arg) -> tuple[str, bytes]:
+    """An identity line (detectors/identity.py) as (marked key, payload), for `pack_all`."""
+    if kind in (EVENT, USER):
+        payload = arg.model_dump_json(by_alias=True).encode()
+    else:  # LINK (account, ms) or JOIN (user key, ms)
+        payload = f"{arg[0]}\t{arg[1]}".encode()
+    return marked(kind, key), payload
+
+
+def decode(kind: str, payload: bytes):
+    """The line's argument back: an event (raises InvalidEvent), or (account or user key, ms)."""
+    if kind in (EVENT, USER):
+        return parse_event(payload)
+    key, _, ms = payload.decode().rpartition("\t")
+    return key, int(ms)
 
 
 def tick(ms: int) -> bytes:

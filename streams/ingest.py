@@ -7,10 +7,12 @@ wait for the acks, then commit the input offsets. At-least-once: after a crash a
 again, and the detection tier ignores the repeats (messageId dedupe), so nothing is lost and
 nothing counts twice.
 
-Identity is resolved here, in input order, with the same function `pql replay` uses
-(detectors/identity.route): group calls update a user -> account map that is also written to the
-compacted topic `<app>-links`; every worker loads that topic at start and keeps reading it, so a
-link learned on one worker reaches the others (a global table).
+Identity is not resolved here: `detectors/identity.dispatch` (the function `pql replay` uses) says
+which lines an event becomes, each for the partition that owns its key: an event with
+`context.groupId` goes to its account; one without goes to its user key, whose partition keeps the
+user's group calls and held events in the Faust tier (see streams/detect.py), durable and exactly
+once; a group call goes to its account and to each of its user keys; an identify that joins an
+anonymous id goes to that id.
 
 Sales responses are validated here (an unknown rejection reason goes to the DLQ as bad_response)
 and forwarded to their account's partition. The worker also sends a tick line to every partition it
@@ -47,13 +49,18 @@ class Batch:
 
     envelopes: dict[tuple[str, int], list[tuple[str, bytes]]] = field(default_factory=lambda: defaultdict(list))
     rejects: list[tuple[object, str, str]] = field(default_factory=list)  # (message, reason, detail)
-    links: list[tuple[str, list]] = field(default_factory=list)  # new user -> [account, ms]
+
+
+def _field(kind: str, key: str) -> str:
+    """The input field a line's key comes from (for a reject's detail)."""
+    if kind == identity.EVENT:
+        return "groupId"
+    return "userId" if key.startswith("u:") else "anonymousId"
 
 
 class Router:
     def __init__(self, engine: Engine, topics: Topics, partitions: int):
         self.engine, self.topics, self.partitions = engine, topics, partitions
-        self.links: dict[str, list] = {}
 
     def route(self, raw: bytes, batch: Batch, msg: object = None) -> None:
         try:
@@ -62,19 +69,21 @@ class Router:
             batch.rejects.append((msg, bad.reason, bad.detail))
             return
         metrics.events_consumed.labels(event.type).inc()
-        account, why_not, new_links = identity.route(event, self.links, self.engine.relevant)
-        batch.links.extend(new_links)
-        if account is None:
-            if why_not == identity.UNATTRIBUTED:
-                metrics.events_unattributed.inc()
-            return
-        if not envelope.safe_key(account):
-            batch.rejects.append((msg, "invalid_field", "field 'groupId': empty, or a tab or newline in it"))
-            return
+        lines, why_not = identity.dispatch(event, self.engine.relevant)
+        if why_not == identity.UNATTRIBUTED:
+            metrics.events_unattributed.inc()
+        for kind, key, arg in lines:
+            keys = [key] + ([arg[0]] if kind in (identity.LINK, identity.JOIN) else [])
+            if not all(envelope.safe_key(k) for k in keys):
+                batch.rejects.append((msg, "invalid_field",
+                                      f"field {_field(kind, key)!r}: empty, or a tab, newline or control character in it"))
+                return
         if b"\n" in raw:  # pretty-printed input: envelopes carry one event per line
             raw = event.model_dump_json(by_alias=True).encode()
-        p = envelope.partition_of(account, self.partitions)
-        batch.envelopes[(self.topics.accounts, p)].append((account, raw))
+        for kind, key, arg in lines:
+            line = (envelope.marked(kind, key), raw) if kind in (identity.EVENT, identity.USER) else envelope.encode(
+                kind, key, arg)
+            batch.envelopes[(self.topics.accounts, envelope.partition_of(key, self.partitions))].append(line)
 
     def route_response(self, raw: bytes, batch: Batch, msg: object = None) -> None:
         try:
@@ -89,14 +98,6 @@ class Router:
             raw = json.dumps(json.loads(raw), separators=(",", ":")).encode()
         p = envelope.partition_of(r.account_id, self.partitions)
         batch.envelopes[(self.topics.accounts, p)].append((envelope.marked(envelope.RESPONSE, r.account_id), raw))
-
-    def learn(self, key: bytes, value: bytes) -> None:
-        """A link read back from the links topic (possibly learned by another worker)."""
-        account, _, ms = value.decode().partition("\t")
-        k = key.decode()
-        current = self.links.get(k)
-        if current is None or current[1] <= int(ms):
-            self.links[k] = [account, int(ms)]
 
 
 async def poll(consumer, n: int, wait: float) -> list:
@@ -146,33 +147,8 @@ class Ingest:
             **{k: v for k, v in conf.items() if k not in consumer_only}, "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4",
             "batch.size": 1_000_000, "queue.buffering.max.messages": 500_000,
         })
-        self.links = Consumer({**conf, "group.id": f"{group_id}-links", "enable.auto.commit": False})
         self.failed: list[str] = []
         self.running = True
-
-    def load_links(self) -> int:
-        """Read the whole links topic (blocking; at start, before any event is routed)."""
-        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
-
-        meta = self.links.list_topics(self.topics.links, timeout=15).topics[self.topics.links]
-        parts = [TopicPartition(self.topics.links, p, OFFSET_BEGINNING) for p in meta.partitions]
-        self.links.assign(parts)
-        ends = {p.partition: self.links.get_watermark_offsets(p, timeout=15)[1] for p in parts}
-        n = 0
-        while True:
-            done = {tp.partition: tp.offset for tp in self.links.position(parts)}
-            if all(done[p] >= end or end == 0 for p, end in ends.items()):
-                break
-            for m in self.links.consume(10_000, timeout=0.5):
-                if m.error() is None:
-                    self.router.learn(m.key(), m.value())
-                    n += 1
-        return n
-
-    def _tail_links(self) -> None:
-        for m in self.links.consume(10_000, timeout=0):
-            if m.error() is None:
-                self.router.learn(m.key(), m.value())
 
     def _assigned(self, consumer, partitions) -> None:
         metrics.rebalances.inc()
@@ -203,13 +179,9 @@ class Ingest:
         return any(p in done and done[p] <= offset for p, offset in self.sent.items())
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        n = await loop.run_in_executor(None, self.load_links)
-        log.info("loaded %d identity links from %s", n, self.topics.links)
         self.consumer.subscribe([self.topics.events, self.topics.responses], on_assign=self._assigned)
         try:
             while self.running:
-                self._tail_links()
                 self._lag()
                 msgs = await poll(self.consumer, self.batch_size, 0.05)
                 if not msgs:
@@ -252,8 +224,6 @@ class Ingest:
         for (topic, partition), items in batch.envelopes.items():
             for body in envelope.pack_all(items):
                 self._produce(topic, body, partition=partition)
-        for key, (account, ms) in batch.links:
-            self._produce(self.topics.links, f"{account}\t{ms}".encode(), key=key.encode())
         for m, reason, detail in batch.rejects:
             metrics.events_invalid.labels(reason).inc()
             headers = dlq_headers(m.topic(), m.partition(), m.offset(), reason, detail)
@@ -281,9 +251,8 @@ class Ingest:
                 self.producer.poll(0.01)
 
     def close(self) -> None:
-        for c in (self.consumer, self.links):
-            try:
-                c.close()
-            except Exception:  # already closed
-                pass
+        try:
+            self.consumer.close()
+        except Exception:  # already closed
+            pass
         self.producer.flush(10)

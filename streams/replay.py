@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable
@@ -25,7 +25,7 @@ from schemas.cloudevents import HANDOFF, SUPPRESSED
 from schemas.events import InvalidEvent, parse_event
 from schemas.mql import MqlRecord
 from schemas.sales import SalesResponse, problem
-from schemas.state import AccountState
+from schemas.state import AccountState, UserState
 
 SHOW_LINES = 20  # line numbers listed per invalid reason in the summary
 
@@ -36,6 +36,7 @@ class Summary:
     by_type: Counter = field(default_factory=Counter)
     invalid: dict[str, list[int]] = field(default_factory=dict)
     unattributed: int = 0
+    held: int = 0
     duplicates: int = 0
     too_late: int = 0
     diverged: Counter = field(default_factory=Counter)
@@ -61,6 +62,7 @@ class Summary:
             out.append(f"invalid {reason}: {len(lines)} (lines {shown})")
         out += [
             f"unattributed:    {self.unattributed}",
+            f"held at end:     {self.held} (no group call for their user yet)",
             f"duplicates:      {self.duplicates}",
             f"too late:        {self.too_late}",
             *(["diverged:        " + _counts(self.diverged)] if self.diverged else []),
@@ -124,7 +126,10 @@ class Replay:
         self.mql = mql
         self.milestones = milestones
         self.stages = stages
-        self.links: dict[str, list] = {}
+        rules = engine.rules
+        self.identity = identity.Users(rules.hold, rules.bound, raw=lambda e: e.model_dump_json(by_alias=True),
+                                       parse=parse_event)
+        self.users: dict[str, UserState] = {}
         self.states: dict[str, AccountState] = {}
         self.clocks: sales.Clocks = {}
         self.summary = Summary()
@@ -141,18 +146,31 @@ class Replay:
             return
         s.by_type[event.type] += 1
         self.answers(event.ms, out, err)
-        account, why_not, _ = identity.route(event, self.links, self.engine.relevant)
-        if account is None:
-            s.unattributed += why_not == identity.UNATTRIBUTED
-            return
-        state, obs, outputs = self.engine.step(self.states.get(account), event, account, self.mql.get)
+        lines, why_not = identity.dispatch(event, self.engine.relevant)
+        s.unattributed += why_not == identity.UNATTRIBUTED
+        work, by_account = deque(lines), {}
+        while work:
+            kind, key, arg = work.popleft()
+            if kind == identity.EVENT:
+                by_account.setdefault(key, []).append(arg)
+                continue
+            u = self.users.get(key) or self.users.setdefault(key, UserState(key=key))
+            more, dropped = self.identity.run(u, kind, arg)
+            s.unattributed += dropped
+            work.extend(more)
+        for account, events in by_account.items():  # what one input line brings to an account, together
+            self.apply(account, events, lineno, out, err)
+
+    def apply(self, account: str, events: list, lineno: int, out: IO[str], err: IO[str]) -> None:
+        s = self.summary
+        state, obs, outputs = self.engine.step(self.states.get(account), events, account, self.mql.get)
         self.states[account] = state
-        s.duplicates += obs.duplicate
-        s.too_late += obs.too_late
+        s.duplicates += obs.duplicates
+        s.too_late += len(obs.too_late)
         s.diverged.update(obs.diverged)
-        if obs.too_late:
-            err.write(f"line {lineno}: too_late: event time {event.timestamp.isoformat()} is more than the rules' "
-                      f"lateness behind account {account}'s newest event\n")
+        for event in obs.too_late:
+            err.write(f"line {lineno}: too_late: event {event.messageId} at {event.timestamp.isoformat()} is more than "
+                      f"the rules' lateness + hold behind account {account}'s newest event\n")
         for m in obs.milestones:
             s.milestones[m.data.milestone] += 1
             if self.milestones:
@@ -223,6 +241,7 @@ def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], ou
     if now is not None:
         r.breaches(now, out)
     r.summary.accounts = len(r.states)
+    r.summary.held = sum(len(u.held) for u in r.users.values())
     r.summary.seconds = time.perf_counter() - started
     return r.summary
 

@@ -3,7 +3,9 @@
 The mix: every account sends a `group` call and everyday noise (page views, features used); some
 accounts invite teammates, some approach a plan limit, some complete the activation workflow, some
 connect an integration. Most never qualify. A few events are sent twice, a few are malformed, and
-some track calls carry no `context.groupId` (they resolve through the user's group call).
+some track calls carry no `context.groupId` (they resolve through the user's group call). With
+`late_group`, that share of accounts send no `context.groupId` at all and their users' group calls
+come only after their first few events (sign up, invite, then the app calls `group`).
 """
 from __future__ import annotations
 
@@ -37,8 +39,10 @@ def _persona(rng: random.Random) -> str:
 class Simulator:
     def __init__(self, accounts: int = 1000, seed: int = 7, start: datetime | None = None,
                  span_ms: int = 7 * 86_400_000, dup_rate: float = 0.01, bad_rate: float = 0.005,
-                 live: bool = False):
+                 live: bool = False, late_group: float = 0.0):
         self.rng = random.Random(seed)
+        late = random.Random(seed + 1)  # its own stream: late_group=0 leaves the events as they were
+        self.late = [late.random() < late_group for _ in range(accounts)]
         self.n = accounts
         self.start = int((start or datetime(2026, 11, 16, tzinfo=timezone.utc)).timestamp() * 1000)
         self.span = span_ms
@@ -61,7 +65,7 @@ class Simulator:
     def _track(self, i: int, ms: int, event: str, **props) -> dict:
         user = self.rng.randrange(2)
         doc = self._doc(i, ms, user, "track", event=event, properties=props)
-        if self.rng.random() < 0.9:  # the rest resolve through the user's group call
+        if self.rng.random() < 0.9 and not self.late[i]:  # the rest resolve through the user's group call
             doc["context"] = {"groupId": self.account(i), "library": {"name": "pql-simulate"}}
         return doc
 
@@ -75,8 +79,9 @@ class Simulator:
         persona, step = self.personas[i], self.progress[i]
         self.progress[i] += 1
         rng = self.rng
-        if step < 2:  # the account's first users send their group call first
-            return self._group(i, ms, step)
+        first = 3 if self.late[i] else 0  # the story step of the first group call
+        if first <= step < first + 2:  # one per user
+            return self._group(i, ms, step - first)
         if persona in ("inviter", "champion") and rng.random() < 0.15:
             return self._track(i, ms, "Invite Sent", invitee_email=f"teammate{rng.randrange(6)}@{self.account(i)}.example",
                                role=rng.choice(["member", "admin"]))
@@ -92,8 +97,11 @@ class Simulator:
             return {"type": "track", "event": rng.choice(NOISE + ["Invite Sent"]), "messageId": f"{self.prefix}{self.seq:09d}",
                     "timestamp": iso(ms), "anonymousId": f"anon-{rng.randrange(10**6)}", "properties": {}}
         if rng.random() < 0.4:
-            return self._doc(i, ms, rng.randrange(2), "page", name=rng.choice(["Home", "Docs", "Pricing", "Billing"]),
-                             context={"groupId": self.account(i)}, properties={"path": "/"})
+            doc = self._doc(i, ms, rng.randrange(2), "page", name=rng.choice(["Home", "Docs", "Pricing", "Billing"]),
+                            context={"groupId": self.account(i)}, properties={"path": "/"})
+            if self.late[i]:
+                del doc["context"]
+            return doc
         return self._track(i, ms, rng.choice(NOISE), feature=rng.choice(["charts", "alerts", "sql", "api"]))
 
     def events(self, count: int) -> Iterator[bytes]:

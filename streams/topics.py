@@ -2,8 +2,8 @@
 
 in:  product.events (Segment JSON), crm.lifecycle (MQL state changes), sales.responses (accept/reject)
 out: pql.handoffs, pql.signals, pql.events.dlq, pql.alerts.retry (alerts that failed, retried later)
-internal (per app id): <app>-accounts (envelopes, see streams/envelope.py), <app>-links (compacted
-user -> account links, see streams/ingest.py); Faust adds <app>-accounts-changelog for the table.
+internal (per app id): <app>-accounts (envelopes, see streams/envelope.py); Faust adds the changelogs
+of the tables: <app>-accounts-changelog, <app>-users-changelog, <app>-clocks-changelog.
 """
 from __future__ import annotations
 
@@ -23,7 +23,6 @@ class Topics:
     responses: str
     alerts_retry: str
     accounts: str
-    links: str
 
     @classmethod
     def of(cls, s: Settings) -> "Topics":
@@ -31,7 +30,7 @@ class Topics:
         return cls(events=t("product.events"), crm=t("crm.lifecycle"), handoffs=t("pql.handoffs"),
                    signals=t("pql.signals"), dlq=t("pql.events.dlq"),
                    responses=t("sales.responses"), alerts_retry=t("pql.alerts.retry"),
-                   accounts=t(f"{s.app_id}-accounts"), links=t(f"{s.app_id}-links"))
+                   accounts=t(f"{s.app_id}-accounts"))
 
     @property
     def copartitioned(self) -> tuple[str, ...]:
@@ -54,8 +53,6 @@ def ensure_topics(s: Settings, topics: Topics) -> None:
         raise TopicError(f"cannot reach Kafka at {s.kafka_bootstrap} (PQL_KAFKA_BOOTSTRAP): {err}") from None
     wanted = [topics.events, topics.crm, topics.dlq, topics.responses, topics.alerts_retry, *topics.copartitioned]
     missing = [NewTopic(name, s.partitions, s.replication) for name in wanted if name not in existing]
-    if topics.links not in existing:
-        missing.append(NewTopic(topics.links, s.partitions, s.replication, config={"cleanup.policy": "compact"}))
     if missing:
         for name, fut in admin.create_topics(missing, operation_timeout=30).items():
             try:

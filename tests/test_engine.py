@@ -190,10 +190,14 @@ def test_context_group_id_wins_over_group_call():
     assert [o["subject"] for o in out] == ["acme"]
 
 
-def test_unattributed_events_are_counted_and_dropped():
+def test_events_of_an_unknown_user_are_held_and_anonymous_ones_without_ids_unattributed():
     r = rules({"crm": CRM}, score=20)
     out, s, _ = run(r, [track("Integration Connected", at(), account=None, user="nobody", integration="hubspot")])
-    assert out == [] and s.unattributed == 1
+    assert out == [] and s.held == 1 and s.unattributed == 0
+    doc = track("Integration Connected", at(), account=None, integration="hubspot")
+    del doc["userId"]
+    out, s, _ = run(r, [doc])
+    assert out == [] and s.held == 0 and s.unattributed == 1
 
 
 # -- decisions --------------------------------------------------------------------------------------
@@ -305,9 +309,10 @@ def test_state_stays_bounded_for_a_busy_account():
     state = None
     for i in range(5000):  # one invite an hour for ~7 months, all distinct
         state, _ = eng.observe(state, event(track("Invite Sent", at(hours=i), invitee_email=f"{i}@x.io")), "acme")
-    # the 7-day window behind the oldest position a late event may take (lateness 7d), plus one sweep
-    assert len(state.hits["inv"]) <= (7 + 7) * 24 + 7 * 24 // 8 + 1
-    assert len(state.seen) <= 7 * 24 + 7 * 24 // 8 + 2  # dedupe only within the lateness bound
+    # the 7-day window behind the oldest position a late event may take (lateness 7d + hold 1d), plus
+    # one sweep interval
+    assert len(state.hits["inv"]) <= (7 + 8) * 24 + 8 * 24 // 8 + 1
+    assert len(state.seen) <= 8 * 24 + 8 * 24 // 8 + 2  # dedupe only within that bound
 
 
 def test_event_time_out_of_range_is_rejected():

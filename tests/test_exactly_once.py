@@ -32,7 +32,9 @@ def stream(accounts: int, seed: int = 11) -> list[bytes]:
     """Every account qualifies once (CRM or invites), among noise and redeliveries.
 
     Accounts are staggered (account a starts at round a % 6), so qualifying events are spread
-    over the whole stream and a kill at any moment can catch handoffs in flight.
+    over the whole stream and a kill at any moment can catch handoffs in flight. One account in
+    three names no groupId on its events (published unkeyed): its user's group call comes after
+    its first events, which are held until then, so kills also catch held events in flight.
     """
     rng = random.Random(seed)
     out, n = [], 0
@@ -53,7 +55,12 @@ def stream(accounts: int, seed: int = 11) -> list[bytes]:
                 doc = {"event": rng.choice(["Feature Used", "Dashboard Viewed"]), "properties": {}}
             doc.update(type="track", messageId=f"{acct}-{step}", timestamp=ts, userId=f"{acct}-u",
                        context={"groupId": acct})
+            if a % 3 == 0:
+                del doc["context"]
             out.append(json.dumps(doc).encode())
+            if a % 3 == 0 and step == 2:
+                out.append(json.dumps({"type": "group", "groupId": acct, "userId": f"{acct}-u", "timestamp": ts,
+                                       "messageId": f"{acct}-g", "traits": {}}).encode())
             if rng.random() < 0.02:
                 out.append(out[-1])  # redelivery
     return out

@@ -15,7 +15,7 @@ def test_example_loads():
     r = load_rules(ROOT / "examples/rules.yaml")
     assert r.version == "2026-11-23" and set(r.milestones) == {"team_invites", "usage_limit", "activation", "crm_integration"}
     assert r.cooldown == 30 * 86_400_000 and r.sla.pql == 3_600_000
-    assert r.lateness == r.hold == 7 * 86_400_000
+    assert r.lateness == 7 * 86_400_000 and r.hold == 86_400_000
 
 
 @pytest.mark.parametrize("text,ms", [("90s", 90_000), ("15m", 900_000), ("1h", 3_600_000), ("30d", 2_592_000_000),
@@ -42,6 +42,7 @@ BROKEN = [
     ("  score: 60", "  score: 60\n  extra: 1", "qualify.extra: Extra inputs are not permitted"),
     ("employees: {gte: 10}", "employees: {gte: [10]}", "gte takes a number or a string"),
     ("milestones:", "milestones: [\n", "not valid YAML"),
+    ("hold: 1d ", "hold: 23d ", ":35: hold: lateness + hold must be shorter than cooldown"),
 ]
 
 

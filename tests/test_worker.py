@@ -114,3 +114,40 @@ def test_bad_settings_and_rules_stop_startup(env, tmp_path):
 def test_unknown_store_is_refused(env):
     res = env.pql("worker", PQL_STORE="redis://")
     assert res.returncode == 2 and "PQL_STORE" in res.stderr and "rocksdb://" in res.stderr
+
+
+def test_live_equals_replay_for_unkeyed_events_and_late_group_calls(kafka, redis_url, unique, tmp_path):
+    """Issue 11: track calls without context.groupId, many before their user's group call, published
+    unkeyed over 4 partitions. Three runs (each with its own app id): the handoff ids equal replay's."""
+    lines = list(Simulator(accounts=120, seed=5, late_group=0.5).events(6000))
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join(lines) + b"\n")
+    runs = []
+    for n in range(3):
+        env = Env(kafka, redis_url, f"{unique}r{n}", tmp_path / f"run{n}")
+        (tmp_path / f"run{n}").mkdir()
+        try:
+            if n == 0:
+                want = sorted(json.loads(x)["id"] for x in replay(env, events) if '"pql.handoff"' in x)
+                assert len(want) >= 10
+            env.create_topic("product.events", 4)
+            env.start_worker()
+            publish_unkeyed(env.kafka, env.topic("product.events"), lines)
+            got = read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: len(m) >= len(want), idle=4)
+            runs.append(sorted(json.loads(m.value())["id"] for m in got))
+        finally:
+            env.stop_all()
+    for got in runs:
+        assert got == want
+
+
+def publish_unkeyed(kafka: str, topic: str, lines: list[bytes]) -> None:
+    """No key at all (many Segment and RudderStack setups): the client spreads lines over partitions."""
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": kafka, "linger.ms": 5, "sticky.partitioning.linger.ms": 0})
+    for n, line in enumerate(lines, 1):
+        p.produce(topic, line)
+        if n % 500 == 0:
+            p.poll(0)
+    assert p.flush(30) == 0
