@@ -16,6 +16,11 @@ position qualifies at most once, and the decision for it is the one a replay of 
 stream makes, with the same id and bytes, except in the cases ``Observation.diverged`` counts.
 Events older than the account's newest minus ``lateness + hold`` are refused (``too_late``).
 
+Settling (rules ``settle``): a qualified position waits in ``state.waiting`` until the caller's
+``cut`` (its stream time minus ``settle``) passes it, and is decided then, with every event that
+arrived by that time in place. So a late event that arrives within ``settle`` of stream time never
+makes a divergence. ``cut=None`` decides at once; ``due`` decides what waits when no event comes.
+
 Responses and SLA breaches (the sales side) are in detectors/sales.py.
 The engine updates the state it is given in place and returns it.
 """
@@ -69,6 +74,7 @@ class Observation:
     milestones: list[CloudEvent] = field(default_factory=list)
     qualified: list[Pending] = field(default_factory=list)     # in position order
     diverged: list[str] = field(default_factory=list)          # DIVERGENCE reasons
+    refit: list[Pos] = field(default_factory=list)             # not_fit positions that fit after a late group call
 
 
 class Engine:
@@ -94,13 +100,15 @@ class Engine:
         name = event.name
         return name is not None and (event.type, name) in self.listening
 
-    def observe(self, state: AccountState | None, event: Any, account_id: str) -> tuple[AccountState, Observation]:
-        return self.observe_all(state, [event], account_id)
+    def observe(self, state: AccountState | None, event: Any, account_id: str,
+                cut: int | None = None) -> tuple[AccountState, Observation]:
+        return self.observe_all(state, [event], account_id, cut)
 
-    def observe_all(self, state: AccountState | None, events: list, account_id: str
-                    ) -> tuple[AccountState, Observation]:
+    def observe_all(self, state: AccountState | None, events: list, account_id: str,
+                    cut: int | None = None) -> tuple[AccountState, Observation]:
         """Apply events of one account together, then evaluate: a burst of late events (held events
-        released by a group call) is judged with all of them in place, as the sorted stream would."""
+        released by a group call) is judged with all of them in place, as the sorted stream would.
+        `obs.qualified` holds the positions to decide now: those at or before `cut` (all if None)."""
         if state is None:
             state = AccountState(account_id=account_id, newest=events[0].ms, pruned_at=events[0].ms)
         obs = Observation()
@@ -112,8 +120,20 @@ class Engine:
             for pos, mid in new:
                 self._signal(state, account_id, pos, mid, obs)
             self._qualify(state, account_id, new, obs)
-        obs.qualified.sort(key=lambda p: (p.ms, p.message_id))  # re-checks after group calls among them
+        for p in obs.qualified:
+            insort(state.waiting, [p.ms, p.message_id])
+        obs.qualified = self.due(state, account_id, cut)
+        for pos in obs.refit:  # scored with every event of the batch in place
+            score, counted = self._score(state, pos)
+            obs.qualified.append(Pending(account_id, pos[0], pos[1], score, counted, refit=True))
+        obs.qualified.sort(key=lambda p: (p.ms, p.message_id))
         return state, obs
+
+    def due(self, state: AccountState, account_id: str, cut: int | None = None) -> list[Pending]:
+        """The waiting positions at or before `cut` (all if None), scored now, for `decide`."""
+        k = len(state.waiting) if cut is None else bisect_right(state.waiting, [cut, "\U0010ffff"])
+        ready, state.waiting[:k] = state.waiting[:k], []
+        return [Pending(account_id, ms, msg, *self._score(state, (ms, msg))) for ms, msg in ready]
 
     def _apply(self, state: AccountState, event: Any, account_id: str, obs: Observation) -> list[tuple[Pos, str]]:
         """Insert one event; the positions where a milestone now holds and did not before."""
@@ -130,7 +150,7 @@ class Engine:
             if ms - state.pruned_at >= self.bound // 8:
                 self._expire(state)
         if isinstance(event, Group):
-            self._group_call(state, event, account_id, obs)
+            self._group_call(state, event, obs)
             return []
         new: list[tuple[Pos, str]] = []
         inserted = False
@@ -163,7 +183,7 @@ class Engine:
             del state.reach[d.id]
         return found
 
-    def _group_call(self, state: AccountState, event: Group, account_id: str, obs: Observation) -> None:
+    def _group_call(self, state: AccountState, event: Group, obs: Observation) -> None:
         insort(state.calls, [event.ms, event.messageId, event.traits], key=lambda c: (c[0], c[1]))
         while len(state.calls) > MAX_CALLS:
             state.traits.update(state.calls.pop(0)[2])
@@ -175,8 +195,7 @@ class Engine:
             for ms, msg in [u for u in state.unfit if (u[0], u[1]) >= (event.ms, event.messageId)]:
                 if self.fit(self.traits_at(state, (ms, msg))):
                     state.unfit.remove([ms, msg])
-                    score, counted = self._score(state, (ms, msg))
-                    obs.qualified.append(Pending(account_id, ms, msg, score, counted, refit=True))
+                    obs.refit.append((ms, msg))
 
     def traits_at(self, state: AccountState, pos: Pos) -> dict[str, Any]:
         """The account's traits as of a position: every group call up to it, the later winning per trait."""
@@ -192,6 +211,8 @@ class Engine:
     def _expire(self, state: AccountState) -> None:
         """Forget what no event inside the lateness bound can need any more."""
         cut = state.newest - self.bound
+        if state.waiting:  # a waiting position is scored later: keep what it needs
+            cut = min(cut, state.waiting[0][0])
         state.seen = {m: t for m, t in state.seen.items() if t >= cut}
         for mid in list(state.hits):
             d = self.by_id.get(mid)
@@ -361,20 +382,24 @@ class Engine:
     # -- both steps, for callers that have the MQL state at hand --------------------------------
     def step(
         self, state: AccountState | None, events: list, account_id: str,
-        mql_of: Callable[[str], MqlRecord | None],
+        mql_of: Callable[[str], MqlRecord | None], cut: int | None = None,
     ) -> tuple[AccountState, Observation, list[CloudEvent]]:
         """observe_all + decide: each decision, then its stage events, in position order."""
-        state, obs = self.observe_all(state, events, account_id)
+        state, obs = self.observe_all(state, events, account_id, cut)
+        return state, obs, self.decide_all(state, obs.qualified, mql_of, obs)
+
+    def decide_all(self, state: AccountState, qualified: list[Pending], mql_of: Callable[[str], MqlRecord | None],
+                   obs: Observation) -> list[CloudEvent]:
         out: list[CloudEvent] = []
-        if obs.qualified:
-            mql = mql_of(account_id)
-            for p in obs.qualified:
+        if qualified:
+            mql = mql_of(qualified[0].account_id)
+            for p in qualified:
                 state, decision, stages = self.decide(state, p, mql)
                 if decision is None:
                     obs.diverged += [p.diverged] if p.diverged else []
                     continue
                 out += [decision, *stages]
-        return state, obs, out
+        return out
 
 
 def _has(reach: list, pos: Pos) -> bool:

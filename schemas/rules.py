@@ -30,7 +30,15 @@ def parse_duration(value: Any) -> int:
     raise ValueError(f"expected a duration such as 90s, 15m, 1h or 30d, got {value!r}")
 
 
+def parse_wait(value: Any) -> int:
+    """Like parse_duration, but zero (``0s``) is allowed."""
+    if isinstance(value, str) and re.fullmatch(r"0+[smhd]", value.strip()):
+        return 0
+    return parse_duration(value)
+
+
 Duration = Annotated[int, BeforeValidator(parse_duration)]
+Wait = Annotated[int, BeforeValidator(parse_wait)]
 Name = Annotated[str, Field(min_length=1)]
 
 
@@ -137,6 +145,7 @@ class Rules(_Strict):
     cooldown: Duration = 30 * DAY
     lateness: Duration = 7 * DAY     # how far behind an account's newest event an event may be and still count
     hold: Duration = DAY             # how long before a user's group call their unattributed events still count
+    settle: Wait = 0                 # how long, in event time, a qualification waits for earlier events (0: not at all)
     sla: Sla = Sla()
     fit: Fit | None = None
     milestones: Annotated[dict[MilestoneId, Milestone], Field(min_length=1)]
@@ -157,6 +166,14 @@ class Rules(_Strict):
         if cooldown is not None and lateness is not None and lateness + v >= cooldown:
             raise ValueError("lateness + hold must be shorter than cooldown (a late event could otherwise "
                              "reorder handoff episodes)")
+        return v
+
+    @field_validator("settle")
+    @classmethod
+    def _settle_within_lateness(cls, v: int, info: ValidationInfo) -> int:
+        lateness = info.data.get("lateness")
+        if lateness is not None and v > lateness:
+            raise ValueError("settle must not be longer than lateness (a waiting qualification needs its events)")
         return v
 
     @property

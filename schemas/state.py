@@ -65,6 +65,7 @@ class AccountState(BaseModel):
     reach: dict[str, list[list[Any]]] = Field(default_factory=dict)   # milestone -> positions [ms, messageId] it holds at
     anchor: dict[str, Reach] = Field(default_factory=dict)            # milestone -> latest reach before `reach` (evidence kept)
     unfit: list[list[Any]] = Field(default_factory=list)              # positions suppressed not_fit (a late group call re-checks them)
+    waiting: list[list[Any]] = Field(default_factory=list)            # qualified positions not yet decided (rules `settle`)
     sales: Sales | None = None               # from the first qualification on (most accounts never qualify)
 
 

@@ -59,8 +59,35 @@ def _field(kind: str, key: str) -> str:
 
 
 class Router:
+    """Splits events into lines for their partitions.
+
+    Shortcut: the group calls this router has routed are remembered (`links`, per `u:` key, at most
+    MAX_USERS keys), and an event of a user they resolve (detectors/identity.resolve, the function
+    the user's partition runs) goes straight to its account's partition, in input order, instead of
+    through the user's partition. Only a user in several accounts can resolve differently from a
+    call not yet seen here, as it can on the user's partition (README: Time semantics).
+    """
+
+    MAX_USERS = 200_000
+
     def __init__(self, engine: Engine, topics: Topics, partitions: int):
         self.engine, self.topics, self.partitions = engine, topics, partitions
+        self.hold = engine.rules.hold
+        self.links: dict[str, list] = {}
+
+    def _shortcut(self, kind: str, key: str, arg) -> tuple[str, str, object]:
+        if kind == identity.LINK and key.startswith("u:"):
+            links = self.links.pop(key, [])  # re-inserted last: the dict's order is least recently linked first
+            if [arg[1], arg[0]] not in links:
+                links = sorted([*links, [arg[1], arg[0]]])[-identity.MAX_LINKS:]
+            self.links[key] = links
+            if len(self.links) > self.MAX_USERS:
+                del self.links[next(iter(self.links))]
+        elif kind == identity.USER and key in self.links:
+            account = identity.resolve(self.links[key], arg.ms, self.hold)
+            if account is not None:
+                return identity.EVENT, account, arg
+        return kind, key, arg
 
     def route(self, raw: bytes, batch: Batch, msg: object = None) -> None:
         try:
@@ -80,7 +107,7 @@ class Router:
                 return
         if b"\n" in raw:  # pretty-printed input: envelopes carry one event per line
             raw = event.model_dump_json(by_alias=True).encode()
-        for kind, key, arg in lines:
+        for kind, key, arg in map(lambda line: self._shortcut(*line), lines):
             line = (envelope.marked(kind, key), raw) if kind in (identity.EVENT, identity.USER) else envelope.encode(
                 kind, key, arg)
             batch.envelopes[(self.topics.accounts, envelope.partition_of(key, self.partitions))].append(line)

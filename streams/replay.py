@@ -20,7 +20,8 @@ from typing import IO, Iterable
 from pydantic import ValidationError
 
 from detectors import identity, sales
-from detectors.engine import Engine
+from detectors.engine import Engine, Observation
+from detectors.settle import Waiting
 from schemas.cloudevents import HANDOFF, SUPPRESSED
 from schemas.events import InvalidEvent, parse_event
 from schemas.mql import MqlRecord
@@ -134,6 +135,7 @@ class Replay:
         self.clocks: sales.Clocks = {}
         self.summary = Summary()
         self.responses, self.next_response, self.now = list(responses), 0, now
+        self.settle, self.stream, self.waiting = rules.settle, 0, Waiting()
 
     def feed(self, lineno: int, raw: bytes, out: IO[str], err: IO[str]) -> None:
         s = self.summary
@@ -162,9 +164,25 @@ class Replay:
             self.apply(account, events, lineno, out, err)
 
     def apply(self, account: str, events: list, lineno: int, out: IO[str], err: IO[str]) -> None:
-        s = self.summary
-        state, obs, outputs = self.engine.step(self.states.get(account), events, account, self.mql.get)
+        self.stream = max(self.stream, max(e.ms for e in events))
+        cut = self.stream - self.settle if self.settle else None
+        state, obs, outputs = self.engine.step(self.states.get(account), events, account, self.mql.get, cut)
         self.states[account] = state
+        self._report(account, state, obs, outputs, lineno, out, err)
+        self.release(cut, out, err)
+
+    def release(self, cut: int | None, out: IO[str], err: IO[str]) -> None:
+        """Decide what waits (rules `settle`) at or before `cut` (everything when None), by position."""
+        for ms, account in self.waiting.ready(cut):
+            state = self.states[account]
+            obs = Observation()
+            outputs = self.engine.decide_all(state, self.engine.due(state, account, cut), self.mql.get, obs)
+            self._report(account, state, obs, outputs, 0, out, err)
+
+    def _report(self, account: str, state: AccountState, obs: Observation, outputs: list, lineno: int,
+                out: IO[str], err: IO[str]) -> None:
+        self.waiting.track(account, state)
+        s = self.summary
         s.duplicates += obs.duplicates
         s.too_late += len(obs.too_late)
         s.diverged.update(obs.diverged)
@@ -197,6 +215,8 @@ class Replay:
             if until is not None and r.ms > until:
                 return
             self.next_response += 1
+            if self.settle:
+                self.release(r.ms - self.settle, out, err)  # handoffs published by the time of the answer
             state = self.states.get(r.account_id)
             if state is None:
                 outcome, events = "unknown_handoff", []
@@ -237,6 +257,7 @@ def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], ou
             r.feed(n, raw, out, err)
         if progress is not None and n % 8192 == 0:
             progress(n)
+    r.release(None, out, err)  # the end of the input: nothing earlier can come
     r.answers(now, out, err)
     if now is not None:
         r.breaches(now, out)

@@ -1,0 +1,29 @@
+"""Which accounts have qualifications waiting to be decided (rules `settle`, README: Time semantics).
+
+A qualification waits in its account's state until the stream time minus `settle` passes it. The
+stream time is the newest event time seen (by `pql replay`; per partition by the worker). This index
+says which accounts to visit when it moves; the worker keeps it durable, as JSON in its clocks table.
+"""
+from __future__ import annotations
+
+from schemas.state import AccountState
+
+
+class Waiting:
+    def __init__(self, accounts: dict[str, int] | None = None):
+        self.accounts = accounts if accounts is not None else {}  # account -> its earliest waiting ms
+
+    def track(self, account: str, state: AccountState) -> bool:
+        """Note what `state` has waiting now; True when the index changed."""
+        ms = state.waiting[0][0] if state.waiting else None
+        if self.accounts.get(account) == ms:
+            return False
+        if ms is None:
+            del self.accounts[account]
+        else:
+            self.accounts[account] = ms
+        return True
+
+    def ready(self, cut: int | None) -> list[tuple[int, str]]:
+        """(ms, account) of the accounts with something waiting at or before `cut` (all if None), by time."""
+        return sorted((ms, a) for a, ms in self.accounts.items() if cut is None or ms <= cut)
