@@ -32,6 +32,7 @@ from typing import Any, Callable
 
 from detectors import sales
 from detectors.conditions import MISSING, compile_conditions, getter
+from detectors.identity import user_keys
 from detectors.ids import event_id
 from detectors.milestones import MAX_ROWS, Detector, position
 from detectors.timefmt import iso, parse_ms
@@ -105,16 +106,22 @@ class Engine:
         return self.observe_all(state, [event], account_id, cut)
 
     def observe_all(self, state: AccountState | None, events: list, account_id: str,
-                    cut: int | None = None) -> tuple[AccountState, Observation]:
+                    cut: int | None = None, marks: list = ()) -> tuple[AccountState, Observation]:
         """Apply events of one account together, then evaluate: a burst of late events (held events
         released by a group call) is judged with all of them in place, as the sorted stream would.
+        `marks` are the MARK lines that came with them (detectors/identity.py).
         `obs.qualified` holds the positions to decide now: those at or before `cut` (all if None)."""
         if state is None:
-            state = AccountState(account_id=account_id, newest=events[0].ms, pruned_at=events[0].ms)
+            first = events[0].ms if events else 0
+            state = AccountState(account_id=account_id, newest=first, pruned_at=first)
         obs = Observation()
         new: list[tuple[Pos, str]] = []
         for event in events:
+            if isinstance(event, Group):  # (duplicates too: each sends its LINK lines, and they their MARKs)
+                self._expect(state, event.messageId, event.ms, len(user_keys(event)))
             new += self._apply(state, event, account_id, obs)
+        for call, ms in marks:
+            self._expect(state, call, ms, -1)
         if new:
             new.sort()
             for pos, mid in new:
@@ -129,8 +136,18 @@ class Engine:
         obs.qualified.sort(key=lambda p: (p.ms, p.message_id))
         return state, obs
 
+    @staticmethod
+    def _expect(state: AccountState, call: str, ms: int, n: int) -> None:
+        e = state.expect.setdefault(call, [ms, 0])
+        e[1] += n
+        if e[1] == 0:
+            del state.expect[call]
+
     def due(self, state: AccountState, account_id: str, cut: int | None = None) -> list[Pending]:
-        """The waiting positions at or before `cut` (all if None), scored now, for `decide`."""
+        """The waiting positions at or before `cut` (all if None), scored now, for `decide`. While a
+        group call's user keys have yet to release their held events, nothing (unless `cut` is None)."""
+        if cut is not None and any(n > 0 for _, n in state.expect.values()):
+            return []
         k = len(state.waiting) if cut is None else bisect_right(state.waiting, [cut, "\U0010ffff"])
         ready, state.waiting[:k] = state.waiting[:k], []
         return [Pending(account_id, ms, msg, *self._score(state, (ms, msg))) for ms, msg in ready]
@@ -233,6 +250,7 @@ class Engine:
             if not state.hits[mid]:
                 del state.hits[mid]
         state.unfit = [u for u in state.unfit if u[0] >= cut]
+        state.expect = {c: e for c, e in state.expect.items() if e[0] >= cut}  # (a lost MARK cannot stall for ever)
         while state.calls and state.calls[0][0] < cut:
             state.traits.update(state.calls.pop(0)[2])
         state.pruned_at = state.newest
@@ -382,10 +400,10 @@ class Engine:
     # -- both steps, for callers that have the MQL state at hand --------------------------------
     def step(
         self, state: AccountState | None, events: list, account_id: str,
-        mql_of: Callable[[str], MqlRecord | None], cut: int | None = None,
+        mql_of: Callable[[str], MqlRecord | None], cut: int | None = None, marks: list = (),
     ) -> tuple[AccountState, Observation, list[CloudEvent]]:
         """observe_all + decide: each decision, then its stage events, in position order."""
-        state, obs = self.observe_all(state, events, account_id, cut)
+        state, obs = self.observe_all(state, events, account_id, cut, marks)
         return state, obs, self.decide_all(state, obs.qualified, mql_of, obs)
 
     def decide_all(self, state: AccountState, qualified: list[Pending], mql_of: Callable[[str], MqlRecord | None],

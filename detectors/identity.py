@@ -12,8 +12,13 @@ partition that owns the key (streams/detect.py) and `pql replay` can run them in
 
     (EVENT, account, event)         apply to the account (detectors/engine.py)
     (USER, user_key, event)         attribute through the user's links, or hold
-    (LINK, user_key, (account, ms)) the user made a group call
-    (JOIN, anonymous_key, (user_key, ms)) the anonymous key is that user
+    (LINK, user_key, (account, ms, call))  the user made a group call (its messageId; None when moved by a join)
+    (JOIN, anonymous_key, (user_key, ms))  the anonymous key is that user
+    (MARK, account, (call, ms))     the user key has released what it held for that group call
+
+A group call reaches its account at once and its user keys in LINK lines; the events those hold come
+later. Each LINK line of a call ends in one MARK to the account, so the account knows when all of
+them are in (engine: ``expect``) before it decides what waits (rules ``settle``).
 """
 from __future__ import annotations
 
@@ -23,7 +28,7 @@ from typing import Any, Callable
 from schemas.events import Alias, Group, Identify
 from schemas.state import UserState
 
-EVENT, USER, LINK, JOIN = "e", "u", "l", "j"
+EVENT, USER, LINK, JOIN, MARK = "e", "u", "l", "j", "m"
 SKIP, UNATTRIBUTED = "skip", "unattributed"
 MAX_LINKS = 8     # group calls remembered per user (a user in more accounts keeps the latest)
 MAX_HELD = 1000   # events held per user key; older ones are dropped as unattributed
@@ -51,7 +56,8 @@ def user_keys(event: Any) -> list[str]:
 def dispatch(event: Any, relevant: Callable[[Any], bool]) -> tuple[list[Line], str | None]:
     """The first lines for one valid input event, and why there are none (SKIP or UNATTRIBUTED)."""
     if isinstance(event, Group):
-        return [(EVENT, event.groupId, event)] + [(LINK, k, (event.groupId, event.ms)) for k in user_keys(event)], None
+        return [(EVENT, event.groupId, event)] + [(LINK, k, (event.groupId, event.ms, event.messageId))
+                                                  for k in user_keys(event)], None
     if isinstance(event, Identify):
         if event.userId and event.anonymousId:
             return [(JOIN, "a:" + event.anonymousId, ("u:" + event.userId, event.ms))], None
@@ -109,10 +115,10 @@ class Users:
             insort(u.held, [event.ms, event.messageId, self.raw(event)], key=lambda h: (h[0], h[1]))
         return [], self._expire(u)
 
-    def link(self, u: UserState, account: str, ms: int) -> tuple[list[Line], int]:
+    def link(self, u: UserState, account: str, ms: int, call: str | None = None) -> tuple[list[Line], int]:
         self._saw(u, ms)
         if u.alias is not None:
-            return [(LINK, u.alias, (account, ms))], 0
+            return [(LINK, u.alias, (account, ms, call))], 0
         if [ms, account] not in u.links:
             insort(u.links, [ms, account])
             del u.links[:-MAX_LINKS]
@@ -124,6 +130,8 @@ class Users:
             else:
                 out.append((EVENT, account_of, self.parse(h[2])))
         u.held = kept
+        if call is not None:
+            out.append((MARK, account, (call, ms)))
         return out, self._expire(u)
 
     def join(self, u: UserState, target: str, ms: int) -> list[Line]:
@@ -139,7 +147,7 @@ class Users:
             u.alias_at = ms
         else:
             return []
-        out: list[Line] = [(LINK, target, (account, t)) for t, account in u.links]
+        out: list[Line] = [(LINK, target, (account, t, None)) for t, account in u.links]
         lo = u.alias_at - self.hold
         out += [(USER, target, self.parse(h[2])) for h in u.held if h[0] >= lo]
         u.links, u.held = [], [h for h in u.held if h[0] < lo]

@@ -203,6 +203,9 @@ def build(settings: Settings, rules: Rules) -> faust.App:
                 if result.clocks_changed:
                     clock_body = json.dumps(result.clocks, separators=(",", ":")).encode()
                     sends.append((clocks_changelog, json.dumps(str(p)), clock_body, None, p))
+                wait_body = result.waits.dump() if result.waits_changed else None
+                if wait_body is not None:
+                    sends.append((clocks_changelog, json.dumps(f"w{p}"), wait_body, None, p))
                 try:
                     for n, (topic, key, value, headers, to) in enumerate(sends):
                         await send_tx(topic, key, value, to, t, headers=headers, first=n == 0, source=p)
@@ -214,6 +217,8 @@ def build(settings: Settings, rules: Rules) -> faust.App:
                     detector.keep(account, body, result.states[account])
                 for key, body in user_bodies.items():
                     users.data[key] = body
+                if wait_body is not None:
+                    clocks.data[f"w{p}"] = wait_body
                 if clock_body is not None:
                     clocks.data[str(p)] = clock_body
                     open_clocks[p] = len(result.clocks)
@@ -278,7 +283,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
             return {p: offset for p, offset in processed.items() if TP(topics.accounts, p) in owned}
 
         loop = Ingest(conf, f"{s.app_id}-ingest", Router(engine, topics, P), topics, s.ingest_batch,
-                      s.ingest_linger, s.ingest_linger_max, unpublished)
+                      s.ingest_linger, s.ingest_linger_max, unpublished, s.ingest_merge_wait)
         app.pql_ingest = loop
         await loop.run()
 

@@ -9,6 +9,7 @@ partition's SLA clocks, and dead letters. streams/app.py publishes it in one tra
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from typing import Callable, Mapping
 from pydantic import ValidationError
 
 from detectors import identity, sales
-from detectors.engine import Engine
+from detectors.engine import Engine, Pending
+from detectors.settle import Waiting
 from schemas.cloudevents import HANDOFF, STAGE, CloudEvent
 from schemas.events import InvalidEvent, parse_event
 from schemas.sales import SalesResponse
@@ -25,6 +27,9 @@ from schemas.state import AccountState, UserState
 from streams import envelope, metrics
 from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics
+
+log = logging.getLogger("pql.detect")
+IDLE = 2**62  # the cut of an idle tick: everything, except accounts still expecting held events
 
 
 @dataclass
@@ -37,6 +42,21 @@ class Result:
     clocks_changed: bool = False
     dead: list[tuple[str, bytes, str, str]] = field(default_factory=list)  # (key, raw, reason, detail)
     raw: dict[str, bytes] = field(default_factory=dict)  # messageId -> the bytes an event line came as
+    waits: Waits | None = None                                            # the partition's settle index, once read
+    waits_changed: bool = False
+    newest: int = 0                                                       # newest event time in the envelope
+
+
+@dataclass
+class Waits:
+    """A partition's stream time and the accounts with qualifications waiting (rules `settle`).
+    Stored as JSON in the clocks table under key ``w<partition>``."""
+
+    stream: int = 0
+    index: Waiting = field(default_factory=Waiting)
+
+    def dump(self) -> bytes:
+        return json.dumps({"stream": self.stream, "accounts": self.index.accounts}, separators=(",", ":")).encode()
 
 
 class Detect:
@@ -50,6 +70,9 @@ class Detect:
         self.identity = identity.Users(rules.hold, rules.bound, raw=lambda e: e.model_dump_json(by_alias=True),
                                        parse=parse_event)
         self.now_ms = now_ms  # only for the latency metric; decisions never read it
+        self.settle = rules.settle
+        self.busy: dict[int, bool] = {}  # partition -> events came since its last tick
+        self.stream: dict[int, int] = {}  # partition -> its stream time: the newest event time it has seen
         # parsed states of recently active accounts (parsing was the largest cost per envelope)
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
         self.cache_size = cache_size
@@ -85,6 +108,13 @@ class Detect:
             r.clocks = json.loads(stored) if stored else {}
         return r.clocks
 
+    def _waits(self, r: Result, partition: int) -> Waits:
+        if r.waits is None:
+            stored = self.clocks.get(f"w{partition}")
+            d = json.loads(stored) if stored else {}
+            r.waits = Waits(max(d.get("stream", 0), self.stream.get(partition, 0)), Waiting(d.get("accounts", {})))
+        return r.waits
+
     def _emit(self, r: Result, topic: str, ev: CloudEvent) -> None:
         r.outputs.append((topic, ev.subject, ev.to_json().encode()))
         if ev.type == STAGE or ev.type == "pql.sla_breached":
@@ -100,7 +130,7 @@ class Detect:
                 if kind == envelope.RESPONSE:
                     self._response(r, key, raw, partition)
                 else:
-                    self._tick(r, int(raw), partition)
+                    await self._tick(r, int(raw), partition)
                 continue
             try:
                 arg = envelope.decode(kind, raw)
@@ -111,7 +141,20 @@ class Detect:
                 r.raw[arg.messageId] = raw
             self._line(r, pending, kind, key, arg, partition)
         await self._flush(r, pending, partition)
+        w = self._waits(r, partition)
+        w.stream = self.stream[partition] = max(w.stream, r.newest)  # stored with the index, when that changes
+        if w.index.accounts:
+            await self._release(r, partition, w.stream - self.settle)
         return r
+
+    async def _release(self, r: Result, partition: int, cut: int | None) -> None:
+        """Decide what waits at or before `cut` (all when None) on this partition."""
+        w = self._waits(r, partition)
+        for _, account in w.index.ready(cut):
+            state = self._state(r, account)
+            r.states[account] = state
+            await self._decide(r, account, state, self.engine.due(state, account, cut), partition)
+            r.waits_changed |= w.index.track(account, state)
 
     def _line(self, r: Result, pending: dict, kind: str, key: str, arg, partition: int) -> None:
         """Run one line here if its key is ours, else forward it (in this envelope's transaction)."""
@@ -121,8 +164,8 @@ class Detect:
             target = envelope.partition_of(key, self.partitions)
             if target != partition:
                 r.forward.setdefault(target, []).append(envelope.encode(kind, key, arg))
-            elif kind == identity.EVENT:
-                pending.setdefault(key, []).append(arg)
+            elif kind in (identity.EVENT, identity.MARK):
+                pending.setdefault(key, ([], []))[kind == identity.MARK].append(arg)
             else:
                 more, dropped = self.identity.run(self._user(r, key), kind, arg)
                 if kind == identity.USER and not more:
@@ -132,13 +175,17 @@ class Detect:
                 work += more
 
     async def _flush(self, r: Result, pending: dict, partition: int) -> None:
-        for account, events in pending.items():
-            await self._events(r, account, events, partition)
+        for account, (events, marks) in pending.items():
+            await self._events(r, account, events, partition, marks)
         pending.clear()
 
-    async def _events(self, r: Result, account: str, events: list, partition: int) -> None:
+    async def _events(self, r: Result, account: str, events: list, partition: int, marks: list = ()) -> None:
         started = time.perf_counter()
-        state, obs = self.engine.observe_all(self._state(r, account), events, account)
+        # the stream time moves once the whole envelope is in (`process`)
+        self.busy[partition] = True
+        r.newest = max([r.newest, *(e.ms for e in events)])
+        cut = self._waits(r, partition).stream - self.settle
+        state, obs = self.engine.observe_all(self._state(r, account), events, account, cut, marks)
         r.states[account] = state
         if obs.duplicates:
             metrics.events_duplicate.inc(obs.duplicates)
@@ -153,10 +200,17 @@ class Detect:
         for m in obs.milestones:
             metrics.milestones_reached.labels(m.data.milestone).inc()
             self._emit(r, self.topics.signals, m)
-        if obs.qualified:
+        await self._decide(r, account, state, obs.qualified, partition)
+        r.waits_changed |= self._waits(r, partition).index.track(account, state)
+        if events:
+            metrics.event_processing.observe((time.perf_counter() - started) / len(events))
+
+    async def _decide(self, r: Result, account: str, state: AccountState, qualified: list[Pending],
+                      partition: int) -> None:
+        if qualified:
             record, took = await self.mql.get(account)
             metrics.mql_lookup.observe(took)
-        for p in obs.qualified:
+        for p in qualified:
             metrics.qualifications.inc()
             state, decision, stages = self.engine.decide(state, p, record)
             if decision is None:
@@ -174,7 +228,6 @@ class Detect:
                 metrics.handoffs_suppressed.labels(decision.data.reason).inc()
             for ev in stages:
                 self._emit(r, self.topics.signals, ev)
-        metrics.event_processing.observe((time.perf_counter() - started) / len(events))
 
     def _response(self, r: Result, account: str, raw: bytes, partition: int) -> None:
         try:
@@ -199,7 +252,12 @@ class Detect:
             elif ev.data.stage == "rejected":
                 metrics.rejections.labels(ev.data.reason or "none").inc()
 
-    def _tick(self, r: Result, now: int, partition: int) -> None:
+    async def _tick(self, r: Result, now: int, partition: int) -> None:
+        if not self.busy.get(partition, True) and self._waits(r, partition).index.accounts:
+            log.info("partition %d idle for a tick: deciding %d waiting accounts", partition,
+                     len(r.waits.index.accounts))
+            await self._release(r, partition, IDLE)  # no events for a tick: none earlier is coming soon
+        self.busy[partition] = False
         stored = r.clocks if r.clocks is not None else self.clocks.get(str(partition))
         if not stored:
             return

@@ -5,7 +5,8 @@ once per batch, not once per event. A line is one of:
 
     <account>\\t<event JSON>            a product event
     \\x1eu<user key>\\t<event JSON>     an event to attribute through its user (detectors/identity.py)
-    \\x1el<user key>\\t<account>\\t<ms>  the user's group call
+    \\x1el<user key>\\t[account, ms, call]  the user's group call (JSON; call: its messageId or null)
+    \\x1em<account>\\t[call, ms]         a user key of that group call has released its held events
     \\x1ej<anonymous key>\\t<user key>\\t<ms>  identify/alias: the anonymous key is that user
     \\x1er<account>\\t<response JSON>    a sales response (schemas/sales.py)
     \\x1et\\t<ms>                        a tick: the wall clock, for SLA clocks (sent every second)
@@ -18,10 +19,11 @@ Keys never contain a tab, a newline or any other control character. The partitio
 """
 from __future__ import annotations
 
+import json
 import zlib
 from typing import Iterator
 
-from detectors.identity import EVENT, USER
+from detectors.identity import EVENT, JOIN, LINK, USER
 from schemas.events import parse_event
 
 RESPONSE, TICK = "r", "t"
@@ -41,17 +43,26 @@ def encode(kind: str, key: str, arg) -> tuple[str, bytes]:
     """An identity line (detectors/identity.py) as (marked key, payload), for `pack_all`."""
     if kind in (EVENT, USER):
         payload = arg.model_dump_json(by_alias=True).encode()
-    else:  # LINK (account, ms) or JOIN (user key, ms)
+    elif kind == JOIN:  # (user key, ms)
         payload = f"{arg[0]}\t{arg[1]}".encode()
+    else:  # LINK (account, ms, call), MARK (call, ms)
+        payload = json.dumps(arg, separators=(",", ":")).encode()
     return marked(kind, key), payload
 
 
 def decode(kind: str, payload: bytes):
-    """The line's argument back: an event (raises InvalidEvent), or (account or user key, ms)."""
+    """The line's argument back: an event (raises InvalidEvent), (user key, ms), (account, ms, call), (call, ms)."""
     if kind in (EVENT, USER):
         return parse_event(payload)
-    key, _, ms = payload.decode().rpartition("\t")
-    return key, int(ms)
+    if kind == JOIN:
+        key, _, ms = payload.decode().rpartition("\t")
+        return key, int(ms)
+    arg = json.loads(payload)
+    if kind == LINK:
+        account, ms, call = arg
+        return str(account), int(ms), call
+    call, ms = arg
+    return str(call), int(ms)
 
 
 def tick(ms: int) -> bytes:

@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from schemas.events import InvalidEvent, parse_event
 from schemas.sales import SalesResponse, problem
 from streams import envelope, metrics
+from streams.merge import Merge
 from streams.topics import Topics
 
 log = logging.getLogger("pql.ingest")
@@ -90,12 +91,21 @@ class Router:
         return kind, key, arg
 
     def route(self, raw: bytes, batch: Batch, msg: object = None) -> None:
+        event = self.parse(raw, batch, msg)
+        if event is not None:
+            self.route_event(event, raw, batch, msg)
+
+    def parse(self, raw: bytes, batch: Batch, msg: object = None):
+        """The event, or None (and a reject in the batch)."""
         try:
             event = parse_event(raw)
         except InvalidEvent as bad:
             batch.rejects.append((msg, bad.reason, bad.detail))
-            return
+            return None
         metrics.events_consumed.labels(event.type).inc()
+        return event
+
+    def route_event(self, event, raw: bytes, batch: Batch, msg: object = None) -> None:
         lines, why_not = identity.dispatch(event, self.engine.relevant)
         if why_not == identity.UNATTRIBUTED:
             metrics.events_unattributed.inc()
@@ -154,8 +164,11 @@ class Ingest:
 
     def __init__(self, conf: dict, group_id: str, router: Router, topics: Topics, batch_size: int,
                  linger_s: float = 0.0, linger_max_s: float = 0.0,
-                 processed: Callable[[], dict[int, int]] = dict):
+                 processed: Callable[[], dict[int, int]] = dict, merge_wait: float = 0.5):
         from confluent_kafka import Consumer, Producer
+
+        self.merge = Merge(merge_wait)
+        self.read: dict[tuple[str, int], int] = {}  # input partition -> last offset consumed
 
         self.router, self.topics, self.batch_size, self.linger_s = router, topics, batch_size, linger_s
         self.linger_max_s = max(linger_s, linger_max_s)
@@ -179,6 +192,29 @@ class Ingest:
 
     def _assigned(self, consumer, partitions) -> None:
         metrics.rebalances.inc()
+        events = [tp for tp in partitions if tp.topic == self.topics.events]
+        try:  # where each new input partition starts, so `_behind` knows it before its first message
+            for tp in consumer.committed(events, timeout=10):
+                start = tp.offset if tp.offset >= 0 else consumer.get_watermark_offsets(tp, timeout=10)[0]
+                self.read[(tp.topic, tp.partition)] = start - 1
+        except Exception as err:  # the merge then starts with what it reads
+            log.warning("could not read the start of input partitions: %s", err)
+
+    def _revoked(self, consumer, partitions) -> None:
+        gone = [(tp.topic, tp.partition) for tp in partitions]
+        self.merge.drop(gone)
+        for tp in gone:
+            self.read.pop(tp, None)
+
+    def _behind(self, tp: tuple[str, int]) -> bool:
+        """Has the broker more of this partition than we have read (as of the last fetch)?"""
+        from confluent_kafka import TopicPartition
+
+        try:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+        except Exception:  # not fetched yet
+            return False
+        return high >= 0 and high > self.read.get(tp, -1) + 1
 
     def _lag(self) -> None:
         """pql_consumer_lag for product.events: high watermark minus our position (every 5 s)."""
@@ -206,14 +242,16 @@ class Ingest:
         return any(p in done and done[p] <= offset for p, offset in self.sent.items())
 
     async def run(self) -> None:
-        self.consumer.subscribe([self.topics.events, self.topics.responses], on_assign=self._assigned)
+        self.consumer.subscribe([self.topics.events, self.topics.responses], on_assign=self._assigned,
+                                on_revoke=self._revoked, on_lost=self._revoked)
         try:
             while self.running:
                 self._lag()
                 msgs = await poll(self.consumer, self.batch_size, 0.05)
-                if not msgs:
+                if msgs:
+                    await self.linger(msgs)
+                elif not self.merge.held:
                     continue
-                await self.linger(msgs)
                 await self.handle(msgs)
         finally:
             self.close()
@@ -238,16 +276,25 @@ class Ingest:
                 await asyncio.sleep(0.002)
 
     async def handle(self, msgs: list) -> None:
-        batch, last = Batch(), {}
+        """Route what may go on (events through `merge`), publish, wait for the acks, commit the
+        input up to the first message still held."""
+        batch, touched = Batch(), set()
         for m in msgs:
             if m.error() is not None:
                 log.warning("consume error: %s", m.error())
                 continue
+            tp = (m.topic(), m.partition())
+            self.read[tp] = m.offset()
+            touched.add(tp)
+            raw = m.value() or b""
             if m.topic() == self.topics.responses:
-                self.router.route_response(m.value() or b"", batch, m)
-            else:
-                self.router.route(m.value() or b"", batch, m)
-            last[(m.topic(), m.partition())] = m.offset()
+                self.router.route_response(raw, batch, m)
+            elif (event := self.router.parse(raw, batch, m)) is not None:
+                self.merge.add(tp, event.ms, event.messageId, m.offset(), (event, raw, m))
+        assigned = [tp for tp in self.read if tp[0] == self.topics.events]
+        for event, raw, m in self.merge.ready(assigned, self._behind, time.monotonic()):
+            self.router.route_event(event, raw, batch, m)
+            touched.add((m.topic(), m.partition()))
         for (topic, partition), items in batch.envelopes.items():
             for body in envelope.pack_all(items):
                 self._produce(topic, body, partition=partition)
@@ -261,7 +308,12 @@ class Ingest:
             raise RuntimeError(f"ingest could not publish: {self.failed[0]}")
         from confluent_kafka import TopicPartition
 
-        self.consumer.commit(offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()], asynchronous=True)
+        commit = []
+        for tp in touched:
+            first = self.merge.first_offset(tp)
+            commit.append(TopicPartition(*tp, first if first is not None else self.read[tp] + 1))
+        if commit:
+            self.consumer.commit(offsets=commit, asynchronous=True)
 
     def tick(self, partitions: list[int], ms: int) -> None:
         """A tick line (wall clock, ms) to each of these accounts partitions: SLA clocks advance."""

@@ -153,26 +153,28 @@ class Replay:
         work, by_account = deque(lines), {}
         while work:
             kind, key, arg = work.popleft()
-            if kind == identity.EVENT:
-                by_account.setdefault(key, []).append(arg)
+            if kind in (identity.EVENT, identity.MARK):
+                by_account.setdefault(key, ([], []))[kind == identity.MARK].append(arg)
                 continue
             u = self.users.get(key) or self.users.setdefault(key, UserState(key=key))
             more, dropped = self.identity.run(u, kind, arg)
             s.unattributed += dropped
             work.extend(more)
-        for account, events in by_account.items():  # what one input line brings to an account, together
-            self.apply(account, events, lineno, out, err)
+        for account, (events, marks) in by_account.items():  # what one input line brings to an account, together
+            self.apply(account, events, lineno, out, err, marks)
 
-    def apply(self, account: str, events: list, lineno: int, out: IO[str], err: IO[str]) -> None:
-        self.stream = max(self.stream, max(e.ms for e in events))
-        cut = self.stream - self.settle if self.settle else None
-        state, obs, outputs = self.engine.step(self.states.get(account), events, account, self.mql.get, cut)
+    def apply(self, account: str, events: list, lineno: int, out: IO[str], err: IO[str], marks: list = ()) -> None:
+        self.stream = max([self.stream, *(e.ms for e in events)])
+        cut = self.stream - self.settle
+        state, obs, outputs = self.engine.step(self.states.get(account), events, account, self.mql.get, cut, marks)
         self.states[account] = state
         self._report(account, state, obs, outputs, lineno, out, err)
         self.release(cut, out, err)
 
     def release(self, cut: int | None, out: IO[str], err: IO[str]) -> None:
         """Decide what waits (rules `settle`) at or before `cut` (everything when None), by position."""
+        if not self.waiting.accounts:
+            return
         for ms, account in self.waiting.ready(cut):
             state = self.states[account]
             obs = Observation()
@@ -215,7 +217,7 @@ class Replay:
             if until is not None and r.ms > until:
                 return
             self.next_response += 1
-            if self.settle:
+            if self.waiting.accounts:
                 self.release(r.ms - self.settle, out, err)  # handoffs published by the time of the answer
             state = self.states.get(r.account_id)
             if state is None:

@@ -10,6 +10,7 @@ from streams import envelope
 from streams.detect import Detect
 from streams.topics import Topics
 from streams.config import Settings
+from detectors.timefmt import parse_ms
 from helpers import at, rules, track
 
 RULES = rules({"invites": {"event": "Invite Sent", "count": 3, "within": "7d", "points": 60}})
@@ -127,3 +128,37 @@ def test_identity_across_partitions_gives_what_replay_gives():
 
 def run_on(d: Detect, b: bytes, partition: int):
     return asyncio.run(d.process(b, partition))
+
+
+def test_settle_waits_for_the_stream_time_or_an_idle_tick():
+    """Rules `settle`: the handoff waits, durably in the clocks table, until the partition's stream time
+    passes it by `settle`; a late invite that comes meanwhile is in its evidence. An idle tick releases
+    what still waits."""
+    r = RULES.model_copy(update={"settle": 2 * 3_600_000})
+    table, clocks = {}, {}
+    d = Detect(Engine(r), Topics.of(Settings()), table, clocks, NoMql())
+
+    def step(b: bytes) -> list[dict]:
+        result = asyncio.run(d.process(b, 0))
+        publish(d, table, result)
+        if result.waits_changed:
+            clocks["w0"] = result.waits.dump()
+        return [json.loads(o[2]) for o in result.outputs if b'"pql.handoff"' in o[2]]
+
+    def when(handoffs):
+        return [parse_ms(h["data"]["qualified_at"]) for h in handoffs]
+
+    assert step(body(track("Invite Sent", at(hours=1)), track("Invite Sent", at(hours=2)),
+                     track("Invite Sent", at(hours=3)))) == []
+    assert json.loads(clocks["w0"])["accounts"] == {"acme": parse_ms(at(hours=3))}
+    # an earlier invite arrives late, within settle: the handoff, when made, is at the 3rd in time
+    assert step(body(track("Invite Sent", at(minutes=30)))) == []
+    assert json.loads(clocks["w0"])["accounts"] == {"acme": parse_ms(at(hours=2))}
+    out = step(body(track("Invite Sent", at(hours=4, minutes=1))))  # stream time passes 2:00 + 2h
+    assert when(out) == [parse_ms(at(hours=2))]
+    assert len(out[0]["data"]["evidence"]["invites"]) == 3
+    assert json.loads(clocks["w0"])["accounts"] == {"acme": parse_ms(at(hours=3))}  # then in cooldown
+    # idle ticks: the first sees events since the last one, the next releases everything
+    assert step(envelope.tick(1)) == []
+    assert step(envelope.tick(2)) == []  # the 3:00 position decides a cooldown suppression
+    assert json.loads(clocks["w0"])["accounts"] == {}
