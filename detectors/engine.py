@@ -45,6 +45,7 @@ from schemas.rules import Rules
 from schemas.state import AccountState, Evidence, Handoff, Reach
 
 MAX_CALLS = 50  # group calls kept one by one per account; older ones are merged into `traits`
+MAX_EXPECT = 16  # group calls whose held events are tracked per account (README: Time semantics)
 
 # Why a published output can differ from a replay of the time-sorted stream (pql_divergence_total):
 EARLIER_QUALIFICATION = "earlier_qualification"  # a late event qualified a position before a published handoff
@@ -117,11 +118,17 @@ class Engine:
         obs = Observation()
         new: list[tuple[Pos, str]] = []
         for event in events:
-            if isinstance(event, Group):  # (duplicates too: each sends its LINK lines, and they their MARKs)
-                self._expect(state, event.messageId, event.ms, len(user_keys(event)))
+            if isinstance(event, Group):  # (repeats too: each comes with its LINK lines)
+                e = state.expect.setdefault(event.messageId, [event.ms, "", ""])
+                e[1] = "".join(k[0] for k in user_keys(event) if k[0] not in e[2])
             new += self._apply(state, event, account_id, obs)
-        for call, ms in marks:
-            self._expect(state, call, ms, -1)
+        for call, slot, ms in marks:
+            e = state.expect.setdefault(call, [ms, "", ""])
+            e[1], e[2] = e[1].replace(slot, ""), e[2].replace(slot, "") + slot
+        if len(state.expect) > MAX_EXPECT:  # the oldest complete ones (kept a while to absorb repeats)
+            done = sorted((e[0], c) for c, e in state.expect.items() if not e[1])
+            for _, c in done[:len(state.expect) - MAX_EXPECT]:
+                del state.expect[c]
         if new:
             new.sort()
             for pos, mid in new:
@@ -136,17 +143,10 @@ class Engine:
         obs.qualified.sort(key=lambda p: (p.ms, p.message_id))
         return state, obs
 
-    @staticmethod
-    def _expect(state: AccountState, call: str, ms: int, n: int) -> None:
-        e = state.expect.setdefault(call, [ms, 0])
-        e[1] += n
-        if e[1] == 0:
-            del state.expect[call]
-
     def due(self, state: AccountState, account_id: str, cut: int | None = None) -> list[Pending]:
         """The waiting positions at or before `cut` (all if None), scored now, for `decide`. While a
         group call's user keys have yet to release their held events, nothing (unless `cut` is None)."""
-        if cut is not None and any(n > 0 for _, n in state.expect.values()):
+        if cut is not None and any(e[1] for e in state.expect.values()):
             return []
         k = len(state.waiting) if cut is None else bisect_right(state.waiting, [cut, "\U0010ffff"])
         ready, state.waiting[:k] = state.waiting[:k], []

@@ -12,13 +12,15 @@ partition that owns the key (streams/detect.py) and `pql replay` can run them in
 
     (EVENT, account, event)         apply to the account (detectors/engine.py)
     (USER, user_key, event)         attribute through the user's links, or hold
-    (LINK, user_key, (account, ms, call))  the user made a group call (its messageId; None when moved by a join)
+    (LINK, user_key, (account, ms, call))  the user made a group call; call = [messageId, slot] (slot
+                                    "u" for its userId, "a" for its anonymousId), None when a join moves it
     (JOIN, anonymous_key, (user_key, ms))  the anonymous key is that user
-    (MARK, account, (call, ms))     the user key has released what it held for that group call
+    (MARK, account, (messageId, slot, ms))  that user key of the group call has released what it held
 
 A group call reaches its account at once and its user keys in LINK lines; the events those hold come
-later. Each LINK line of a call ends in one MARK to the account, so the account knows when all of
-them are in (engine: ``expect``) before it decides what waits (rules ``settle``).
+later. Each LINK line of a call ends in a MARK to the account, so the account knows when all of them
+are in (engine: ``expect``) before it decides. Marks are matched by slot, not counted: the ingest
+tier may send a line twice (at-least-once), and a repeat must neither stall nor release early.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def user_keys(event: Any) -> list[str]:
 def dispatch(event: Any, relevant: Callable[[Any], bool]) -> tuple[list[Line], str | None]:
     """The first lines for one valid input event, and why there are none (SKIP or UNATTRIBUTED)."""
     if isinstance(event, Group):
-        return [(EVENT, event.groupId, event)] + [(LINK, k, (event.groupId, event.ms, event.messageId))
+        return [(EVENT, event.groupId, event)] + [(LINK, k, (event.groupId, event.ms, [event.messageId, k[0]]))
                                                   for k in user_keys(event)], None
     if isinstance(event, Identify):
         if event.userId and event.anonymousId:
@@ -115,7 +117,7 @@ class Users:
             insort(u.held, [event.ms, event.messageId, self.raw(event)], key=lambda h: (h[0], h[1]))
         return [], self._expire(u)
 
-    def link(self, u: UserState, account: str, ms: int, call: str | None = None) -> tuple[list[Line], int]:
+    def link(self, u: UserState, account: str, ms: int, call: list | None = None) -> tuple[list[Line], int]:
         self._saw(u, ms)
         if u.alias is not None:
             return [(LINK, u.alias, (account, ms, call))], 0
@@ -131,7 +133,7 @@ class Users:
                 out.append((EVENT, account_of, self.parse(h[2])))
         u.held = kept
         if call is not None:
-            out.append((MARK, account, (call, ms)))
+            out.append((MARK, account, (call[0], call[1], ms)))
         return out, self._expire(u)
 
     def join(self, u: UserState, target: str, ms: int) -> list[Line]:

@@ -66,7 +66,7 @@ class AccountState(BaseModel):
     anchor: dict[str, Reach] = Field(default_factory=dict)            # milestone -> latest reach before `reach` (evidence kept)
     unfit: list[list[Any]] = Field(default_factory=list)              # positions suppressed not_fit (a late group call re-checks them)
     waiting: list[list[Any]] = Field(default_factory=list)            # qualified positions not yet decided (rules `settle`)
-    expect: dict[str, list[int]] = Field(default_factory=dict)        # group call messageId -> [ms, user keys yet to release]
+    expect: dict[str, list[Any]] = Field(default_factory=dict)        # group call messageId -> [ms, slots pending, slots marked]
     sales: Sales | None = None               # from the first qualification on (most accounts never qualify)
 
 

@@ -4,7 +4,13 @@ Identity lines (user, link, join) run on the user states of this partition (dete
 what they lead to for another partition is forwarded to it. Events go through the engine (Redis is
 read only when an account qualifies); responses and ticks go through detectors/sales.py. The result
 is everything the envelope changes: outputs, account and user states, forwarded lines, the
-partition's SLA clocks, and dead letters. streams/app.py publishes it in one transaction.
+partition's SLA clocks and waiting decisions, and dead letters. streams/app.py publishes it in one
+transaction.
+
+Decisions are made once the whole envelope is in: a qualification waits in its account's state until
+the partition's stream time (the newest event time it has seen) passes it by the rules' `settle`,
+and while a group call of its account still expects held events (README: Time semantics). Which
+accounts wait is kept per partition in the clocks table (`w<partition>`).
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ class Result:
     dead: list[tuple[str, bytes, str, str]] = field(default_factory=list)  # (key, raw, reason, detail)
     raw: dict[str, bytes] = field(default_factory=dict)  # messageId -> the bytes an event line came as
     waits: Waits | None = None                                            # the partition's settle index, once read
+    waits_before: dict = field(default_factory=dict)
     waits_changed: bool = False
     newest: int = 0                                                       # newest event time in the envelope
 
@@ -113,6 +120,7 @@ class Detect:
             stored = self.clocks.get(f"w{partition}")
             d = json.loads(stored) if stored else {}
             r.waits = Waits(max(d.get("stream", 0), self.stream.get(partition, 0)), Waiting(d.get("accounts", {})))
+            r.waits_before = dict(r.waits.index.accounts)
         return r.waits
 
     def _emit(self, r: Result, topic: str, ev: CloudEvent) -> None:
@@ -145,6 +153,7 @@ class Detect:
         w.stream = self.stream[partition] = max(w.stream, r.newest)  # stored with the index, when that changes
         if w.index.accounts:
             await self._release(r, partition, w.stream - self.settle)
+        r.waits_changed = w.index.accounts != r.waits_before  # (most wait only within the envelope)
         return r
 
     async def _release(self, r: Result, partition: int, cut: int | None) -> None:
@@ -154,7 +163,7 @@ class Detect:
             state = self._state(r, account)
             r.states[account] = state
             await self._decide(r, account, state, self.engine.due(state, account, cut), partition)
-            r.waits_changed |= w.index.track(account, state)
+            w.index.track(account, state)
 
     def _line(self, r: Result, pending: dict, kind: str, key: str, arg, partition: int) -> None:
         """Run one line here if its key is ours, else forward it (in this envelope's transaction)."""
@@ -201,7 +210,7 @@ class Detect:
             metrics.milestones_reached.labels(m.data.milestone).inc()
             self._emit(r, self.topics.signals, m)
         await self._decide(r, account, state, obs.qualified, partition)
-        r.waits_changed |= self._waits(r, partition).index.track(account, state)
+        self._waits(r, partition).index.track(account, state)
         if events:
             metrics.event_processing.observe((time.perf_counter() - started) / len(events))
 
@@ -254,8 +263,6 @@ class Detect:
 
     async def _tick(self, r: Result, now: int, partition: int) -> None:
         if not self.busy.get(partition, True) and self._waits(r, partition).index.accounts:
-            log.info("partition %d idle for a tick: deciding %d waiting accounts", partition,
-                     len(r.waits.index.accounts))
             await self._release(r, partition, IDLE)  # no events for a tick: none earlier is coming soon
         self.busy[partition] = False
         stored = r.clocks if r.clocks is not None else self.clocks.get(str(partition))

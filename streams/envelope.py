@@ -5,8 +5,8 @@ once per batch, not once per event. A line is one of:
 
     <account>\\t<event JSON>            a product event
     \\x1eu<user key>\\t<event JSON>     an event to attribute through its user (detectors/identity.py)
-    \\x1el<user key>\\t[account, ms, call]  the user's group call (JSON; call: its messageId or null)
-    \\x1em<account>\\t[call, ms]         a user key of that group call has released its held events
+    \\x1el<user key>\\t[account, ms, [call, slot]]  the user's group call (JSON; or null for the call)
+    \\x1em<account>\\t[call, slot, ms]     that user key of the group call has released its held events
     \\x1ej<anonymous key>\\t<user key>\\t<ms>  identify/alias: the anonymous key is that user
     \\x1er<account>\\t<response JSON>    a sales response (schemas/sales.py)
     \\x1et\\t<ms>                        a tick: the wall clock, for SLA clocks (sent every second)
@@ -45,13 +45,13 @@ def encode(kind: str, key: str, arg) -> tuple[str, bytes]:
         payload = arg.model_dump_json(by_alias=True).encode()
     elif kind == JOIN:  # (user key, ms)
         payload = f"{arg[0]}\t{arg[1]}".encode()
-    else:  # LINK (account, ms, call), MARK (call, ms)
+    else:  # LINK (account, ms, call), MARK (call, slot, ms)
         payload = json.dumps(arg, separators=(",", ":")).encode()
     return marked(kind, key), payload
 
 
 def decode(kind: str, payload: bytes):
-    """The line's argument back: an event (raises InvalidEvent), (user key, ms), (account, ms, call), (call, ms)."""
+    """The line's argument back: an event (raises InvalidEvent), (user key, ms), (account, ms, call), (call, slot, ms)."""
     if kind in (EVENT, USER):
         return parse_event(payload)
     if kind == JOIN:
@@ -61,8 +61,8 @@ def decode(kind: str, payload: bytes):
     if kind == LINK:
         account, ms, call = arg
         return str(account), int(ms), call
-    call, ms = arg
-    return str(call), int(ms)
+    call, slot, ms = arg
+    return str(call), str(slot), int(ms)
 
 
 def tick(ms: int) -> bytes:

@@ -80,3 +80,47 @@ def test_held_events_expire_and_are_counted_unattributed():
     docs.append(track("Integration Connected", at(days=4), account=None, user="u5", mid="later"))
     out, s, _ = run(r, docs)
     assert out == [] and s.unattributed == 1 and s.held == 1  # 'early' expired, 'later' still waits
+
+
+def test_an_account_decides_nothing_until_its_group_calls_users_released_what_they_held():
+    """Live, the group call reaches its account before its user's partition forwards the held events.
+    The account waits for the MARK that ends that forward (in either order), then decides."""
+    from detectors import identity
+    from detectors.engine import Engine
+    from schemas.events import parse_event
+    import json
+
+    engine = Engine(rules({"inv": INVITES}))
+    users = identity.Users(engine.rules.hold, engine.rules.bound, raw=lambda e: e.model_dump_json(by_alias=True),
+                           parse=parse_event)
+    from schemas.state import UserState
+
+    ev = lambda d: parse_event(json.dumps(d).encode())
+    u = UserState(key="u:u1")
+    for d in _invites(0, 1, 2):  # held on the user's partition
+        assert users.run(u, identity.USER, ev(d)) == ([], 0)
+    call = ev(group("acme", at(hours=3)))
+    [(_, account, c), link] = identity.dispatch(call, engine.relevant)[0]
+    assert link[0] == identity.LINK and link[2] == ("acme", call.ms, [call.messageId, "u"])
+    for marks_first in (False, True):
+        forward, _ = users.run(UserState(key="u:u1", held=list(u.held)), identity.LINK, link[2])
+        held = [arg for kind, _, arg in forward if kind == identity.EVENT]
+        marks = [arg for kind, _, arg in forward if kind == identity.MARK]
+        assert len(held) == 3 and marks == [(call.messageId, "u", call.ms)]
+        if marks_first:
+            state, obs = engine.observe_all(None, [], "acme", cut=call.ms, marks=marks)
+            state, obs = engine.observe_all(state, [c, *held], "acme", cut=call.ms)
+            assert [p.ms for p in obs.qualified] == [held[2].ms] and not state.expect[call.messageId][1]
+            continue
+        state, obs = engine.observe_all(None, [c], "acme", cut=call.ms)
+        assert obs.qualified == [] and state.expect == {call.messageId: [call.ms, "u", ""]}
+        # the account's stream moves on; its waiting positions stay until the MARK
+        state, obs = engine.observe_all(state, held, "acme", cut=call.ms + 10**9)
+        assert obs.qualified == [] and state.waiting
+        state, obs = engine.observe_all(state, [], "acme", cut=call.ms + 10**9, marks=marks)
+        assert [p.ms for p in obs.qualified] == [held[2].ms] and not state.waiting
+        assert state.expect == {call.messageId: [call.ms, "", "u"]}  # kept a while, for repeats
+        # the ingest tier sends the call's lines again (at-least-once): nothing waits on it
+        state, _ = engine.observe_all(state, [c], "acme", cut=call.ms + 10**9, marks=marks)
+        state, _ = engine.observe_all(state, [c], "acme", cut=call.ms + 10**9)
+        assert engine.due(state, "acme", call.ms + 10**9) == [] and not any(e[1] for e in state.expect.values())
