@@ -41,6 +41,8 @@ commit_seconds = Histogram("pql_commit_seconds", "Duration of a Faust commit (al
 redis_errors = Counter("pql_redis_errors", "Failed Redis calls (each is retried)", registry=REGISTRY)
 consumer_lag = Gauge("pql_consumer_lag", "End offset minus processed position", ["topic", "partition"],
                      registry=REGISTRY)
+rereads = Counter("pql_rereads", "Envelope partitions read again because Faust skipped an envelope (streams/app.py)",
+                  registry=REGISTRY)
 rebalances = Counter("pql_rebalances", "Partition assignments received", registry=REGISTRY)
 table_recovery = Gauge("pql_table_recovery_seconds", "Duration of the last table recovery", registry=REGISTRY)
 # the sales side (streams/alerts.py, and `detect` for responses and SLA clocks)

@@ -5,7 +5,7 @@ import time
 import pytest
 import redis
 
-from live import Env, publish, read, replay, values
+from live import Env, publish, read, replay
 from streams.simulate import Simulator
 
 
