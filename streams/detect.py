@@ -161,8 +161,11 @@ class Detect:
         w = self._waits(r, partition)
         for _, account in w.index.ready(cut):
             state = self._state(r, account)
+            qualified = self.engine.due(state, account, cut)
+            if not qualified:  # still expecting held events: nothing changes
+                continue
             r.states[account] = state
-            await self._decide(r, account, state, self.engine.due(state, account, cut), partition)
+            await self._decide(r, account, state, qualified, partition)
             w.index.track(account, state)
 
     def _line(self, r: Result, pending: dict, kind: str, key: str, arg, partition: int) -> None:
