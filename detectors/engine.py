@@ -119,16 +119,10 @@ class Engine:
         new: list[tuple[Pos, str]] = []
         for event in events:
             if isinstance(event, Group):  # (repeats too: each comes with its LINK lines)
-                e = state.expect.setdefault(event.messageId, [event.ms, "", ""])
-                e[1] = "".join(k[0] for k in user_keys(event) if k[0] not in e[2])
+                self._expect(state, event.messageId, event.ms, "".join(k[0] for k in user_keys(event)))
             new += self._apply(state, event, account_id, obs)
         for call, slot, ms in marks:
-            e = state.expect.setdefault(call, [ms, "", ""])
-            e[1], e[2] = e[1].replace(slot, ""), e[2].replace(slot, "") + slot
-        if len(state.expect) > MAX_EXPECT:  # the oldest complete ones (kept a while to absorb repeats)
-            done = sorted((e[0], c) for c, e in state.expect.items() if not e[1])
-            for _, c in done[:len(state.expect) - MAX_EXPECT]:
-                del state.expect[c]
+            self._expect(state, call, ms, None, slot)
         if new:
             new.sort()
             for pos, mid in new:
@@ -143,10 +137,33 @@ class Engine:
         obs.qualified.sort(key=lambda p: (p.ms, p.message_id))
         return state, obs
 
+    @staticmethod
+    def _expect(state: AccountState, call: str, ms: int, slots: str | None, mark: str = "") -> None:
+        """A group call (its user-key `slots`) or a MARK of one slot. An entry [ms, pending, marked]
+        lives from the call until its last MARK (or from an early MARK until the call): repeats of a
+        call come with repeats of its LINK lines, so a call seen again simply waits again."""
+        e = state.expect.get(call)
+        if slots is not None:
+            pending = "".join(x for x in slots if e is None or x not in e[2])
+            if pending:
+                state.expect[call] = [ms, pending, ""]
+            elif e is not None:
+                del state.expect[call]
+        elif e is None or not e[1]:  # a MARK before its call: remember it
+            if e is None:
+                e = state.expect[call] = [ms, "", ""]
+            e[2] = e[2].replace(mark, "") + mark
+            if len(state.expect) > MAX_EXPECT:  # MARKs whose call never comes (a repeated LINK line)
+                del state.expect[min(state.expect, key=lambda c: state.expect[c][0])]
+        else:
+            e[1] = e[1].replace(mark, "")
+            if not e[1]:
+                del state.expect[call]
+
     def due(self, state: AccountState, account_id: str, cut: int | None = None) -> list[Pending]:
         """The waiting positions at or before `cut` (all if None), scored now, for `decide`. While a
         group call's user keys have yet to release their held events, nothing (unless `cut` is None)."""
-        if cut is not None and any(e[1] for e in state.expect.values()):
+        if not state.waiting or (cut is not None and any(e[1] for e in state.expect.values())):
             return []
         k = len(state.waiting) if cut is None else bisect_right(state.waiting, [cut, "\U0010ffff"])
         ready, state.waiting[:k] = state.waiting[:k], []
@@ -201,6 +218,9 @@ class Engine:
         return found
 
     def _group_call(self, state: AccountState, event: Group, obs: Observation) -> None:
+        before = self.traits_at(state, (event.ms, event.messageId))
+        if all(k in before and before[k] == v for k, v in event.traits.items()):
+            return  # repeats the traits in force (apps send `group` on every session): nothing to keep
         insort(state.calls, [event.ms, event.messageId, event.traits], key=lambda c: (c[0], c[1]))
         while len(state.calls) > MAX_CALLS:
             state.traits.update(state.calls.pop(0)[2])

@@ -131,7 +131,8 @@ class Users:
                 kept.append(h)
             else:
                 out.append((EVENT, account_of, self.parse(h[2])))
-        u.held = kept
+        if len(kept) != len(u.held):
+            u.held = kept
         if call is not None:
             out.append((MARK, account, (call[0], call[1], ms)))
         return out, self._expire(u)
@@ -156,12 +157,15 @@ class Users:
         return out
 
     def _saw(self, u: UserState, ms: int) -> None:
-        u.newest = max(u.newest, ms)
+        if ms > u.newest:
+            u.newest = ms
 
     def _expire(self, u: UserState) -> int:
         """Drop held events no group call can attribute any more (it would be too late), and the
         oldest beyond MAX_HELD. Returns how many were dropped."""
         before = len(u.held)
+        if not before:
+            return 0
         cut = u.newest - self.bound
         u.held = [h for h in u.held if h[0] >= cut][-MAX_HELD:]
         return before - len(u.held)

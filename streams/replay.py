@@ -147,9 +147,15 @@ class Replay:
             err.write(f"line {lineno}: {bad.reason}: {bad.detail}\n")
             return
         s.by_type[event.type] += 1
-        self.answers(event.ms, out, err)
+        if self.next_response < len(self.responses):
+            self.answers(event.ms, out, err)
         lines, why_not = identity.dispatch(event, self.engine.relevant)
-        s.unattributed += why_not == identity.UNATTRIBUTED
+        if why_not is not None:
+            s.unattributed += why_not == identity.UNATTRIBUTED
+            return
+        if len(lines) == 1 and lines[0][0] == identity.EVENT:  # most lines: one event for its account
+            self.apply(lines[0][1], [event], lineno, out, err)
+            return
         work, by_account = deque(lines), {}
         while work:
             kind, key, arg = work.popleft()
@@ -164,7 +170,9 @@ class Replay:
             self.apply(account, events, lineno, out, err, marks)
 
     def apply(self, account: str, events: list, lineno: int, out: IO[str], err: IO[str], marks: list = ()) -> None:
-        self.stream = max([self.stream, *(e.ms for e in events)])
+        for e in events:
+            if e.ms > self.stream:
+                self.stream = e.ms
         cut = self.stream - self.settle
         state, obs, outputs = self.engine.step(self.states.get(account), events, account, self.mql.get, cut, marks)
         self.states[account] = state
