@@ -105,6 +105,10 @@ class Router:
         metrics.events_consumed.labels(event.type).inc()
         return event
 
+    def wanted(self, event) -> bool:
+        """Can the event lead to a line (detectors/identity.dispatch)? Others are dropped here."""
+        return event.type in ("group", "identify", "alias") or self.engine.relevant(event)
+
     def route_event(self, event, raw: bytes, batch: Batch, msg: object = None) -> None:
         lines, why_not = identity.dispatch(event, self.engine.relevant)
         if why_not == identity.UNATTRIBUTED:
@@ -289,7 +293,7 @@ class Ingest:
             raw = m.value() or b""
             if m.topic() == self.topics.responses:
                 self.router.route_response(raw, batch, m)
-            elif (event := self.router.parse(raw, batch, m)) is not None:
+            elif (event := self.router.parse(raw, batch, m)) is not None and self.router.wanted(event):
                 self.merge.add(tp, event.ms, event.messageId, m.offset(), (event, raw, m))
         assigned = [tp for tp in self.read if tp[0] == self.topics.events]
         for event, raw, m in self.merge.ready(assigned, self._behind, time.monotonic()):

@@ -42,8 +42,9 @@ class Merge:
     def ready(self, assigned: list, behind: Callable[[Hashable], bool], now: float) -> list:
         """The items that may go on now, in (ms, messageId) order."""
         out = []
+        queues = self.queues
+        waiting = [tp for tp in assigned if not queues.get(tp) and behind(tp)]  # again when a queue empties
         while self.held:
-            waiting = [tp for tp in assigned if not self.queues.get(tp) and behind(tp)]
             if waiting and self.held < MAX_HELD:
                 if self.blocked_since is None:
                     self.blocked_since = now
@@ -51,9 +52,12 @@ class Merge:
                     break
             else:
                 self.blocked_since = None
-            tp = min((q[0][0], q[0][1], tp) for tp, q in self.queues.items() if q)[2]
-            out.append(self.queues[tp].popleft()[3])
+            tp = min((q[0][0], q[0][1], tp) for tp, q in queues.items() if q)[2]
+            q = queues[tp]
+            out.append(q.popleft()[3])
             self.held -= 1
+            if not q:
+                waiting = [tp for tp in assigned if not queues.get(tp) and behind(tp)]
         if not self.held:
             self.blocked_since = None
         return out
