@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     ingest_linger_max: float = Field(default=0.25, ge=0, le=5,
                                      description="s a batch may keep gathering while the Faust tier is busy")
     ingest_merge_wait: float = Field(default=0.5, ge=0, le=10,
-                                     description="s input partitions with unread data may hold the time-order merge")
+                                     description="s a partition with unread data but nothing held may hold the time-order merge")
     session_timeout: float = Field(default=10.0, ge=6, description="s before a silent worker's partitions move")
     redis_retry_max: float = Field(default=5.0, gt=0, description="longest wait between Redis retries, s")
     log_level: Literal["debug", "info", "warn", "error"] = "info"
