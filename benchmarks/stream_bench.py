@@ -98,7 +98,7 @@ def metric(port: int, name: str, topic: str | None = None) -> float:
 
 def drain(port: int, topics: list[str], n: int, expected: int) -> tuple[float, int, list[str]]:
     """Wait until the worker consumed all n inputs and gave the `expected` outputs (or went quiet for
-    20 s short of them); (time of last output, outputs, ids of the handoffs among them)."""
+    60 s short of them); (time of last output, outputs, ids of the handoffs among them)."""
     c = Consumer({"bootstrap.servers": BOOT, "group.id": f"count-{time.time_ns()}", "auto.offset.reset": "earliest",
                   "isolation.level": "read_committed"})
     c.subscribe(topics)
@@ -110,7 +110,7 @@ def drain(port: int, topics: list[str], n: int, expected: int) -> tuple[float, i
             handoffs += [json.loads(m.value())["id"] for m in msgs if m.topic() == topics[0]]
         consumed = metric(port, "pql_events_consumed_total") + metric(port, "pql_events_invalid_total")
         quiet = time.perf_counter() - last
-        if consumed >= n and (quiet > 20 or (got >= expected and quiet > 3)):
+        if consumed >= n and (quiet > 60 or (got >= expected and quiet > 3)):
             c.close()
             return last, got, handoffs
 

@@ -125,12 +125,12 @@ class Engine:
             self._expect(state, call, ms, None, slot)
         if new:
             new.sort()
-            for pos, mid in new:
-                self._signal(state, account_id, pos, mid, obs)
+            for pos, mid in new:  # a pql.milestone waits like a decision: an earlier reach may still come
+                insort(state.waiting, [pos[0], pos[1], mid])
             self._qualify(state, account_id, new, obs)
         for p in obs.qualified:
             insort(state.waiting, [p.ms, p.message_id])
-        obs.qualified = self.due(state, account_id, cut)
+        obs.qualified = self.due(state, account_id, cut, obs)
         for pos in obs.refit:  # scored with every event of the batch in place
             score, counted = self._score(state, pos)
             obs.qualified.append(Pending(account_id, pos[0], pos[1], score, counted, refit=True))
@@ -160,14 +160,23 @@ class Engine:
             if not e[1]:
                 del state.expect[call]
 
-    def due(self, state: AccountState, account_id: str, cut: int | None = None) -> list[Pending]:
-        """The waiting positions at or before `cut` (all if None), scored now, for `decide`. While a
-        group call's user keys have yet to release their held events, nothing (unless `cut` is None)."""
+    def due(self, state: AccountState, account_id: str, cut: int | None = None,
+            obs: Observation | None = None) -> list[Pending]:
+        """The waiting positions at or before `cut` (all if None), scored now, for `decide`; the
+        milestone signals among them go to `obs.milestones`. While a group call's user keys have yet
+        to release their held events, nothing (unless `cut` is None)."""
         if not state.waiting or (cut is not None and any(e[1] for e in state.expect.values())):
             return []
         k = len(state.waiting) if cut is None else bisect_right(state.waiting, [cut, "\U0010ffff"])
         ready, state.waiting[:k] = state.waiting[:k], []
-        return [Pending(account_id, ms, msg, *self._score(state, (ms, msg))) for ms, msg in ready]
+        pending = []
+        for w in ready:
+            if len(w) == 3:
+                if obs is not None:
+                    self._signal(state, account_id, (w[0], w[1]), w[2], obs)
+            else:
+                pending.append(Pending(account_id, w[0], w[1], *self._score(state, (w[0], w[1]))))
+        return pending
 
     def _apply(self, state: AccountState, event: Any, account_id: str, obs: Observation) -> list[tuple[Pos, str]]:
         """Insert one event; the positions where a milestone now holds and did not before."""

@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 from pydantic import ValidationError
 
 from detectors import identity, sales
-from detectors.engine import Engine, Pending
+from detectors.engine import Engine, Observation, Pending
 from detectors.settle import Waiting
 from schemas.cloudevents import HANDOFF, STAGE, CloudEvent
 from schemas.events import InvalidEvent, parse_event
@@ -161,10 +161,12 @@ class Detect:
         w = self._waits(r, partition)
         for _, account in w.index.ready(cut):
             state = self._state(r, account)
-            qualified = self.engine.due(state, account, cut)
-            if not qualified:  # still expecting held events: nothing changes
+            obs = Observation()
+            qualified = self.engine.due(state, account, cut, obs)
+            if not qualified and not obs.milestones:  # still expecting held events: nothing changes
                 continue
             r.states[account] = state
+            self._milestones(r, obs)
             await self._decide(r, account, state, qualified, partition)
             w.index.track(account, state)
 
@@ -209,13 +211,16 @@ class Detect:
                            f"behind account {account}'s newest event"))
         for reason in obs.diverged:
             metrics.divergence.labels(reason).inc()
-        for m in obs.milestones:
-            metrics.milestones_reached.labels(m.data.milestone).inc()
-            self._emit(r, self.topics.signals, m)
+        self._milestones(r, obs)
         await self._decide(r, account, state, obs.qualified, partition)
         self._waits(r, partition).index.track(account, state)
         if events:
             metrics.event_processing.observe((time.perf_counter() - started) / len(events))
+
+    def _milestones(self, r: Result, obs: Observation) -> None:
+        for m in obs.milestones:
+            metrics.milestones_reached.labels(m.data.milestone).inc()
+            self._emit(r, self.topics.signals, m)
 
     async def _decide(self, r: Result, account: str, state: AccountState, qualified: list[Pending],
                       partition: int) -> None:

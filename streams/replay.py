@@ -186,7 +186,7 @@ class Replay:
         for ms, account in self.waiting.ready(cut):
             state = self.states[account]
             obs = Observation()
-            outputs = self.engine.decide_all(state, self.engine.due(state, account, cut), self.mql.get, obs)
+            outputs = self.engine.decide_all(state, self.engine.due(state, account, cut, obs), self.mql.get, obs)
             self._report(account, state, obs, outputs, 0, out, err)
 
     def _report(self, account: str, state: AccountState, obs: Observation, outputs: list, lineno: int,
