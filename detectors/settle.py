@@ -13,16 +13,12 @@ class Waiting:
     def __init__(self, accounts: dict[str, int] | None = None):
         self.accounts = accounts if accounts is not None else {}  # account -> its earliest waiting ms
 
-    def track(self, account: str, state: AccountState) -> bool:
-        """Note what `state` has waiting now; True when the index changed."""
-        ms = state.waiting[0][0] if state.waiting else None
-        if self.accounts.get(account) == ms:
-            return False
-        if ms is None:
-            del self.accounts[account]
+    def track(self, account: str, state: AccountState) -> None:
+        """Note what `state` has waiting now."""
+        if state.waiting:
+            self.accounts[account] = state.waiting[0][0]
         else:
-            self.accounts[account] = ms
-        return True
+            self.accounts.pop(account, None)
 
     def ready(self, cut: int | None) -> list[tuple[int, str]]:
         """(ms, account) of the accounts with something waiting at or before `cut` (all if None), by time."""
