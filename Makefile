@@ -24,16 +24,17 @@ stack-down:
 stack-status:
 	@deploy/stack.sh status
 
-# The whole suite. Tests start their own Kafka and Redis on separate ports (see tests/conftest.py).
+# The whole suite: tests/unit/, then tests/stack/, which starts its own Kafka and Redis on separate
+# ports (see tests/conftest.py).
 test: install
 	$(BIN)/pytest -q
 
-# Only the tests that need no running services.
+# The unit half: tests/unit/, no services.
 test-fast: install
-	$(BIN)/pytest -q -m 'not stack'
+	$(BIN)/pytest -q tests/unit
 
 demo: stack
-	$(BIN)/python -m streams.demo
+	$(BIN)/python -m streams.tools.demo
 
 bench: stack
 	$(BIN)/python -m benchmarks.run

@@ -17,8 +17,8 @@ from pathlib import Path
 from detectors.engine import Engine
 from schemas.events import InvalidEvent, parse_event
 from schemas.rules import load_rules, parse_wait
-from streams.replay import replay
-from streams.simulate import Simulator
+from streams.tools.replay import replay
+from streams.tools.simulate import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from detectors.engine import Engine
 from schemas.rules import load_rules
-from streams.replay import replay
-from streams.simulate import Simulator
+from streams.tools.replay import replay
+from streams.tools.simulate import Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "out"

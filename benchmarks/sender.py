@@ -17,7 +17,7 @@ import time
 from confluent_kafka import Producer
 
 from detectors.timefmt import iso
-from streams.simulate import Simulator, key_of
+from streams.tools.simulate import Simulator, key_of
 
 STAMP = re.compile(rb'"timestamp":"[^"]*"')
 

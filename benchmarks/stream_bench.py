@@ -27,9 +27,9 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from detectors.engine import Engine
 from detectors.timefmt import iso, parse_ms
 from schemas.rules import load_rules
-from streams import envelope
-from streams.replay import replay
-from streams.simulate import Simulator, key_of
+from streams.worker import envelope
+from streams.tools.replay import replay
+from streams.tools.simulate import Simulator, key_of
 
 ROOT = Path(__file__).resolve().parent.parent
 BOOT = os.environ.get("PQL_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
@@ -128,7 +128,7 @@ def peak_rss(pid: int) -> None:
 def our_worker(prefix: str, n: int, expected: int) -> tuple[float, int, list[str]]:
     port = 6190
     log = open(ROOT / "benchmarks" / "out" / f"{prefix}worker.log", "w")
-    w = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
+    w = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
                          stdout=log, stderr=subprocess.STDOUT)
     try:
         while metric(port, "pql_events_consumed_total") == 0:
@@ -148,7 +148,7 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
     """(account, event ms, handoff sent ms, handoff readable ms) per handoff measured; events consumed."""
     port = 6191
     log = open(ROOT / "benchmarks" / "out" / f"{prefix}worker.log", "w")
-    w = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
+    w = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
                          stdout=log, stderr=subprocess.STDOUT)
     seen: list[tuple] = []
     lag: list[tuple] = []

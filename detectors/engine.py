@@ -353,24 +353,8 @@ class Engine:
         does not end in a handoff: the suppression published before stands.
         """
         rules = self.rules
-        pos = (p.ms, p.message_id)
-        traits = self.traits_at(state, pos)
-        fit = None
-        if self.fit is not None:
-            seen = {path: v for path, get in self.fit_traits if (v := get(traits)) is not MISSING}
-            fit = FitResult(passed=self.fit(traits), traits=seen)
-        ctx = dict(
-            account_id=p.account_id,
-            account_name=_text(traits.get("name")),
-            qualified_at=iso(p.ms),
-            score=p.score,
-            threshold=rules.qualify.score,
-            milestones=p.milestones,
-            evidence={m: self._evidence_at(state, m, self._latest(state, m, pos)) for m in p.milestones},
-            fit=fit,
-            mql=MqlContext(stage=mql.stage, owner=mql.owner) if mql else None,
-            rules_version=rules.version,
-        )
+        ctx = self._context(state, p, mql)
+        fit = ctx["fit"]
         reason = None
         last, later = _around(state, p.ms)
         ours = last is not None and last.status in ("accepted", "converted") and not _recycled(mql, last.status_at)
@@ -408,6 +392,27 @@ class Engine:
         )
         out = self._event(HANDOFF, p, data)
         return state, out, sales.handed_off(state, out.id, "pql", p.ms, p.ms + rules.sla.pql)
+
+    def _context(self, state: AccountState, p: Pending, mql: MqlRecord | None) -> dict[str, Any]:
+        """What a handoff and a suppression both carry: score, evidence, fit, MQL context."""
+        pos = (p.ms, p.message_id)
+        traits = self.traits_at(state, pos)
+        fit = None
+        if self.fit is not None:
+            seen = {path: v for path, get in self.fit_traits if (v := get(traits)) is not MISSING}
+            fit = FitResult(passed=self.fit(traits), traits=seen)
+        return dict(
+            account_id=p.account_id,
+            account_name=_text(traits.get("name")),
+            qualified_at=iso(p.ms),
+            score=p.score,
+            threshold=self.rules.qualify.score,
+            milestones=p.milestones,
+            evidence={m: self._evidence_at(state, m, self._latest(state, m, pos)) for m in p.milestones},
+            fit=fit,
+            mql=MqlContext(stage=mql.stage, owner=mql.owner) if mql else None,
+            rules_version=self.rules.version,
+        )
 
     def _event(self, kind: str, p: Pending, data: Any) -> CloudEvent:
         return CloudEvent(

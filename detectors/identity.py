@@ -8,7 +8,7 @@ carries both ids, or an ``alias`` (``previousId`` -> ``userId``), joins ``a:<id>
 the anonymous key's held events and group calls move to the user key, and its later events follow.
 
 The work is expressed as *lines*, each for one key, so the live worker can run each on the
-partition that owns the key (streams/detect.py) and `pql replay` can run them in one loop:
+partition that owns the key (streams/worker/detect.py) and `pql replay` can run them in one loop:
 
     (EVENT, account, event)         apply to the account (detectors/engine.py)
     (USER, user_key, event)         attribute through the user's links, or hold
@@ -25,9 +25,10 @@ tier may send a line twice (at-least-once), and a repeat must neither stall nor 
 from __future__ import annotations
 
 from bisect import insort
+from collections import deque
 from typing import Any, Callable
 
-from schemas.events import Alias, Group, Identify
+from schemas.events import Alias, Group, Identify, parse_event
 from schemas.state import UserState
 
 EVENT, USER, LINK, JOIN, MARK = "e", "u", "l", "j", "m"
@@ -95,8 +96,31 @@ class Users:
     `raw(event)` gives the bytes a held event is kept as, `parse(raw)` the event back. Dropped
     counts the held events that could no longer be attributed (expired or over MAX_HELD)."""
 
-    def __init__(self, hold: int, bound: int, raw: Callable[[Any], str], parse: Callable[[str], Any]):
+    def __init__(self, hold: int, bound: int, raw: Callable[[Any], str] = lambda e: e.model_dump_json(by_alias=True),
+                 parse: Callable[[str], Any] = parse_event):
         self.hold, self.bound, self.raw, self.parse = hold, bound, raw, parse
+
+    def run_all(self, lines: list[Line], user: Callable[[str], UserState], into: dict,
+                away: Callable[[str], bool] | None = None, forward: Callable[[Line], None] | None = None
+                ) -> tuple[int, int]:
+        """Run lines, and the lines they lead to, to the end, in order. EVENT and MARK lines collect
+        in `into` as {account: ([events], [marks])}; the others run on `user(key)`. A line whose key
+        is `away` (another partition owns it) goes to `forward` instead. Returns (USER lines held,
+        held events dropped as unattributed). `pql replay` and the live `detect` both run this."""
+        work, held, dropped = deque(lines), 0, 0
+        while work:
+            line = work.popleft()
+            kind, key, arg = line
+            if away is not None and away(key):
+                forward(line)
+            elif kind in (EVENT, MARK):
+                into.setdefault(key, ([], []))[kind == MARK].append(arg)
+            else:
+                more, lost = self.run(user(key), kind, arg)
+                held += kind == USER and not more
+                dropped += lost
+                work.extend(more)
+        return held, dropped
 
     def run(self, u: UserState, kind: str, arg: Any) -> tuple[list[Line], int]:
         """One USER, LINK or JOIN line on its key's state: (lines it leads to, held events dropped)."""

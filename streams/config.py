@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     redis_retry_max: float = Field(default=5.0, gt=0, description="longest wait between Redis retries, s")
     log_level: Literal["debug", "info", "warn", "error"] = "info"
     sla_tick: float = Field(default=1.0, gt=0, le=60, description="s between SLA clock checks")
-    # alerts (streams/alerts.py); none configured = no deliveries, handoffs are still indexed for `pql respond`
+    # alerts (streams/worker/alerts.py); none configured = no deliveries, handoffs are still indexed for `pql respond`
     slack_webhook_url: str | None = Field(default=None, pattern=r"^https?://")
     webhook_url: str | None = Field(default=None, pattern=r"^https?://")
     webhook_secret: str | None = None

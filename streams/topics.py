@@ -2,7 +2,7 @@
 
 in:  product.events (Segment JSON), crm.lifecycle (MQL state changes), sales.responses (accept/reject)
 out: pql.handoffs, pql.signals, pql.events.dlq, pql.alerts.retry (alerts that failed, retried later)
-internal (per app id): <app>-accounts (envelopes, see streams/envelope.py); Faust adds the changelogs
+internal (per app id): <app>-accounts (envelopes, see streams/worker/envelope.py); Faust adds the changelogs
 of the tables: <app>-accounts-changelog, <app>-users-changelog, <app>-clocks-changelog.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Shared fixtures. Tests that need services get a real Kafka and a real Redis.
+"""Shared fixtures. tests/unit/ needs no services; tests/stack/ gets a real Kafka and a real Redis.
 
 The test stack runs on its own ports (PQL_TEST_KAFKA_PORT=29092, PQL_TEST_REDIS_PORT=26379) and
 data dir (.stack/test), so it never touches a demo stack. It is started once per session if it is
@@ -48,6 +48,13 @@ def _port_open(port: int) -> bool:
 
 
 @pytest.fixture(scope="session")
+def promtools():
+    """prometheus and promtool on PATH (deploy/stack.sh tools fetches them)."""
+    res = subprocess.run([str(ROOT / "deploy/stack.sh"), "tools"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.fixture(scope="session")
 def stack():
     """A running real Kafka + Redis; yields (bootstrap, redis_url)."""
     started = False
@@ -91,6 +98,10 @@ def make_topics(kafka):
 
 
 def pytest_collection_modifyitems(items):
+    """Everything under tests/stack/ needs the stack (and nothing under tests/unit/ may ask for it)."""
     for item in items:
-        if {"stack", "kafka", "redis_url", "make_topics"} & set(getattr(item, "fixturenames", ())):
+        needs = {"stack", "kafka", "redis_url", "make_topics"} & set(getattr(item, "fixturenames", ()))
+        if "stack" in Path(str(item.fspath)).parent.name:
             item.add_marker("stack")
+        elif needs:
+            raise pytest.UsageError(f"{item.nodeid} uses {sorted(needs)}: it belongs in tests/stack/")

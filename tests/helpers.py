@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 from detectors.engine import Engine
 from schemas.events import parse_event
 from schemas.rules import Rules
-from streams.replay import replay
+from streams.tools.replay import replay
 
 T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
 

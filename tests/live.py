@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 ROOT = Path(__file__).resolve().parent.parent
-PQL = [sys.executable, "-m", "streams.cli"]
+PQL = [sys.executable, "-m", "streams.tools.cli"]
 
 
 def free_port() -> int:
@@ -88,7 +88,7 @@ def kill9(proc: subprocess.Popen) -> None:
 
 def publish(kafka: str, topic: str, lines: list[bytes], rate: float | None = None) -> None:
     """Publish lines keyed like `pql publish` (by account when known)."""
-    from streams.simulate import key_of
+    from streams.tools.simulate import key_of
 
     p = Producer({"bootstrap.servers": kafka, "linger.ms": 5, "enable.idempotence": True})
     started = time.perf_counter()

@@ -1,0 +1,296 @@
+"""Alerts: every pql.handoff and every pql.sla_breached, to Slack and/or a signed JSON webhook.
+
+A task of its own in the worker, with its own consumer group (`<app>-alerts`, read_committed), so a
+slow endpoint never stalls detection. Per record and channel: up to PQL_ALERT_ATTEMPTS attempts with
+backoff (PQL_ALERT_TIMEOUT each); still failing, the record goes to `pql.alerts.retry` and is tried
+again PQL_ALERT_RETRY_DELAY later, as often as it takes. An endpoint that refuses the request (a 4xx
+other than 408/429) will not change its mind: that alert goes to the DLQ with the reason. Offsets are
+committed only once every record of a batch is delivered or parked, so nothing is dropped.
+
+Every request carries `X-PQL-Event-Id` (the CloudEvent id): after a crash or a rebalance an alert can
+be sent again, and receivers dedupe on it. The webhook's body is the CloudEvent itself, signed:
+`X-PQL-Signature: sha256=<hex HMAC-SHA256 of the body with PQL_WEBHOOK_SECRET>`.
+
+Handoffs are also indexed in Redis (handoff id -> account), so `pql respond ID` needs no account.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from detectors.timefmt import iso, parse_ms
+from schemas.rules import Rules
+from streams.mqlstore import AsyncMqlStore
+from streams.topics import Topics
+from streams.worker import dlq, metrics
+from streams.worker.kafka import poll
+
+log = logging.getLogger("pql.alerts")
+BREACH = b'"type":"pql.sla_breached"'
+DELIVERED, PARKED, REFUSED = "delivered", "parked", "refused"
+
+
+def signature(body: bytes, secret: str) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _when(text: str | None) -> str:
+    return f"{iso(parse_ms(text))[:16].replace('T', ' ')} UTC" if text else "-"
+
+
+def _span(ms: float) -> str:
+    s = ms / 1000
+    for unit, size in (("day", 86400), ("hour", 3600), ("min", 60)):
+        if s >= size:
+            n = round(s / size)
+            return f"{n} {unit}{'s' if n != 1 and unit != 'min' else ''}"
+    return f"{s:.0f} s"
+
+
+def evidence_words(evidence: list[dict]) -> str:
+    """'4 × Invite Sent in 3 days; integration: salesforce' from a milestone's evidence rows."""
+    if not evidence:
+        return ""
+    names: dict[str, int] = {}
+    for e in evidence:
+        names[e["event"]] = names.get(e["event"], 0) + 1
+    times = [parse_ms(e["timestamp"]) for e in evidence]
+    parts = [" → ".join(names) if len(names) > 1 else
+             (f"{len(evidence)} × {evidence[0]['event']}" if len(evidence) > 1 else evidence[0]["event"])]
+    if len(evidence) > 1 and max(times) > min(times):
+        parts[0] += f" in {_span(max(times) - min(times))}"
+    shown: dict[str, list] = {}
+    for e in evidence:
+        for path, v in e.get("properties", {}).items():
+            vals = shown.setdefault(path.rsplit(".", 1)[-1], [])
+            if v not in vals:
+                vals.append(v)
+    parts += [f"{k}: {', '.join(map(str, v[:5]))}" for k, v in shown.items()]
+    return "; ".join(parts)
+
+
+def slack_message(ce: dict, describe: dict[str, str]) -> dict:
+    """Slack incoming-webhook payload a rep can act on."""
+    d = ce["data"]
+    account = f"*{d.get('account_name') or d['account_id']}* (`{d['account_id']}`)"
+    if ce["type"] == "pql.sla_breached":
+        text = (f":alarm_clock: SLA breached: the handoff of {account} got no answer by {_when(d['sla_due_at'])} "
+                f"(handed off {_when(d['handed_off_at'])}). Handoff `{d['handoff_id']}`.")
+        return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}}]}
+    owner = d.get("owner") or "unassigned"
+    mql = d.get("mql")
+    context = (f"MQL stage {mql['stage']}" + (f", owner {mql['owner']}" if mql.get("owner") else "")
+               + (" (PQL takes over the open MQL)" if d.get("precedence") == "pql_supersedes_mql" else "")
+               if mql else "no MQL on record")
+    lines = [f"• {describe.get(m, m)} ({evidence_words(d['evidence'].get(m, []))})" for m in d["milestones"]]
+    text = (f":rocket: New PQL: {account}, score {d['score']}/{d['threshold']}. Owner: {owner}. "
+            f"Respond by {_when(d['sla_due_at'])}.")
+    body = "\n".join([text, *lines, f"CRM: {context}.", f"Handoff `{ce['id']}`: "
+                      f"`pql respond {ce['id']} --accept` or `--reject REASON`"])
+    return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": body}}]}
+
+
+@dataclass(frozen=True)
+class Channel:
+    name: str
+    url: str
+    secret: str | None = None
+
+    def request(self, raw: bytes, ce: dict, describe: dict[str, str]) -> tuple[bytes, dict]:
+        headers = {"X-PQL-Event-Id": ce["id"], "X-PQL-Event-Type": ce["type"]}
+        if self.name == "slack":
+            body = json.dumps(slack_message(ce, describe)).encode()
+            return body, {**headers, "Content-Type": "application/json"}
+        headers["Content-Type"] = "application/cloudevents+json"
+        headers["X-PQL-Signature"] = signature(raw, self.secret or "")
+        return raw, headers
+
+
+class Refused(Exception):
+    """The endpoint refused the request for good (a 4xx other than 408/429)."""
+
+
+class Alerts:
+    def __init__(self, settings, topics: Topics, rules: Rules, index: AsyncMqlStore):
+        from confluent_kafka import Consumer, Producer
+
+        s = settings
+        self.s, self.topics, self.index = s, topics, index
+        self.describe = {mid: m.description or mid for mid, m in rules.milestones.items()}
+        self.channels = [Channel("slack", s.slack_webhook_url)] if s.slack_webhook_url else []
+        if s.webhook_url:
+            self.channels.append(Channel("webhook", s.webhook_url, s.webhook_secret))
+        conf = s.confluent()
+        common = {**conf, "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                  "isolation.level": "read_committed", "partition.assignment.strategy": "cooperative-sticky",
+                  "session.timeout.ms": int(s.session_timeout * 1000), "fetch.wait.max.ms": 50}
+        self.consumer = Consumer({**common, "group.id": f"{s.app_id}-alerts"})
+        self.retries = Consumer({**common, "group.id": f"{s.app_id}-alerts-retry", "max.poll.interval.ms": 600_000})
+        # the handoff index for `pql respond`, kept apart so that slow deliveries never delay it
+        self.handoffs = Consumer({**common, "group.id": f"{s.app_id}-index"})
+        self.producer = Producer({**conf, "enable.idempotence": True, "linger.ms": 5})
+        self.running = True
+        self.session = None
+        self.limit = asyncio.Semaphore(16)
+
+    async def run(self) -> None:
+        import aiohttp
+
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.s.alert_timeout))
+        names = ", ".join(c.name for c in self.channels) or "none (handoffs are only indexed)"
+        log.info("alerts: channels %s", names)
+        self.consumer.subscribe([self.topics.handoffs, self.topics.signals])
+        self.retries.subscribe([self.topics.alerts_retry])
+        self.handoffs.subscribe([self.topics.handoffs])
+        try:
+            await asyncio.gather(self._main(), self._retry_loop(), self._index_loop())
+        finally:
+            await self.session.close()
+            for c in (self.consumer, self.retries, self.handoffs):
+                c.close()
+            self.producer.flush(10)
+
+    async def _poll(self, consumer, n: int) -> list:
+        return [m for m in await poll(consumer, n, 0.2) if m.error() is None]
+
+    async def _main(self) -> None:
+        while self.running:
+            msgs = await self._poll(self.consumer, 500)
+            if not msgs:
+                continue
+            todo = [m for m in msgs if m.topic() == self.topics.handoffs or BREACH in (m.value() or b"")]
+            handoffs = [json.loads(m.value()) for m in todo if m.topic() == self.topics.handoffs]
+            if handoffs:
+                await self.index.index_handoffs([(h["id"], h["subject"]) for h in handoffs])
+            await asyncio.gather(*(self._first(m, c) for m in todo for c in self.channels))
+            await self._flush()
+            await self._commit(self.consumer)
+
+    async def _index_loop(self) -> None:
+        """handoff id -> account in Redis as soon as a handoff is readable (`_main` indexes each one
+        again before its alert, so an alert never names a handoff `pql respond` cannot find)."""
+        while self.running:
+            msgs = await self._poll(self.handoffs, 500)
+            if msgs:
+                handoffs = [json.loads(m.value()) for m in msgs]
+                await self.index.index_handoffs([(h["id"], h["subject"]) for h in handoffs])
+                await self._commit(self.handoffs)
+
+    async def _first(self, m, channel: Channel) -> None:
+        """A fresh alert: deliver, or park it on the retry topic, or dead-letter it."""
+        outcome, detail = await self.deliver(channel, m.value())
+        if outcome == PARKED:
+            self._park(m.value(), channel.name, 1)
+        elif outcome == REFUSED:
+            self._dead(m, channel.name, detail)
+
+    async def _retry_loop(self) -> None:
+        by_name = {c.name: c for c in self.channels}
+        while self.running:
+            msgs = await self._poll(self.retries, 1)
+            for m in msgs:
+                h = {k: v.decode() for k, v in (m.headers() or [])}
+                wait = int(h.get("pql.alert.due", "0")) / 1000 - time.time()
+                while wait > 0 and self.running:
+                    await asyncio.sleep(min(wait, 0.5))
+                    wait = int(h.get("pql.alert.due", "0")) / 1000 - time.time()
+                channel = by_name.get(h.get("pql.alert.channel", ""))
+                if channel is None:  # that channel is no longer configured: say so, keep the record
+                    self._dead(m, h.get("pql.alert.channel", "?"), "channel not configured any more")
+                else:
+                    outcome, detail = await self.deliver(channel, m.value())
+                    if outcome == PARKED:
+                        self._park(m.value(), channel.name, int(h.get("pql.alert.round", "1")) + 1)
+                    elif outcome == REFUSED:
+                        self._dead(m, channel.name, detail)
+                await self._flush()
+                await self._commit(self.retries, message=m)
+
+    async def deliver(self, channel: Channel, raw: bytes) -> tuple[str, str]:
+        """Up to PQL_ALERT_ATTEMPTS attempts with backoff. (outcome, detail of the last failure)."""
+        ce = json.loads(raw)
+        body, headers = channel.request(raw, ce, self.describe)
+        started, detail, delay = time.perf_counter(), "", 0.2
+        async with self.limit:
+            for attempt in range(1, self.s.alert_attempts + 1):
+                try:
+                    await self._post(channel, body, headers)
+                    metrics.alerts_sent.labels(channel.name).inc()
+                    metrics.alert_seconds.labels(channel.name).observe(time.perf_counter() - started)
+                    return DELIVERED, ""
+                except Refused as err:
+                    metrics.alerts_failed.labels(channel.name).inc()
+                    log.warning("alert %s to %s refused: %s", ce["id"], channel.name, err)
+                    return REFUSED, str(err)
+                except Exception as err:  # timeouts, connection errors, 5xx, 408, 429
+                    metrics.alerts_failed.labels(channel.name).inc()
+                    detail = f"{type(err).__name__}: {err}"[:300]
+                    if attempt < self.s.alert_attempts:
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 3, 5.0)
+        log.warning("alert %s to %s failed %d times (%s); parked on %s", ce["id"], channel.name,
+                    self.s.alert_attempts, detail, self.topics.alerts_retry)
+        return PARKED, detail
+
+    async def _post(self, channel: Channel, body: bytes, headers: dict) -> None:
+        async with self.session.post(channel.url, data=body, headers=headers) as resp:
+            if resp.status < 300:
+                return
+            text = (await resp.text())[:200]
+            if 400 <= resp.status < 500 and resp.status not in (408, 429):
+                raise Refused(f"HTTP {resp.status}: {text}")
+            raise RuntimeError(f"HTTP {resp.status}: {text}")
+
+    async def _commit(self, consumer, **kw) -> None:
+        """Commit and wait for the broker, in a thread: the event loop (detection) never waits on it."""
+        from confluent_kafka import KafkaException
+
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: consumer.commit(asynchronous=False, **kw))
+        except KafkaException as err:  # e.g. a rebalance moved the partitions: their new owner resends
+            log.info("alerts: offsets not committed (%s); those alerts may be sent again (X-PQL-Event-Id)", err)
+
+    def _park(self, raw: bytes, channel: str, rnd: int) -> None:
+        metrics.alerts_deferred.labels(channel).inc()
+        due = int((time.time() + self.s.alert_retry_delay) * 1000)
+        key = json.loads(raw)["id"].encode()
+        self.producer.produce(self.topics.alerts_retry, raw, key=key, headers=[
+            ("pql.alert.channel", channel.encode()), ("pql.alert.round", str(rnd).encode()),
+            ("pql.alert.due", str(due).encode())], on_delivery=self._acked)
+
+    def _dead(self, m, channel: str, detail: str) -> None:
+        metrics.events_invalid.labels("alert_refused").inc()
+        headers = dlq.headers(m.topic(), m.partition(), m.offset(), "alert_refused", f"{channel}: {detail}")
+        self.producer.produce(self.topics.dlq, m.value(), key=m.key(), headers=headers, on_delivery=self._acked)
+
+    def _acked(self, err, msg) -> None:
+        if err is not None:
+            raise RuntimeError(f"alerts could not write to {msg.topic()}: {err}")
+
+    async def _flush(self) -> None:
+        while self.producer.flush(0) > 0:
+            await asyncio.sleep(0.005)
+
+
+class Task:
+    """The worker's alerts task. A failing alert path must not stop detection: it is restarted, and
+    re-reads what it had not committed."""
+
+    def __init__(self, settings, topics: Topics, rules: Rules, index: AsyncMqlStore):
+        self.args = settings, topics, rules, index
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await Alerts(*self.args).run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("alerts task failed; restarting it in 5 s")
+                await asyncio.sleep(5)

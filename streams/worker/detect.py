@@ -1,0 +1,314 @@
+"""The `detect` agent: each <app>-accounts envelope through the pure core, then published.
+
+Phase 1 (`Detect.process`, no sends) runs the core over the envelope's lines; phase 2
+(streams/worker/publish.py) puts what it changed into the partition's transaction.
+
+Identity lines (user, link, join) run on the user states of this partition (detectors/identity.py);
+what they lead to for another partition is forwarded to it. Events go through the engine (Redis is
+read only when an account qualifies); responses and ticks go through detectors/sales.py. The result
+is everything the envelope changes: outputs, account and user states, forwarded lines, the
+partition's SLA clocks and waiting decisions, and dead letters.
+
+Decisions are made once the whole envelope is in: a qualification waits in its account's state until
+the partition's stream time (the newest event time it has seen) passes it by the rules' `settle`,
+and while a group call of its account still expects held events (docs/semantics.md). Which
+accounts wait is kept per partition in the clocks table (`w<partition>`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from pydantic import ValidationError
+
+from detectors import identity, sales
+from detectors.engine import Engine, Observation, Pending
+from detectors.settle import Waiting
+from schemas.cloudevents import HANDOFF, STAGE, CloudEvent
+from schemas.events import InvalidEvent
+from schemas.sales import SalesResponse
+from schemas.state import AccountState, UserState
+from streams.worker import envelope, metrics
+from streams.mqlstore import AsyncMqlStore
+from streams.topics import Topics
+from streams.worker.dlq import DeadLetters
+from streams.worker.eos import Transactions
+
+log = logging.getLogger("pql.detect")
+IDLE = 2**62  # the cut of an idle tick: everything, except accounts still expecting held events
+
+
+@dataclass
+class Result:
+    outputs: list[tuple[str, str, bytes]] = field(default_factory=list)   # (topic, key, CloudEvent JSON)
+    states: dict[str, AccountState] = field(default_factory=dict)
+    users: dict[str, UserState] = field(default_factory=dict)
+    forward: dict[int, list[tuple[str, bytes]]] = field(default_factory=dict)  # partition -> lines for `pack_all`
+    clocks: sales.Clocks | None = None                                    # the partition's SLA clocks, once read
+    clocks_changed: bool = False
+    dead: list[tuple[str, bytes, str, str]] = field(default_factory=list)  # (key, raw, reason, detail)
+    raw: dict[str, bytes] = field(default_factory=dict)  # messageId -> the bytes an event line came as
+    waits: Waits | None = None                                            # the partition's settle index, once read
+    waits_before: dict = field(default_factory=dict)
+    waits_changed: bool = False
+    newest: int = 0                                                       # newest event time in the envelope
+
+
+@dataclass
+class Waits:
+    """A partition's stream time and the accounts with qualifications waiting (rules `settle`).
+    Stored as JSON in the clocks table under key ``w<partition>``."""
+
+    stream: int = 0
+    index: Waiting = field(default_factory=Waiting)
+
+    def dump(self) -> bytes:
+        return json.dumps({"stream": self.stream, "accounts": self.index.accounts}, separators=(",", ":")).encode()
+
+
+class Detect:
+    def __init__(self, engine: Engine, topics: Topics, accounts: Mapping[str, bytes], clocks: Mapping[str, bytes],
+                 mql: AsyncMqlStore, now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+                 cache_size: int = 20_000, users: Mapping[str, bytes] | None = None, partitions: int = 1):
+        self.engine, self.topics, self.accounts, self.clocks, self.mql = engine, topics, accounts, clocks, mql
+        self.users = users if users is not None else {}
+        self.partitions = partitions
+        rules = engine.rules
+        self.identity = identity.Users(rules.hold, rules.bound)
+        self.now_ms = now_ms  # only for the latency metric; decisions never read it
+        self.settle = rules.settle
+        self.busy: dict[int, bool] = {}  # partition -> events came since its last tick
+        self.stream: dict[int, int] = {}  # partition -> its stream time: the newest event time it has seen
+        # parsed states of recently active accounts (parsing was the largest cost per envelope)
+        self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
+        self.cache_size = cache_size
+
+    def _state(self, r: Result, account: str) -> AccountState | None:
+        state = r.states.get(account)
+        if state is None:
+            stored = self.accounts.get(account)
+            if not stored:
+                return None
+            # A parsed copy is used only if it is exactly what the table holds. It leaves the cache
+            # while in use (the core changes it in place) and comes back only when published (`keep`).
+            hit = self.parsed.pop(account, None)
+            state = hit[1] if hit is not None and hit[0] == stored else AccountState.model_validate_json(stored)
+        return state
+
+    def _user(self, r: Result, key: str) -> UserState:
+        u = r.users.get(key)
+        if u is None:
+            stored = self.users.get(key)
+            u = r.users[key] = UserState.model_validate_json(stored) if stored else UserState(key=key)
+        return u
+
+    def keep(self, account: str, body: bytes, state: AccountState) -> None:
+        """`state`, serialized as `body`, is now in the table: keep it parsed for the next envelope."""
+        self.parsed[account] = (body, state)
+        if len(self.parsed) > self.cache_size:
+            self.parsed.popitem(last=False)
+
+    def _clocks(self, r: Result, partition: int) -> sales.Clocks:
+        if r.clocks is None:
+            stored = self.clocks.get(str(partition))
+            r.clocks = json.loads(stored) if stored else {}
+        return r.clocks
+
+    def _waits(self, r: Result, partition: int) -> Waits:
+        if r.waits is None:
+            stored = self.clocks.get(f"w{partition}")
+            d = json.loads(stored) if stored else {}
+            r.waits = Waits(max(d.get("stream", 0), self.stream.get(partition, 0)), Waiting(d.get("accounts", {})))
+            r.waits_before = dict(r.waits.index.accounts)
+        return r.waits
+
+    def _emit(self, r: Result, topic: str, ev: CloudEvent) -> None:
+        r.outputs.append((topic, ev.subject, ev.to_json().encode()))
+        if ev.type == STAGE or ev.type == "pql.sla_breached":
+            metrics.stage_transitions.labels(ev.data.stage, ev.data.lane).inc()
+
+    async def process(self, body: bytes, partition: int) -> Result:
+        """Each account's events in the envelope are applied together (identity may release a burst
+        of held ones), before any response or tick that follows them."""
+        r, pending = Result(), {}
+        for kind, key, raw in envelope.unpack(body):
+            if kind in (envelope.RESPONSE, envelope.TICK):
+                await self._flush(r, pending, partition)
+                if kind == envelope.RESPONSE:
+                    self._response(r, key, raw, partition)
+                else:
+                    await self._tick(r, int(raw), partition)
+                continue
+            try:
+                arg = envelope.decode(kind, raw)
+            except (InvalidEvent, ValueError):  # the ingest tier validated it; only a foreign producer gets here
+                metrics.events_invalid.labels("invalid_field").inc()
+                continue
+            if kind in (envelope.EVENT, envelope.USER):
+                r.raw[arg.messageId] = raw
+            self._line(r, pending, kind, key, arg, partition)
+        await self._flush(r, pending, partition)
+        w = self._waits(r, partition)
+        w.stream = self.stream[partition] = max(w.stream, r.newest)  # stored with the index, when that changes
+        if w.index.accounts:
+            await self._release(r, partition, w.stream - self.settle)
+        r.waits_changed = w.index.accounts != r.waits_before  # (most wait only within the envelope)
+        return r
+
+    async def _release(self, r: Result, partition: int, cut: int | None) -> None:
+        """Decide what waits at or before `cut` (all when None) on this partition."""
+        w = self._waits(r, partition)
+        for _, account in w.index.ready(cut):
+            state = self._state(r, account)
+            obs = Observation()
+            qualified = self.engine.due(state, account, cut, obs)
+            if not qualified and not obs.milestones:  # still expecting held events: nothing changes
+                continue
+            r.states[account] = state
+            self._milestones(r, obs)
+            await self._decide(r, account, state, qualified, partition)
+            w.index.track(account, state)
+
+    def _line(self, r: Result, pending: dict, kind: str, key: str, arg, partition: int) -> None:
+        """Run one line, and the lines it leads to: those whose key is ours here, the others are
+        forwarded to their partition (in this envelope's transaction)."""
+        def away(key: str) -> bool:
+            return envelope.partition_of(key, self.partitions) != partition
+
+        def forward(line) -> None:
+            r.forward.setdefault(envelope.partition_of(line[1], self.partitions), []).append(envelope.encode(*line))
+
+        held, dropped = self.identity.run_all([(kind, key, arg)], lambda k: self._user(r, k), pending, away, forward)
+        if held:
+            metrics.events_held.inc(held)
+        if dropped:
+            metrics.events_unattributed.inc(dropped)
+
+    async def _flush(self, r: Result, pending: dict, partition: int) -> None:
+        for account, (events, marks) in pending.items():
+            await self._events(r, account, events, partition, marks)
+        pending.clear()
+
+    async def _events(self, r: Result, account: str, events: list, partition: int, marks: list = ()) -> None:
+        started = time.perf_counter()
+        # the stream time moves once the whole envelope is in (`process`)
+        self.busy[partition] = True
+        r.newest = max([r.newest, *(e.ms for e in events)])
+        cut = self._waits(r, partition).stream - self.settle
+        state, obs = self.engine.observe_all(self._state(r, account), events, account, cut, marks)
+        r.states[account] = state
+        if obs.duplicates:
+            metrics.events_duplicate.inc(obs.duplicates)
+        for event in obs.too_late:
+            metrics.events_late.inc()
+            raw = r.raw.get(event.messageId) or event.model_dump_json(by_alias=True).encode()
+            r.dead.append((account, raw, "too_late",
+                           f"event time {event.timestamp.isoformat()} is more than the rules' lateness + hold "
+                           f"behind account {account}'s newest event"))
+        for reason in obs.diverged:
+            metrics.divergence.labels(reason).inc()
+        self._milestones(r, obs)
+        await self._decide(r, account, state, obs.qualified, partition)
+        self._waits(r, partition).index.track(account, state)
+        if events:
+            metrics.event_processing.observe((time.perf_counter() - started) / len(events))
+
+    def _milestones(self, r: Result, obs: Observation) -> None:
+        for m in obs.milestones:
+            metrics.milestones_reached.labels(m.data.milestone).inc()
+            self._emit(r, self.topics.signals, m)
+
+    async def _decide(self, r: Result, account: str, state: AccountState, qualified: list[Pending],
+                      partition: int) -> None:
+        if qualified:
+            record, took = await self.mql.get(account)
+            metrics.mql_lookup.observe(took)
+        for p in qualified:
+            metrics.qualifications.inc()
+            state, decision, stages = self.engine.decide(state, p, record)
+            if decision is None:
+                if p.diverged:
+                    metrics.divergence.labels(p.diverged).inc()
+            elif decision.type == HANDOFF:
+                self._emit(r, self.topics.handoffs, decision)
+                metrics.handoffs_published.labels(decision.data.lane, decision.data.precedence).inc()
+                metrics.event_to_handoff.observe(max(0.0, (self.now_ms() - p.ms) / 1000))
+                h = sales.last(state)
+                self._clocks(r, partition)[h.id] = [h.due, account]
+                r.clocks_changed = True
+            else:
+                self._emit(r, self.topics.signals, decision)
+                metrics.handoffs_suppressed.labels(decision.data.reason).inc()
+            for ev in stages:
+                self._emit(r, self.topics.signals, ev)
+
+    def _response(self, r: Result, account: str, raw: bytes, partition: int) -> None:
+        try:
+            resp = SalesResponse.model_validate_json(raw)
+        except ValidationError:  # validated by the ingest tier; only a foreign producer gets here
+            r.dead.append((account, raw, "bad_response", "not a valid sales response"))
+            return
+        state = self._state(r, account)
+        events, outcome = sales.respond(state, resp) if state is not None else ([], "unknown_handoff")
+        metrics.responses.labels(resp.status, outcome).inc()
+        if outcome == "unknown_handoff":
+            r.dead.append((account, raw, "unknown_handoff",
+                           f"handoff_id {resp.handoff_id} is not among account {account}'s recent handoffs"))
+            return
+        r.states[account] = state
+        if self._clocks(r, partition).pop(resp.handoff_id, None) is not None:  # any answer stops the clock
+            r.clocks_changed = True
+        for ev in events:
+            self._emit(r, self.topics.signals, ev)
+            if ev.data.stage == "accepted" and ev.data.seconds_since_handoff is not None:
+                metrics.time_to_accept.labels(ev.data.lane).observe(max(0.0, ev.data.seconds_since_handoff))
+            elif ev.data.stage == "rejected":
+                metrics.rejections.labels(ev.data.reason or "none").inc()
+
+    async def _tick(self, r: Result, now: int, partition: int) -> None:
+        if not self.busy.get(partition, True) and self._waits(r, partition).index.accounts:
+            await self._release(r, partition, IDLE)  # no events for a tick: none earlier is coming soon
+        self.busy[partition] = False
+        stored = r.clocks if r.clocks is not None else self.clocks.get(str(partition))
+        if not stored:
+            return
+        clocks = self._clocks(r, partition)
+        for handoff_id, account in sales.due(clocks, now):
+            del clocks[handoff_id]
+            r.clocks_changed = True
+            state = self._state(r, account)
+            if state is None:
+                continue
+            events = sales.breach(state, handoff_id, now)
+            r.states[account] = state
+            for ev in events:
+                metrics.sla_breaches.labels(ev.data.lane).inc()
+                self._emit(r, self.topics.signals, ev)
+
+
+class Agent:
+    """The `detect` agent's loop: one envelope at a time (concurrency 1: faust-streaming issue 606)."""
+
+    def __init__(self, detector: Detect, publisher, tx: Transactions, dead: DeadLetters):
+        self.detector, self.publisher, self.tx, self.dead = detector, publisher, tx, dead
+
+    async def run(self, stream) -> None:
+        acking = self.tx.start()
+        async for ev in stream.noack().events():
+            await self.envelope(ev, acking)
+
+    async def envelope(self, ev, acking: set) -> None:
+        m = ev.message
+        r = await self.detector.process(ev.value, m.partition)  # phase 1: no sends; may wait for Redis
+        for key, raw, reason, detail in r.dead:  # at-least-once, like every dead letter
+            await self.dead.send(key.encode(), raw, m, reason, detail)
+        # Phase 2: outputs, state and the ack go into the partition's transaction as one unit; a
+        # commit cannot slip in between (eos.guard_commits).
+        async with self.tx.lock:
+            if await self.publisher.publish(r, m.partition, m.offset):
+                acking.add((m.tp, m.offset))  # the one ack eos.guard_skips lets through
+                ev.ack()

@@ -1,0 +1,275 @@
+"""Exactly-once: partition transactions, and every workaround of Faust and aiokafka internals it
+relies on, with the reason.
+
+Faust (processing_guarantee="exactly_once") gives each source partition p a transactional producer
+and commits p's input offsets in its transaction. `Transactions` sends `detect`'s writes for an
+envelope of p into that transaction and holds commits off meanwhile (docs/exactly-once.md).
+
+Checked against faust-streaming 0.15.3 and aiokafka 0.14.0 (pinned in pyproject.toml). `INTERNALS`
+lists the internals used here and `tests/unit/test_eos_internals.py` fails, naming the attribute,
+when an upgrade removes or renames one.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from aiokafka.errors import IllegalOperation, ProducerFenced
+from faust.exceptions import ProducerSendError
+from faust.types import TP
+
+from streams.worker import metrics
+
+log = logging.getLogger("pql.worker")
+
+CHECKED = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
+
+# (module, attribute path) used below
+INTERNALS = [
+    ("faust.transport.consumer", "Consumer.ack"),            # guard_skips wraps it
+    ("faust.transport.consumer", "Consumer.commit"),         # guard_commits wraps it
+    ("faust.transport.consumer", "Consumer.seek"),           # reread_skipped
+    ("faust.transport.consumer", "Consumer.perform_seek"),   # what seek_uncommitted_to_start corrects
+    ("faust.transport.drivers.aiokafka", "Producer._settings_extra"),  # short_retries
+    ("faust.transport.producer", "Producer"),
+    ("faust.sensors.monitor", "Monitor"),
+    ("aiokafka", "AIOKafkaConsumer.seek_to_committed"),      # seek_uncommitted_to_start wraps it
+    ("aiokafka", "AIOKafkaConsumer.seek_to_beginning"),
+    ("faust.transport.drivers.aiokafka", "Producer.begin_transaction"),        # Transactions.on_assigned
+    ("faust.transport.drivers.aiokafka", "Producer.stop_transaction"),
+    ("faust.transport.drivers.aiokafka", "Producer.maybe_begin_transaction"),  # Transactions.send
+    ("faust.assignor.partition_assignor", "PartitionAssignor.group_for_topic"),  # Transactions.tid
+    ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread.verify_event_path"),  # quiet_livelock_check
+    ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._ensure_consumer"),
+    ("aiokafka.consumer.subscription_state", "TopicPartitionState.has_valid_position"),
+]
+HANDOFF_COMMIT_DELAY = 0.005  # handoffs close together share one early commit
+
+
+def install(app) -> None:
+    """The workarounds that need no running consumer (the others start with `detect`)."""
+    short_retries(app.producer)
+    seek_uncommitted_to_start()
+    quiet_livelock_check()
+
+
+def quiet_livelock_check() -> None:
+    """Faust's livelock check skips a partition whose position is being reset.
+
+    Faust (0.15.3, `verify_event_path`, every 2.5 commit intervals outside rebalances) reads
+    aiokafka's `TopicPartitionState.position`, which asserts that the position is known; right after
+    a seek to the beginning (`seek_uncommitted_to_start`) it is not yet, and the AssertionError
+    crashes the consumer and the worker (seen once in the two-worker test). Such a partition is
+    being read from its start: nothing to check yet.
+    """
+    from aiokafka.structs import TopicPartition
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    original = AIOKafkaConsumerThread.verify_event_path
+    if getattr(original, "_pql", False):
+        return
+
+    def verify_event_path(self, now, tp):
+        assignment = self._ensure_consumer()._fetcher._subscriptions.subscription.assignment
+        state = assignment.state_value(TopicPartition(tp.topic, tp.partition)) if assignment else None
+        if state is not None and not state.has_valid_position:
+            return None
+        return original(self, now, tp)
+
+    verify_event_path._pql = True
+    AIOKafkaConsumerThread.verify_event_path = verify_event_path
+
+
+class PartitionMoved(Exception):
+    """The partition went to another worker mid-envelope; its new owner processes the envelope."""
+
+
+class Transactions:
+    """The transactions of `source_topic`'s partitions, as Faust runs them, and sends into them.
+
+    `lock` is held while an envelope's writes are sent: Faust's commits wait for it
+    (`guard_commits`), so a transaction never holds part of an envelope, nor an envelope without its
+    input offset.
+    """
+
+    def __init__(self, app, source_topic: str):
+        self.app, self.source = app, source_topic
+        self.lock = asyncio.Lock()
+        self.soon: dict[int, asyncio.Task] = {}
+
+    def tid(self, partition: int) -> str:
+        """The transactional id Faust uses for this source partition (TransactionManager's format)."""
+        return f"{self.app.conf.id}-{self.app.assignor.group_for_topic(self.source)}-{partition}"
+
+    def start(self) -> set:
+        """Called by `detect` when it starts: guard commits and acks (see those functions)."""
+        guard_commits(self.app.consumer, self.lock)
+        return guard_skips(self.app.consumer, self.source)
+
+    def owns(self, partition: int) -> bool:
+        return TP(self.source, partition) in self.app.consumer.assignment()
+
+    async def send(self, topic: str, key: str, value: bytes, partition: int, headers: list | None,
+                   source: int, first: bool = False) -> None:
+        """To `partition` of `topic`, in the transaction of source partition `source`, which commits
+        with that partition's input offsets.
+
+        Only the first send of an envelope may start a new transaction and retry: later, the lost
+        transaction may hold this envelope's earlier sends.
+        """
+        tid = self.tid(source)
+        for attempt in (1, 2) if first else (2,):
+            try:
+                await self.app.producer.send(topic, key.encode(), value, partition, None, headers,
+                                             transactional_id=tid)
+                return
+            except ProducerFenced as err:
+                fatal = err
+                break
+            except (IllegalOperation, ProducerSendError) as err:
+                # A rebalance ended the transaction (or dropped its producer) under us.
+                fatal = err
+                if not self.owns(source):
+                    raise PartitionMoved() from None  # never touch a producer we do not own
+                if attempt == 1:
+                    await self.app.producer.maybe_begin_transaction(tid)
+        # Fenced, or still unusable: part of this envelope may be in a lost transaction. Restart clean;
+        # a restart reads again from the committed offsets, so nothing is lost or sent twice.
+        log.critical("transaction for partition %d lost (%s); exiting for a clean restart", source, fatal)
+        os._exit(70)
+
+    async def on_assigned(self, sender, assigned, **kwargs) -> None:
+        """Start every owned partition on a fresh producer.
+
+        Faust (0.15) does not always stop the transactional producers of partitions it loses in an
+        eager rebalance; the new owner fences them, and when a partition comes back Faust reuses the
+        fenced producer. A fresh producer's init fences any other and aborts leftovers (what was
+        acked was committed when the partitions were revoked).
+        """
+        owned = sorted({self.tid(tp.partition) for tp in assigned if tp.topic == self.source})
+        async with self.lock:
+            for tid in owned:
+                try:
+                    await self.app.producer.stop_transaction(tid)
+                except Exception:  # already stopped, or fenced: replaced below either way
+                    pass
+                await self.app.producer.begin_transaction(tid)
+
+    def commit_soon(self, partition: int) -> None:
+        """A handoff is readable only once its transaction commits: commit this partition's now, not
+        at the next timer tick (the timer still commits everything else every PQL_COMMIT_INTERVAL)."""
+        if partition not in self.soon:
+            self.soon[partition] = asyncio.ensure_future(self._commit(partition))
+
+    async def _commit(self, partition: int) -> None:
+        try:
+            await asyncio.sleep(HANDOFF_COMMIT_DELAY)
+            await self.app.consumer.commit(topics={TP(self.source, partition)})
+        except Exception as err:  # e.g. a rebalance: the timer or the new owner commits
+            log.info("early commit of partition %d skipped (%s)", partition, err)
+        finally:
+            del self.soon[partition]
+
+
+def guard_commits(consumer, lock: asyncio.Lock) -> None:
+    """Make Faust's commits (timer, rebalance, shutdown) wait while `detect` is publishing."""
+    if getattr(consumer, "_pql_guarded", False):
+        return
+    original = consumer.commit
+
+    async def commit(*args, **kwargs):
+        async with lock:
+            started = time.perf_counter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                metrics.commit_seconds.observe(time.perf_counter() - started)
+
+    consumer.commit = commit
+    consumer._pql_guarded = True
+
+
+def guard_skips(consumer, topic: str) -> set:
+    """Only `detect` acks an envelope. Returns the set of (tp, offset) it is about to ack.
+
+    Faust (0.15.3, streams.py `skipped_value`) drops a delivered message when flow control is off or
+    its generation is old, and acks it: the commit then passes an envelope nobody processed. Records
+    fetched between a recovery's seek and the flow's resume met this (the SIGKILL test lost 16 to 250
+    handoffs of 1,500 a run). Here any other ack of `topic` is refused and remembered in
+    `consumer._pql_skipped` ({tp: earliest offset}); `reread_skipped` reads those partitions again.
+    Processing an envelope twice is harmless: every line is deduplicated (messageId, link, mark).
+    """
+    if getattr(consumer, "_pql_done", None) is not None:
+        return consumer._pql_done
+    original = consumer.ack
+    done: set = set()
+    skipped: dict = {}
+
+    def ack(message) -> bool:
+        if message.topic == topic:
+            key = (message.tp, message.offset)
+            if key not in done:
+                skipped[message.tp] = min(skipped.get(message.tp, message.offset), message.offset)
+                return False
+            done.discard(key)
+        return original(message)
+
+    consumer.ack = ack
+    consumer._pql_done, consumer._pql_skipped = done, skipped
+    return done
+
+
+async def reread_skipped(app) -> None:
+    """Seek each partition with a refused ack back to it, once the flow runs (see guard_skips)."""
+    consumer = app.consumer
+    skipped = getattr(consumer, "_pql_skipped", None)
+    if not skipped or not app.flow_control.is_active():
+        return
+    owned = consumer.assignment()
+    for tp, offset in list(skipped.items()):
+        del skipped[tp]
+        if tp in owned:
+            log.warning("reading partition %d again from offset %d (Faust skipped an envelope)", tp.partition, offset)
+            metrics.rereads.inc()
+            await consumer.seek(tp, offset)
+
+
+def seek_uncommitted_to_start() -> None:
+    """A partition with no committed offset is read from its start after every rebalance.
+
+    aiokafka (0.14) `seek_to_committed` leaves a partition whose committed offset is none (or 0)
+    where its fetcher is. Faust drops the rest of a fetched batch when a rebalance starts (getmany
+    `break` on a new generation) and relies on that seek to read it again: on a new group, envelopes
+    fetched in the first generation were never read (the two-worker test lost 188 of 1,200 handoffs).
+    With nothing committed, nothing was processed: start over (`auto_offset_reset=earliest`).
+    """
+    from aiokafka import AIOKafkaConsumer
+
+    original = AIOKafkaConsumer.seek_to_committed
+    if getattr(original, "_pql", False):
+        return
+
+    async def seek_to_committed(self, *partitions):
+        committed = await original(self, *partitions)
+        fresh = [tp for tp, offset in committed.items() if not offset]
+        if fresh:
+            await self.seek_to_beginning(*fresh)
+        return committed
+
+    seek_to_committed._pql = True
+    AIOKafkaConsumer.seek_to_committed = seek_to_committed
+
+
+def short_retries(producer) -> None:
+    """Retry sends after 20 ms instead of aiokafka's 100 ms.
+
+    Right after a commit, Kafka (4.x, to a pre-KIP-890 client such as aiokafka) refuses a send to a
+    partition whose commit markers it is still writing, with the retriable NOT_ENOUGH_REPLICAS; the
+    retry then waits `retry_backoff_ms`, and so does the next commit, which flushes that send. 20 ms
+    is what aiokafka itself uses for the same race when adding partitions (KAFKA-5477). Faust has
+    no setting for it: every producer it makes (one per partition transaction) gets it here.
+    """
+    extra = producer._settings_extra
+    producer._settings_extra = lambda: {**extra(), "retry_backoff_ms": 20}

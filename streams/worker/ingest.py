@@ -1,0 +1,232 @@
+"""Ingest tier: product.events and sales.responses -> envelopes for the Faust tier, rejects -> DLQ.
+
+Runs inside the worker process as an asyncio task around a confluent-kafka consumer (its own
+consumer group, `<app id>-ingest`). Per batch: validate every message, attribute it to an account,
+drop what no rule can use, pack the rest into one envelope per destination partition, publish,
+wait for the acks, then commit the input offsets. At-least-once: after a crash a batch may be sent
+again, and the detection tier ignores the repeats (messageId dedupe), so nothing is lost and
+nothing counts twice.
+
+Identity is not resolved here: `detectors/identity.dispatch` (the function `pql replay` uses) says
+which lines an event becomes, each for the partition that owns its key: an event with
+`context.groupId` goes to its account; one without goes to its user key, whose partition keeps the
+user's group calls and held events in the Faust tier (see streams/worker/detect.py), durable and exactly
+once; a group call goes to its account and to each of its user keys; an identify that joins an
+anonymous id goes to that id.
+
+Sales responses are validated here (an unknown rejection reason goes to the DLQ as bad_response)
+and forwarded to their account's partition. The worker also sends a tick line to every partition it
+owns each PQL_SLA_TICK seconds (`tick`), so SLA clocks are checked in partition order, in `detect`.
+
+Rejects go to the DLQ with the original key and bytes, and headers pql.error.reason / detail /
+topic / partition / offset.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from streams.topics import Topics
+from streams.worker import dlq, envelope, metrics
+from streams.worker.kafka import poll
+from streams.worker.merge import Merge
+from streams.worker.route import Batch, Router
+
+log = logging.getLogger("pql.ingest")
+
+
+class Ingest:
+    """The consume -> route -> publish -> commit loop."""
+
+    def __init__(self, conf: dict, group_id: str, router: Router, topics: Topics, batch_size: int,
+                 linger_s: float = 0.0, linger_max_s: float = 0.0,
+                 processed: Callable[[], dict[int, int]] = dict, merge_wait: float = 0.5):
+        from confluent_kafka import Consumer, Producer
+
+        self.merge = Merge(merge_wait)
+        self.read: dict[tuple[str, int], int] = {}  # input partition -> last offset consumed
+
+        self.router, self.topics, self.batch_size, self.linger_s = router, topics, batch_size, linger_s
+        self.linger_max_s = max(linger_s, linger_max_s)
+        # Self-clocking: `processed()` maps each accounts partition this process's Faust tier owns to
+        # the next envelope offset it has yet to publish; `sent` holds the last offset we wrote to
+        # each partition. While one is behind the other, we keep gathering (see `linger`).
+        self.processed, self.sent = processed, {}
+        self.consumer = Consumer({
+            **conf, "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky", "fetch.wait.max.ms": 20,
+            "queued.max.messages.kbytes": 65536, "statistics.interval.ms": 5000,
+        })
+        self.lag_at = 0.0
+        consumer_only = ("session.timeout.ms", "heartbeat.interval.ms")
+        self.producer = Producer({
+            **{k: v for k, v in conf.items() if k not in consumer_only}, "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4",
+            "batch.size": 1_000_000, "queue.buffering.max.messages": 500_000,
+        })
+        self.failed: list[str] = []
+        self.running = True
+
+    def _assigned(self, consumer, partitions) -> None:
+        metrics.rebalances.inc()
+        events = [tp for tp in partitions if tp.topic == self.topics.events]
+        try:  # where each new input partition starts, so `_behind` knows it before its first message
+            for tp in consumer.committed(events, timeout=10):
+                start = tp.offset if tp.offset >= 0 else consumer.get_watermark_offsets(tp, timeout=10)[0]
+                self.read[(tp.topic, tp.partition)] = start - 1
+        except Exception as err:  # the merge then starts with what it reads
+            log.warning("could not read the start of input partitions: %s", err)
+
+    def _revoked(self, consumer, partitions) -> None:
+        gone = [(tp.topic, tp.partition) for tp in partitions]
+        self.merge.drop(gone)
+        for tp in gone:
+            self.read.pop(tp, None)
+
+    def _behind(self, tp: tuple[str, int]) -> bool:
+        """Has the broker more of this partition than we have read (as of the last fetch)?"""
+        from confluent_kafka import TopicPartition
+
+        try:
+            _, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
+        except Exception:  # not fetched yet
+            return False
+        return high >= 0 and high > self.read.get(tp, -1) + 1
+
+    def _lag(self) -> None:
+        """pql_consumer_lag for product.events: high watermark minus our position (every 5 s)."""
+        now = time.monotonic()
+        if now - self.lag_at < 5:
+            return
+        self.lag_at = now
+        for tp in self.consumer.position(self.consumer.assignment()):
+            try:
+                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
+            except Exception:  # no statistics yet for this partition
+                continue
+            if high >= 0 and tp.offset >= 0:
+                metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, high - tp.offset))
+
+    def _delivered(self, err, msg) -> None:
+        if err is not None:
+            self.failed.append(str(err))
+        elif msg.topic() == self.topics.accounts:
+            self.sent[msg.partition()] = max(self.sent.get(msg.partition(), -1), msg.offset())
+
+    def detect_busy(self) -> bool:
+        """Is our Faust tier still on an envelope we sent it? (Only partitions it owns count.)"""
+        done = self.processed()
+        return any(p in done and done[p] <= offset for p, offset in self.sent.items())
+
+    async def run(self) -> None:
+        self.consumer.subscribe([self.topics.events, self.topics.responses], on_assign=self._assigned,
+                                on_revoke=self._revoked, on_lost=self._revoked)
+        try:
+            while self.running:
+                self._lag()
+                msgs = await poll(self.consumer, self.batch_size, 0.05)
+                if msgs:
+                    await self.linger(msgs)
+                elif not self.merge.held:
+                    continue
+                await self.handle(msgs)
+        finally:
+            self.close()
+
+    async def linger(self, msgs: list) -> None:
+        """Gather messages for `linger_s` after the first, then for as long as the Faust tier is still
+        busy with our previous envelopes (up to `linger_max_s`, or a full batch).
+
+        Fewer, fuller envelopes mean less work per event in the Faust tier. Sending a new envelope
+        while the last one waits in the queue gains nothing; holding it lets it grow, so a busy tier
+        gets bigger envelopes and catches up, and an idle one gets each batch at once.
+        """
+        start = time.monotonic()
+        while len(msgs) < self.batch_size:
+            waited = time.monotonic() - start
+            if waited >= self.linger_max_s or (waited >= self.linger_s and not self.detect_busy()):
+                return
+            more = self.consumer.consume(self.batch_size - len(msgs), timeout=0)
+            if more:
+                msgs.extend(more)
+            else:
+                await asyncio.sleep(0.002)
+
+    async def handle(self, msgs: list) -> None:
+        """Route what may go on (events through `merge`), publish, wait for the acks, commit the
+        input up to the first message still held."""
+        batch, touched = Batch(), set()
+        for m in msgs:
+            if m.error() is not None:
+                log.warning("consume error: %s", m.error())
+                continue
+            tp = (m.topic(), m.partition())
+            self.read[tp] = m.offset()
+            touched.add(tp)
+            raw = m.value() or b""
+            if m.topic() == self.topics.responses:
+                self.router.route_response(raw, batch, m)
+            elif (event := self.router.parse(raw, batch, m)) is not None and self.router.wanted(event):
+                self.merge.add(tp, event.ms, event.messageId, m.offset(), (event, raw, m))
+        assigned = [tp for tp in self.read if tp[0] == self.topics.events]
+        for event, raw, m in self.merge.ready(assigned, self._behind, time.monotonic()):
+            self.router.route_event(event, raw, batch, m)
+            touched.add((m.topic(), m.partition()))
+        for (topic, partition), items in batch.envelopes.items():
+            for body in envelope.pack_all(items):
+                self._produce(topic, body, partition=partition)
+        for m, reason, detail in batch.rejects:
+            metrics.events_invalid.labels(reason).inc()
+            headers = dlq.headers(m.topic(), m.partition(), m.offset(), reason, detail)
+            self._produce(self.topics.dlq, m.value(), key=m.key(), headers=headers)
+        while self.producer.flush(0) > 0:  # wait for every ack before committing the input
+            await asyncio.sleep(0.001)
+        if self.failed:
+            raise RuntimeError(f"ingest could not publish: {self.failed[0]}")
+        from confluent_kafka import TopicPartition
+
+        commit = []
+        for tp in touched:
+            first = self.merge.first_offset(tp)
+            commit.append(TopicPartition(*tp, first if first is not None else self.read[tp] + 1))
+        if commit:
+            self.consumer.commit(offsets=commit, asynchronous=True)
+
+    def tick(self, partitions: list[int], ms: int) -> None:
+        """A tick line (wall clock, ms) to each of these accounts partitions: SLA clocks advance."""
+        for p in partitions:
+            self._produce(self.topics.accounts, envelope.tick(ms), partition=p)
+        self.producer.poll(0)
+
+    def _produce(self, topic: str, value: bytes, **kw) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value, on_delivery=self._delivered, **kw)
+                return
+            except BufferError:
+                self.producer.poll(0.01)
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except Exception:  # already closed
+            pass
+        self.producer.flush(10)
+
+
+class Task:
+    """The worker's ingest task: the loop above, its consumer group `<app id>-ingest`, paced by where
+    this worker's `detect` is (`unpublished`)."""
+
+    def __init__(self, settings, engine, topics: Topics, unpublished: Callable[[], dict[int, int]]):
+        self.settings, self.engine, self.topics, self.unpublished = settings, engine, topics, unpublished
+        self.loop: Ingest | None = None
+
+    async def run(self) -> None:
+        s = self.settings
+        conf = {**s.confluent(), "session.timeout.ms": int(s.session_timeout * 1000),
+                "heartbeat.interval.ms": int(s.session_timeout * 200)}
+        self.loop = Ingest(conf, f"{s.app_id}-ingest", Router(self.engine, self.topics, s.partitions), self.topics,
+                           s.ingest_batch, s.ingest_linger, s.ingest_linger_max, self.unpublished, s.ingest_merge_wait)
+        await self.loop.run()

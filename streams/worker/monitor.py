@@ -1,0 +1,58 @@
+"""What the worker shows about itself beyond the counters in metrics.py: the /metrics and /health
+pages on PQL_WEB_PORT, the Faust tier's consumer lag, and rebalance and table recovery time."""
+from __future__ import annotations
+
+import time
+
+from streams.worker import metrics
+
+
+class Monitor:
+    def __init__(self, app, sources: tuple[str, ...], rules_version: str, processed: dict[int, int]):
+        """`sources`: the topics whose lag is reported (the first is <app>-accounts, whose position is
+        `processed`, where `detect` is)."""
+        self.app, self.sources, self.rules_version, self.processed = app, sources, rules_version, processed
+        self.rebalance_started = time.perf_counter()
+
+    def install(self) -> None:
+        app = self.app
+        app.page("/metrics")(metrics_page)
+        app.page("/health")(health_page)
+        app.pql_rules_version = self.rules_version
+        app.timer(5.0, name="pql.lag")(self.lag)
+        app.on_partitions_assigned.connect(self.on_assigned)
+        app.on_rebalance_complete.connect(self.on_recovered)
+
+    async def on_assigned(self, sender, assigned, **kwargs) -> None:
+        metrics.rebalances.inc()
+        self.rebalance_started = time.perf_counter()
+
+    async def on_recovered(self, sender, **kwargs) -> None:
+        metrics.table_recovery.set(time.perf_counter() - self.rebalance_started)
+
+    async def lag(self) -> None:
+        """pql_consumer_lag for the Faust tier: end offset minus what was processed.
+
+        For envelopes, "processed" is the offset after the last one `detect` published (the fetch
+        position runs ahead of processing and would hide a backlog); for crm.lifecycle, the position.
+        """
+        consumer = self.app.consumer
+        for tp in consumer.assignment():
+            if tp.topic not in self.sources:
+                continue
+            try:
+                position = self.processed.get(tp.partition) if tp.topic == self.sources[0] else None
+                position = position or await consumer.position(tp)
+                end = consumer.highwater(tp)
+            except Exception:  # partition moving away mid-read
+                continue
+            if position is not None and end is not None:
+                metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, end - position))
+
+
+async def metrics_page(web, request):
+    return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
+
+
+async def health_page(web, request):
+    return web.json({"status": "ok", "rules_version": web.app.pql_rules_version})

@@ -1,0 +1,85 @@
+"""Publishing an envelope's result (phase 2 of `detect`): outputs, state and the input offset in one
+transaction, so they commit together or not at all.
+
+Every write for an envelope of partition p goes to partition p of a co-partitioned topic (the table
+changelogs, pql.handoffs, pql.signals), or to another <app>-accounts partition (identity's forwarded
+lines), through p's transactional producer (streams/worker/eos.py). Tables in memory follow only
+what went into the transaction. docs/exactly-once.md has the whole design.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from streams.topics import Topics
+from streams.worker import envelope, metrics
+from streams.worker.eos import PartitionMoved, Transactions
+from streams.worker.tables import Tables
+
+if TYPE_CHECKING:
+    from streams.worker.detect import Detect, Result
+
+log = logging.getLogger("pql.worker")
+CE_HEADERS = [("content-type", b"application/cloudevents+json")]
+
+
+class Publisher:
+    def __init__(self, tx: Transactions, topics: Topics, tables: Tables, detector: "Detect"):
+        self.tx, self.topics, self.tables, self.detector = tx, topics, tables, detector
+        self.processed: dict[int, int] = {}    # partition -> offset after the last envelope published
+        self.open_clocks: dict[int, int] = {}  # partition -> handoffs awaiting a response
+
+    def sends(self, r: "Result", p: int) -> tuple[list, dict, dict, bytes | None, bytes | None]:
+        """Every write of the result, as (topic, key, value, headers, partition), and the table values."""
+        accounts = {a: state.model_dump_json().encode() for a, state in r.states.items()}
+        users = {key: u.model_dump_json().encode() for key, u in r.users.items()}
+        out = [(topic, key, value, CE_HEADERS, p) for topic, key, value in r.outputs]
+        out += [(self.tables.changelog("accounts"), json.dumps(a), body, None, p) for a, body in accounts.items()]
+        out += [(self.tables.changelog("users"), json.dumps(k), body, None, p) for k, body in users.items()]
+        for q, lines in sorted(r.forward.items()):  # identity's lines for other partitions
+            out += [(self.topics.accounts, "", body, None, q) for body in envelope.pack_all(lines)]
+        clocks = json.dumps(r.clocks, separators=(",", ":")).encode() if r.clocks_changed else None
+        if clocks is not None:
+            out.append((self.tables.changelog("clocks"), json.dumps(str(p)), clocks, None, p))
+        waits = r.waits.dump() if r.waits_changed else None
+        if waits is not None:
+            out.append((self.tables.changelog("clocks"), json.dumps(f"w{p}"), waits, None, p))
+        return out, accounts, users, clocks, waits
+
+    async def publish(self, r: "Result", p: int, offset: int) -> bool:
+        """Send the result of the envelope at `offset` of partition p. False if p moved meanwhile
+        (its new owner processes the envelope). The caller holds `tx.lock` and acks on True."""
+        out, accounts, users, clocks, waits = self.sends(r, p)
+        try:
+            for n, (topic, key, value, headers, to) in enumerate(out):
+                await self.tx.send(topic, key, value, to, headers, source=p, first=n == 0)
+        except PartitionMoved:
+            log.info("partition %d moved while publishing; its new owner takes the envelope", p)
+            return False
+        t = self.tables
+        for account, body in accounts.items():
+            t.accounts.data[account] = body
+            self.detector.keep(account, body, r.states[account])
+        for key, body in users.items():
+            t.users.data[key] = body
+        if waits is not None:
+            t.clocks.data[f"w{p}"] = waits
+        if clocks is not None:
+            t.clocks.data[str(p)] = clocks
+            self.open_clocks[p] = len(r.clocks)
+            metrics.sla_open.set(sum(self.open_clocks.values()))
+        self.processed[p] = offset + 1
+        if any(topic == self.topics.handoffs for topic, _, _ in r.outputs):
+            self.tx.commit_soon(p)
+        return True
+
+    def unpublished(self) -> dict[int, int]:
+        """Where `detect` is (next offset to publish) on the partitions this worker owns."""
+        return {p: offset for p, offset in self.processed.items() if self.tx.owns(p)}
+
+    def forget(self, owned: list[int]) -> None:
+        """Partitions this worker no longer owns leave the progress and the open-clocks gauge."""
+        for gone in (self.open_clocks, self.processed):
+            for p in [p for p in gone if p not in owned]:
+                del gone[p]

@@ -1,0 +1,94 @@
+"""Alert delivery outcomes and message contents, against a local HTTP server (no Kafka needed)."""
+import asyncio
+import hmac
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import aiohttp
+import pytest
+
+from schemas.rules import load_rules
+from streams.worker.alerts import DELIVERED, PARKED, REFUSED, Alerts, evidence_words, signature, slack_message
+from streams.config import DEFAULT_RULES, Settings
+from streams.topics import Topics
+
+
+@pytest.fixture
+def server():
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            hits.append(self.path)
+            status = {"/bad": 400, "/down": 503, "/ok": 204}[self.path]
+            self.send_response(status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", hits
+    srv.shutdown()
+
+
+HANDOFF = {"id": "h-1", "type": "pql.handoff", "subject": "acme", "data": {
+    "account_id": "acme", "account_name": "Acme", "score": 80, "threshold": 60, "owner": "rep-7",
+    "sla_due_at": "2026-11-23T11:00:00.000Z", "precedence": "pql_supersedes_mql",
+    "mql": {"stage": "MQL", "owner": "rep-7"}, "milestones": ["team_invites", "crm_integration"],
+    "evidence": {
+        "team_invites": [{"messageId": f"m{i}", "event": "Invite Sent", "timestamp": f"2026-11-2{i}T10:00:00.000Z",
+                          "properties": {}} for i in range(1, 5)],
+        "crm_integration": [{"messageId": "m9", "event": "Integration Connected", "timestamp": "2026-11-23T10:00:00.000Z",
+                             "properties": {"properties.integration": "salesforce"}}]}}}
+
+
+def deliver(url: str, path: str, attempts: int = 3) -> str:
+    s = Settings(kafka_bootstrap="127.0.0.1:1", webhook_url=url + path, webhook_secret="k", alert_attempts=attempts)
+    alerts = Alerts(s, Topics.of(s), load_rules(DEFAULT_RULES), index=None)
+
+    async def go():
+        alerts.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2))
+        try:
+            return (await alerts.deliver(alerts.channels[0], json.dumps(HANDOFF).encode()))[0]
+        finally:
+            await alerts.session.close()
+
+    try:
+        return asyncio.run(go())
+    finally:
+        for c in (alerts.consumer, alerts.retries):
+            c.close()
+
+
+def test_a_refusal_is_not_retried(server):
+    url, hits = server
+    assert deliver(url, "/bad") == REFUSED and hits == ["/bad"]
+
+
+def test_an_endpoint_that_stays_down_gets_every_attempt_then_the_alert_is_parked(server):
+    url, hits = server
+    assert deliver(url, "/down", attempts=3) == PARKED and hits == ["/down"] * 3
+
+
+def test_any_2xx_is_delivered(server):
+    url, hits = server
+    assert deliver(url, "/ok") == DELIVERED and hits == ["/ok"]
+
+
+def test_slack_message_reads_like_a_lead_for_a_rep():
+    describe = {"team_invites": "Invited three distinct teammates within 7 days"}
+    text = slack_message(HANDOFF, describe)["blocks"][0]["text"]["text"]
+    assert "*Acme* (`acme`)" in text and "score 80/60" in text and "Owner: rep-7" in text
+    assert "Invited three distinct teammates within 7 days (4 × Invite Sent in 3 days)" in text
+    assert "crm_integration (Integration Connected; integration: salesforce)" in text
+    assert "MQL stage MQL, owner rep-7 (PQL takes over the open MQL)" in text
+    assert "Respond by 2026-11-23 11:00 UTC" in text and "pql respond h-1 --accept" in text
+
+
+def test_evidence_words_and_signature():
+    assert evidence_words([]) == ""
+    assert signature(b"body", "k") == "sha256=" + hmac.new(b"k", b"body", "sha256").hexdigest()

@@ -1,0 +1,164 @@
+"""`Detect` keeps parsed account states between envelopes; the table's bytes stay the truth.
+
+No Kafka here: the table is a dict, and the MQL store answers "no record" (only qualification reads it).
+"""
+import asyncio
+import json
+
+from detectors.engine import Engine
+from streams.worker import envelope
+from streams.worker.detect import Detect
+from streams.topics import Topics
+from streams.config import Settings
+from detectors.timefmt import parse_ms
+from helpers import at, rules, track
+
+RULES = rules({"invites": {"event": "Invite Sent", "count": 3, "within": "7d", "points": 60}})
+
+
+class NoMql:
+    async def get(self, account):
+        return None, 0.0
+
+
+def body(*docs) -> bytes:
+    (b,) = envelope.pack_all([("acme", json.dumps(d).encode()) for d in docs])
+    return b
+
+
+def detect(table: dict) -> Detect:
+    return Detect(Engine(RULES), Topics.of(Settings()), table, {}, NoMql())
+
+
+def publish(d: Detect, table: dict, result) -> None:
+    """What `detect` in streams/app.py does once an envelope is in its transaction."""
+    for account, state in result.states.items():
+        raw = state.model_dump_json().encode()
+        table[account] = raw
+        d.keep(account, raw, state)
+
+
+def run(d: Detect, b: bytes):
+    return asyncio.run(d.process(b, 0))
+
+
+def test_an_envelope_not_published_leaves_nothing_behind():
+    table: dict = {}
+    d = detect(table)
+    first = body(track("Invite Sent", at(hours=1)), track("Invite Sent", at(hours=2)))
+    publish(d, table, run(d, first))
+    second = body(track("Invite Sent", at(hours=3)))
+    abandoned = run(d, second)  # e.g. the partition moved before its sends: not published
+    again = run(d, second)      # its new owner (or we, later) process it from the table
+    assert [o[2] for o in again.outputs] == [o[2] for o in abandoned.outputs]
+    assert any(b'"pql.handoff"' in o[2] for o in again.outputs)  # not taken for a duplicate
+    assert again.states["acme"].model_dump_json() == abandoned.states["acme"].model_dump_json()
+
+
+def test_the_table_wins_over_a_kept_copy():
+    table: dict = {}
+    d = detect(table)
+    publish(d, table, run(d, body(track("Invite Sent", at(hours=1)), track("Invite Sent", at(hours=2)))))
+    fresh = detect({})
+    publish(fresh, {}, run(fresh, body(track("Invite Sent", at(hours=1)))))
+    table["acme"] = fresh.parsed["acme"][0]  # the table changed under us (e.g. recovered from the changelog)
+    result = run(d, body(track("Invite Sent", at(hours=3))))
+    assert not any(b'"pql.handoff"' in o[2] for o in result.outputs)  # 2 invites, not 3
+    assert len(result.states["acme"].seen) == 2
+
+
+def test_kept_copies_are_bounded():
+    table: dict = {}
+    d = detect(table)
+    d.cache_size = 3
+    for i in range(5):
+        (b,) = envelope.pack_all([(f"a{i}", json.dumps(track("Invite Sent", at(hours=i), account=f"a{i}")).encode())])
+        publish(d, table, run(d, b))
+    assert list(d.parsed) == ["a2", "a3", "a4"]
+
+
+def test_identity_across_partitions_gives_what_replay_gives():
+    """Four partitions, forwarding as the worker does: track calls without context.groupId, some
+    before their user's group call, in any order, give replay's handoffs."""
+    import io
+    import random
+
+    from helpers import group
+    from streams.worker.ingest import Batch, Router
+    from streams.tools.replay import replay
+
+    r = rules({"invites": {"event": "Invite Sent", "distinct": "properties.email", "count": 3, "within": "7d",
+                           "points": 60}})
+    docs = []
+    for a in range(12):
+        user = f"user-{a}"
+        docs += [track("Invite Sent", at(hours=a + k), account=None, user=user, email=f"{k}@x.io") for k in range(3)]
+        docs.append(group(f"acct-{a}", at(hours=a + 1, minutes=30), user=user))
+    lines = [json.dumps(d).encode() for d in docs]
+    out = io.StringIO()
+    replay(lines, Engine(r), {}, out, io.StringIO())
+    want = sorted(out.getvalue().splitlines())
+    assert len(want) == 12
+
+    topics = Topics.of(Settings())
+    for seed in range(5):
+        shuffled = lines[:]
+        random.Random(seed).shuffle(shuffled)
+        parts = [Detect(Engine(r), topics, {}, {}, NoMql(), users={}, partitions=4) for _ in range(4)]
+        tables = [({}, {}) for _ in range(4)]
+        for p, d in enumerate(parts):
+            d.accounts, d.users = tables[p]
+        queue = []
+        for raw in shuffled:  # one envelope per input event, as a slow ingest would send them
+            batch = Batch()
+            Router(Engine(r), topics, 4).route(raw, batch)
+            queue += [(p, b) for (_, p), items in batch.envelopes.items() for b in envelope.pack_all(items)]
+        got = []
+        while queue:
+            p, b = queue.pop(random.Random(seed).randrange(len(queue)))  # partitions interleave
+            result = run_on(parts[p], b, p)
+            got += [o[2].decode() for o in result.outputs if b'"pql.handoff"' in o[2] or b'"pql.suppressed"' in o[2]]
+            for account, state in result.states.items():
+                tables[p][0][account] = state.model_dump_json().encode()
+            for key, u in result.users.items():
+                tables[p][1][key] = u.model_dump_json().encode()
+            queue += [(q, b2) for q, items in result.forward.items() for b2 in envelope.pack_all(items)]
+        assert sorted(got) == want, seed
+
+
+def run_on(d: Detect, b: bytes, partition: int):
+    return asyncio.run(d.process(b, partition))
+
+
+def test_settle_waits_for_the_stream_time_or_an_idle_tick():
+    """Rules `settle`: the handoff waits, durably in the clocks table, until the partition's stream time
+    passes it by `settle`; a late invite that comes meanwhile is in its evidence. An idle tick releases
+    what still waits."""
+    r = RULES.model_copy(update={"settle": 2 * 3_600_000})
+    table, clocks = {}, {}
+    d = Detect(Engine(r), Topics.of(Settings()), table, clocks, NoMql())
+
+    def step(b: bytes) -> list[dict]:
+        result = asyncio.run(d.process(b, 0))
+        publish(d, table, result)
+        if result.waits_changed:
+            clocks["w0"] = result.waits.dump()
+        return [json.loads(o[2]) for o in result.outputs if b'"pql.handoff"' in o[2]]
+
+    def when(handoffs):
+        return [parse_ms(h["data"]["qualified_at"]) for h in handoffs]
+
+    assert step(body(track("Invite Sent", at(hours=1)), track("Invite Sent", at(hours=2)),
+                     track("Invite Sent", at(hours=3)))) == []
+    assert json.loads(clocks["w0"])["accounts"] == {"acme": parse_ms(at(hours=3))}
+    # an earlier invite arrives late, within settle: the handoff, when made, is at the 3rd in time
+    assert step(body(track("Invite Sent", at(minutes=30)))) == []
+    assert json.loads(clocks["w0"])["accounts"] == {"acme": parse_ms(at(hours=2))}
+    out = step(body(track("Invite Sent", at(hours=4, minutes=1))))  # stream time passes 2:00 + 2h
+    assert when(out) == [parse_ms(at(hours=2))]
+    assert len(out[0]["data"]["evidence"]["invites"]) == 3
+    assert json.loads(clocks["w0"])["accounts"] == {"acme": parse_ms(at(hours=3))}  # then in cooldown
+    # idle ticks: the first sees events since the last one, the next releases everything
+    assert step(envelope.tick(1)) == []
+    assert step(envelope.tick(2)) == []  # the 3:00 position decides a cooldown suppression
+    assert json.loads(clocks["w0"])["accounts"] == {}

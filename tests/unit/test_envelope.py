@@ -1,0 +1,33 @@
+"""Envelopes: round trip, size limit, stable partitioning."""
+from streams.worker import envelope
+
+
+def test_round_trip_keeps_order():
+    items = [(f"acct-{i}", b'{"n":%d}' % i) for i in range(100)]
+    (body,) = envelope.pack_all(items)
+    assert list(envelope.unpack(body)) == [("e", k, v) for k, v in items]
+
+
+def test_large_batches_are_split_under_the_limit_in_order():
+    items = [(f"a{i}", b"x" * 300) for i in range(5000)]
+    bodies = list(envelope.pack_all(items, max_bytes=64 * 1024))
+    assert len(bodies) > 1 and all(len(b) <= 64 * 1024 for b in bodies)
+    assert [(k, v) for b in bodies for _, k, v in envelope.unpack(b)] == items
+
+
+def test_partition_is_stable_and_in_range():
+    assert envelope.partition_of("acme", 4) == envelope.partition_of("acme", 4)
+    assert {envelope.partition_of(f"a{i}", 4) for i in range(100)} == {0, 1, 2, 3}
+
+
+def test_unsafe_keys():
+    assert not envelope.safe_key("a\tb") and not envelope.safe_key("a\nb") and not envelope.safe_key("")
+    assert not envelope.safe_key("\x1era") and envelope.safe_key("acme é")
+
+
+def test_lines_of_every_kind_round_trip():
+    items = [("acme", b'{"e":1}'), (envelope.marked(envelope.RESPONSE, "acme"), b'{"r":1}')]
+    (body,) = envelope.pack_all(items)
+    body += b"\n" + envelope.tick(1795428000000)
+    assert list(envelope.unpack(body)) == [("e", "acme", b'{"e":1}'), ("r", "acme", b'{"r":1}'),
+                                           ("t", "", b"1795428000000")]

@@ -1,0 +1,87 @@
+"""The ingest tier's self-clocking batches, without Kafka: how long `linger` keeps gathering."""
+import asyncio
+import time
+
+from detectors.engine import Engine
+from streams.config import Settings
+from streams.worker.ingest import Ingest, Router
+from streams.topics import Topics
+from helpers import rules
+
+TOPICS = Topics.of(Settings())
+
+
+class Quiet:
+    """A consumer with nothing more to read."""
+    def consume(self, n, timeout=0):
+        return []
+
+    def close(self):
+        pass
+
+
+class Delivered:
+    def __init__(self, partition, offset):
+        self._p, self._o = partition, offset
+
+    def topic(self):
+        return TOPICS.accounts
+
+    def partition(self):
+        return self._p
+
+    def offset(self):
+        return self._o
+
+
+def ingest(processed) -> Ingest:
+    r = rules({"m": {"event": "X", "points": 60}})
+    loop = Ingest({"bootstrap.servers": "127.0.0.1:1"}, "g", Router(Engine(r), TOPICS, 4), TOPICS, 5000,
+                  linger_s=0.01, linger_max_s=0.4, processed=processed)
+    loop.consumer.close()
+    loop.consumer = Quiet()
+    return loop
+
+
+def gathering(loop: Ingest) -> float:
+    started = time.monotonic()
+    asyncio.run(loop.linger([object()]))
+    return time.monotonic() - started
+
+
+def test_an_idle_faust_tier_gets_the_batch_after_the_short_linger():
+    loop = ingest(lambda: {0: 11})    # detect published everything up to offset 10
+    loop._delivered(None, Delivered(0, 10))
+    assert not loop.detect_busy()
+    assert gathering(loop) < 0.2
+
+
+def test_a_busy_faust_tier_makes_the_batch_wait_and_grow_up_to_the_max():
+    loop = ingest(lambda: {0: 10})    # offset 10 sent, not yet published
+    loop._delivered(None, Delivered(0, 10))
+    assert loop.detect_busy()
+    assert gathering(loop) >= 0.39
+
+
+def test_the_batch_goes_as_soon_as_detect_catches_up():
+    done = {0: 10}
+    loop = ingest(lambda: done)
+    loop._delivered(None, Delivered(0, 10))
+
+    async def catch_up():
+        await asyncio.sleep(0.1)
+        done[0] = 11
+
+    async def both():
+        started = time.monotonic()
+        await asyncio.gather(loop.linger([object()]), catch_up())
+        return time.monotonic() - started
+
+    took = asyncio.run(both())
+    assert 0.1 <= took < 0.35
+
+
+def test_partitions_another_worker_owns_never_hold_a_batch():
+    loop = ingest(lambda: {})         # not ours: nothing to wait for
+    loop._delivered(None, Delivered(2, 500))
+    assert not loop.detect_busy()
