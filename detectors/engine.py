@@ -8,7 +8,7 @@ It works in two steps so the live worker reads Redis only when an account qualif
     for p in obs.qualified:
         state, decision, stages = engine.decide(state, p, mql_record)
 
-Order independence (README "Time semantics"): events are ordered by position ``(ms, messageId)``.
+Order independence (docs/semantics.md): events are ordered by position ``(ms, messageId)``.
 An event is inserted at its position and every milestone is re-evaluated at each later position its
 window reaches; a position qualifies when the points of the milestones holding within
 ``qualify.window`` before it reach ``qualify.score``. Holding only grows as events arrive, so each
@@ -45,7 +45,7 @@ from schemas.rules import Rules
 from schemas.state import AccountState, Evidence, Handoff, Reach
 
 MAX_CALLS = 50  # group calls kept one by one per account; older ones are merged into `traits`
-MAX_EXPECT = 16  # group calls whose held events are tracked per account (README: Time semantics)
+MAX_EXPECT = 16  # group calls whose held events are tracked per account (docs/semantics.md)
 
 # Why a published output can differ from a replay of the time-sorted stream (pql_divergence_total):
 EARLIER_QUALIFICATION = "earlier_qualification"  # a late event qualified a position before a published handoff

@@ -1,4 +1,4 @@
-"""Which accounts have qualifications waiting to be decided (rules `settle`, README: Time semantics).
+"""Which accounts have qualifications waiting to be decided (rules `settle`, docs/semantics.md).
 
 A qualification waits in its account's state until the stream time minus `settle` passes it. The
 stream time is the newest event time seen (by `pql replay`; per partition by the worker). This index

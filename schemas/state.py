@@ -2,7 +2,7 @@
 changelogs).
 
 Times are integer milliseconds since the epoch. A *position* is ``(ms, messageId)``: events are
-ordered by event time, ties broken by messageId (see README "Time semantics"). ``hits`` rows are
+ordered by event time, ties broken by messageId (see docs/semantics.md). ``hits`` rows are
 ``[ms, messageId, event, distinct_key, props]`` in position order: ``distinct_key`` is a short hash
 (never the raw value, which may be an e-mail address) and ``props`` holds only the fields a rule's
 ``where`` or ``ratio`` names.

@@ -96,7 +96,7 @@ def _settings():
 def worker() -> None:
     """Run the live worker (ingest + detection + CRM agents) until stopped.
 
-    Configuration comes from PQL_* environment variables (see the README).
+    Configuration comes from PQL_* environment variables (see docs/configuration.md).
     """
     import logging
 

@@ -149,6 +149,57 @@ class SalesTeam:
         self.producer.flush(10)
 
 
+class Tally:
+    """What the demo shows: each handoff and sales stage as it comes, and the counts for the summary."""
+
+    def __init__(self, describe: dict[str, str], team: SalesTeam):
+        self.describe, self.team = describe, team
+        self.handoffs, self.suppressed, self.milestones, self.latency = 0, Counter(), Counter(), []
+        self.stages, self.accept_s = Counter(), []
+
+    def show(self, ev: dict) -> None:
+        d = ev["data"]
+        if ev["type"] == "pql.handoff":
+            self.handoffs += 1
+            self.team.handed_off(ev)
+            latency = time.time() - parse_ms(ev["time"]) / 1000
+            self.latency.append(latency)
+            name = (d.get("account_name") or "")[:12]
+            print(f"{ev['time'][11:19]}  {name + ' ' + d['account_id'][-6:]:22} {str(d['owner'] or '-'):7} "
+                  f"{d['precedence']:19} {d['sla_due_at'][11:19]}  {latency * 1000:5.0f}ms  "
+                  + "; ".join(self.describe.get(x, x) for x in d["milestones"]), flush=True)
+        elif ev["type"] in ("pql.stage", "pql.sla_breached") and d["stage"] not in ("qualified", "handed_off"):
+            self.stages[d["stage"]] += 1
+            if d["stage"] == "accepted":
+                self.accept_s.append(d["seconds_since_handoff"])
+            what = {"accepted": f"accepted by {d['by']} after {d['seconds_since_handoff']:.0f}s",
+                    "rejected": f"rejected by {d['by']}: {d['reason']}",
+                    "converted": f"converted ({d['by']})",
+                    "sla_breached": f"SLA BREACHED: no answer by {d['sla_due_at'][11:19]}"}[d["stage"]]
+            print(f"{d['at'][11:19]}    {d['account_id'][-6:]:>6} {what}", flush=True)
+        elif ev["type"] == "pql.suppressed":
+            self.suppressed[d["reason"]] += 1
+        elif ev["type"] == "pql.milestone":
+            self.milestones[d["milestone"]] += 1
+
+    def summary(self, s, slack: SlackStandIn) -> None:
+        stages = self.stages
+        print(f"\nsummary: {self.handoffs} handoffs, suppressed {dict(self.suppressed) or 'none'}, "
+              f"milestones {dict(self.milestones)}")
+        print(f"sales: {stages['accepted']} accepted, {stages['rejected']} rejected, {stages['converted']} converted, "
+              f"{stages['sla_breached']} SLA breaches"
+              + (f"; median time to accept {statistics.median(self.accept_s):.1f}s" if self.accept_s else ""))
+        print(f"alerts delivered to the local Slack stand-in: {slack.received['pql.handoff']} handoffs, "
+              f"{slack.received['pql.sla_breached']} breaches")
+        if self.latency:
+            lat = self.latency
+            q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
+            print(f"event-to-handoff latency: p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms")
+        print(f"topics: {s.topic('pql.handoffs')}, {s.topic('pql.signals')}, {s.topic('pql.events.dlq')}")
+        print("metrics were served at /metrics on the worker's web port while it ran (PQL_WEB_PORT); "
+              "the next step is `make stack-down`")
+
+
 def _watch(s, run, seconds, rate, describe, env, worker, slack) -> None:
     from confluent_kafka import Consumer
 
@@ -165,53 +216,17 @@ def _watch(s, run, seconds, rate, describe, env, worker, slack) -> None:
     print(f"traffic: ~{rate:.0f} events/s for {seconds:.0f}s from 400 simulated accounts; metrics at "
           f"http://{s.web_host}:{s.web_port}/metrics\n")
     print(f"{'time':8}  {'account':22} {'owner':7} {'precedence':19} {'SLA due':8}  {'latency':>7}  milestones")
-    handoffs, suppressed, milestones, lat = 0, Counter(), Counter(), []
-    stages, accept_s = Counter(), []
+    tally = Tally(describe, team)
     deadline = time.time() + seconds + SLA + 6
     while time.time() < deadline:
         team.send_due()
         m = c.poll(0.3)
-        if m is None or m.error() is not None:
-            continue
-        ev = json.loads(m.value())
-        d = ev["data"]
-        if ev["type"] == "pql.handoff":
-            handoffs += 1
-            team.handed_off(ev)
-            latency = time.time() - parse_ms(ev["time"]) / 1000
-            lat.append(latency)
-            name = (d.get("account_name") or "")[:12]
-            print(f"{ev['time'][11:19]}  {name + ' ' + d['account_id'][-6:]:22} {str(d['owner'] or '-'):7} "
-                  f"{d['precedence']:19} {d['sla_due_at'][11:19]}  {latency * 1000:5.0f}ms  "
-                  + "; ".join(describe.get(x, x) for x in d["milestones"]), flush=True)
-        elif ev["type"] in ("pql.stage", "pql.sla_breached") and d["stage"] not in ("qualified", "handed_off"):
-            stages[d["stage"]] += 1
-            if d["stage"] == "accepted":
-                accept_s.append(d["seconds_since_handoff"])
-            what = {"accepted": f"accepted by {d['by']} after {d['seconds_since_handoff']:.0f}s",
-                    "rejected": f"rejected by {d['by']}: {d['reason']}",
-                    "converted": f"converted ({d['by']})",
-                    "sla_breached": f"SLA BREACHED: no answer by {d['sla_due_at'][11:19]}"}[d["stage"]]
-            print(f"{d['at'][11:19]}    {d['account_id'][-6:]:>6} {what}", flush=True)
-        elif ev["type"] == "pql.suppressed":
-            suppressed[d["reason"]] += 1
-        elif ev["type"] == "pql.milestone":
-            milestones[d["milestone"]] += 1
+        if m is not None and m.error() is None:
+            tally.show(json.loads(m.value()))
     c.close()
     team.close()
     sim.wait(30)
-    print(f"\nsummary: {handoffs} handoffs, suppressed {dict(suppressed) or 'none'}, milestones {dict(milestones)}")
-    print(f"sales: {stages['accepted']} accepted, {stages['rejected']} rejected, {stages['converted']} converted, "
-          f"{stages['sla_breached']} SLA breaches"
-          + (f"; median time to accept {statistics.median(accept_s):.1f}s" if accept_s else ""))
-    print(f"alerts delivered to the local Slack stand-in: {slack.received['pql.handoff']} handoffs, "
-          f"{slack.received['pql.sla_breached']} breaches")
-    if lat:
-        q = statistics.quantiles(lat, n=100) if len(lat) > 1 else [lat[0]] * 99
-        print(f"event-to-handoff latency: p50 {q[49] * 1000:.0f} ms, p99 {q[98] * 1000:.0f} ms")
-    print(f"topics: {s.topic('pql.handoffs')}, {s.topic('pql.signals')}, {s.topic('pql.events.dlq')}")
-    print("metrics were served at /metrics on the worker's web port while it ran (PQL_WEB_PORT); "
-          "the next step is `make stack-down`")
+    tally.summary(s, slack)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Input partitions merged by event time, before routing (the ingest tier; README: Time semantics).
+"""Input partitions merged by event time, before routing (the ingest tier; docs/semantics.md).
 
 Producers that key by user, or not at all, spread one account's events over every partition of
 product.events. Each partition is (about) in time order, but a consumer reads them in chunks: after

@@ -23,7 +23,7 @@ events_late = Counter("pql_events_late", "Events older than their account's newe
 events_held = Counter("pql_events_held", "Events held until a group call ties their user to an account",
                       registry=REGISTRY)
 divergence = Counter("pql_divergence", "Published outputs that may differ from a replay of the time-sorted stream, "
-                     "by reason (README: Time semantics)", ["reason"], registry=REGISTRY)
+                     "by reason (docs/semantics.md)", ["reason"], registry=REGISTRY)
 events_duplicate = Counter("pql_events_duplicate", "Events ignored because their messageId was seen", registry=REGISTRY)
 milestones_reached = Counter("pql_milestones_reached", "Milestones newly reached", ["milestone"], registry=REGISTRY)
 qualifications = Counter("pql_qualifications", "Accounts that reached the qualify score", registry=REGISTRY)

@@ -1,0 +1,84 @@
+"""Phase 2 of `detect` (streams/worker/publish.py): every write of an envelope goes into its source
+partition's transaction, and memory follows only what went in. A fake transaction records sends."""
+import asyncio
+import json
+from types import SimpleNamespace
+
+from detectors.engine import Engine
+from helpers import at, rules, track
+from streams.config import Settings
+from streams.topics import Topics
+from streams.worker import envelope
+from streams.worker.detect import Detect
+from streams.worker.eos import PartitionMoved
+from streams.worker.publish import Publisher
+from streams.worker.tables import Tables
+
+RULES = rules({"invites": {"event": "Invite Sent", "count": 3, "within": "7d", "points": 60}})
+TOPICS = Topics.of(Settings())
+
+
+class NoMql:
+    async def get(self, account):
+        return None, 0.0
+
+
+class Tx:
+    def __init__(self, move_at: int | None = None):
+        self.sent, self.early, self.move_at = [], [], move_at
+
+    async def send(self, topic, key, value, partition, headers, source, first=False):
+        if self.move_at is not None and len(self.sent) == self.move_at:
+            raise PartitionMoved()
+        self.sent.append((topic, key, partition, source, first))
+
+    def commit_soon(self, partition):
+        self.early.append(partition)
+
+
+def setup(tx):
+    tables = Tables(*(SimpleNamespace(data={}) for _ in range(3)), app_id="app")
+    detector = Detect(Engine(RULES), TOPICS, tables.accounts.data, tables.clocks.data, NoMql(),
+                      users=tables.users.data, partitions=4)
+    return tables, detector, Publisher(tx, TOPICS, tables, detector)
+
+
+def qualifying_envelope(account: str) -> bytes:
+    docs = [track("Invite Sent", at(hours=h), account=account) for h in (1, 2, 3)]
+    (b,) = envelope.pack_all([(account, json.dumps(d).encode()) for d in docs])
+    return b
+
+
+def test_every_write_goes_into_the_source_partitions_transaction():
+    tx = Tx()
+    tables, detector, pub = setup(tx)
+    p = envelope.partition_of("acme", 4)
+    result = asyncio.run(detector.process(qualifying_envelope("acme"), p))
+    assert asyncio.run(pub.publish(result, p, offset=41))
+    topics = [s[0] for s in tx.sent]
+    assert TOPICS.handoffs in topics and "app-accounts-changelog" in topics and "app-clocks-changelog" in topics
+    assert all(partition == p and source == p for _, _, partition, source, _ in tx.sent)
+    assert [s[4] for s in tx.sent] == [True] + [False] * (len(tx.sent) - 1)  # only the first may begin a transaction
+    assert json.loads(tables.accounts.data["acme"])["account_id"] == "acme"
+    assert json.loads(tables.clocks.data[str(p)])  # the handoff's SLA clock
+    assert pub.processed == {p: 42} and tx.early == [p]  # a handoff: commit this partition now
+
+
+def test_a_partition_that_moves_mid_envelope_leaves_memory_untouched():
+    tx = Tx(move_at=1)
+    tables, detector, pub = setup(tx)
+    p = envelope.partition_of("acme", 4)
+    result = asyncio.run(detector.process(qualifying_envelope("acme"), p))
+    assert not asyncio.run(pub.publish(result, p, offset=7))
+    assert tables.accounts.data == {} and tables.clocks.data == {}
+    assert pub.processed == {} and tx.early == [] and detector.parsed == {}
+
+
+def test_lines_for_another_partition_are_forwarded_in_this_transaction():
+    tx = Tx()
+    tables, detector, pub = setup(tx)
+    p = envelope.partition_of("acme", 4)
+    other = (p + 1) % 4
+    assert asyncio.run(pub.publish(asyncio.run(detector.process(qualifying_envelope("acme"), other)), other, 0))
+    assert [(s[0], s[2], s[3]) for s in tx.sent] == [(TOPICS.accounts, p, other)]
+    assert tables.accounts.data == {}
