@@ -80,8 +80,11 @@ class Observation:
 
 
 class Engine:
-    def __init__(self, rules: Rules):
+    def __init__(self, rules: Rules, alert_max_age: int | None = None):
+        """`alert_max_age` (ms): a handoff whose qualifying event is older than this at the `now` its
+        decision is made is a backfill: flagged, no alert, no SLA clock (None: never)."""
         self.rules = rules
+        self.alert_max_age = alert_max_age
         self.detectors = [Detector(mid, m) for mid, m in rules.milestones.items()]
         self.by_id = {d.id: d for d in self.detectors}
         self.listening: dict[tuple[str, str], list[Detector]] = {}
@@ -343,14 +346,15 @@ class Engine:
             obs.diverged.append(LATE_EVIDENCE)
 
     # -- step 2: decision ----------------------------------------------------------------------
-    def decide(self, state: AccountState, p: Pending, mql: MqlRecord | None
+    def decide(self, state: AccountState, p: Pending, mql: MqlRecord | None, now: int | None = None
                ) -> tuple[AccountState, CloudEvent | None, list[CloudEvent]]:
         """A handoff or a suppression, and the stage events (detectors/sales.py) that go with it.
 
         None when the position would start a handoff episode whose handoff, at a later position,
         is already published (EARLIER_QUALIFICATION): that handoff stands and its cooldown now
         counts from this position. None too for a re-check after a late group call (`refit`) that
-        does not end in a handoff: the suppression published before stands.
+        does not end in a handoff: the suppression published before stands. `now` (the caller's
+        clock, a value like the MQL state) only decides whether a handoff is a backfill.
         """
         rules = self.rules
         ctx = self._context(state, p, mql)
@@ -389,6 +393,7 @@ class Engine:
             precedence="pql_supersedes_mql" if supersedes else "pql_only",
             owner=mql.owner if mql else None,
             sla_due_at=iso(p.ms + rules.sla.pql),
+            backfill=now is not None and self.alert_max_age is not None and now - p.ms > self.alert_max_age,
         )
         out = self._event(HANDOFF, p, data)
         return state, out, sales.handed_off(state, out.id, "pql", p.ms, p.ms + rules.sla.pql)
@@ -434,19 +439,19 @@ class Engine:
     # -- both steps, for callers that have the MQL state at hand --------------------------------
     def step(
         self, state: AccountState | None, events: list, account_id: str,
-        mql_of: Callable[[str], MqlRecord | None], cut: int | None = None, marks: list = (),
+        mql_of: Callable[[str], MqlRecord | None], cut: int | None = None, marks: list = (), now: int | None = None,
     ) -> tuple[AccountState, Observation, list[CloudEvent]]:
         """observe_all + decide: each decision, then its stage events, in position order."""
         state, obs = self.observe_all(state, events, account_id, cut, marks)
-        return state, obs, self.decide_all(state, obs.qualified, mql_of, obs)
+        return state, obs, self.decide_all(state, obs.qualified, mql_of, obs, now)
 
     def decide_all(self, state: AccountState, qualified: list[Pending], mql_of: Callable[[str], MqlRecord | None],
-                   obs: Observation) -> list[CloudEvent]:
+                   obs: Observation, now: int | None = None) -> list[CloudEvent]:
         out: list[CloudEvent] = []
         if qualified:
             mql = mql_of(qualified[0].account_id)
             for p in qualified:
-                state, decision, stages = self.decide(state, p, mql)
+                state, decision, stages = self.decide(state, p, mql, now)
                 if decision is None:
                     obs.diverged += [p.diverged] if p.diverged else []
                     continue

@@ -44,6 +44,8 @@ class HandoffData(Qualification):
     owner: str | None
     lane: Literal["pql"] = "pql"
     sla_due_at: str
+    # the qualifying event was older than PQL_ALERT_MAX_AGE when decided (a backlog): no alert, no SLA clock
+    backfill: bool = False
 
 
 class SuppressedData(Qualification):

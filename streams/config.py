@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     alert_timeout: float = Field(default=5.0, gt=0, description="s per delivery attempt")
     alert_attempts: int = Field(default=3, ge=1, le=10, description="attempts before the retry topic")
     alert_retry_delay: float = Field(default=30.0, gt=0, le=240, description="s before a retry-topic retry")
+    # a handoff whose qualifying event is older than this (s) when decided is a backfill: no alert, no SLA clock
+    alert_max_age: float = Field(default=86400.0, ge=0, description="s; 0: every handoff is alerted")
     # Kafka security, passed through to both clients
     kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     kafka_sasl_mechanism: str | None = None
@@ -98,3 +100,8 @@ def load_settings(**overrides) -> Settings:
         name = "PQL_" + "_".join(str(p) for p in e["loc"]).upper()
         shown = "(hidden)" if "secret" in name or "password" in name else repr(e.get("input"))
         raise SettingsError(f"{name}: {msg} (got {shown})") from None
+
+
+def alert_max_age_ms(seconds: float) -> int | None:
+    """PQL_ALERT_MAX_AGE for the engine: ms, or None when 0 (no backfill flag)."""
+    return int(seconds * 1000) if seconds > 0 else None

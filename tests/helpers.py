@@ -58,3 +58,15 @@ def kinds(outputs: list) -> list[str]:
 
 def event(doc: dict):
     return parse_event(json.dumps(doc))
+
+
+def verifier():
+    """examples/verify_webhook.py's `verify`, the function webhook receivers copy."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples/verify_webhook.py"
+    spec = importlib.util.spec_from_file_location("verify_webhook", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.verify

@@ -50,36 +50,49 @@ def rules_check(file: str) -> None:
                    "pql.sla_breached for every handoff due by then.")
 @click.option("--responses", "responses_path", type=click.Path(exists=True, dir_okay=False),
               help="Sales responses, JSON lines as on sales.responses, applied in time order among the events.")
+@click.option("--alert-max-age", type=click.FloatRange(min=0), default=86400.0, show_default=True,
+              envvar="PQL_ALERT_MAX_AGE", metavar="SECONDS",
+              help="A handoff whose qualifying event is older than this when decided is a backfill (flagged, "
+                   "no SLA clock), as in the worker. 0: never.")
+@click.option("--processed-at", metavar="TIME",
+              help="Decide as a worker started at TIME (ISO 8601, or 'now') over this history would (backfill "
+                   "flags); default: each event as it happened (the stream time).")
 def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool, stages: bool,
-           now: str | None, responses_path: str | None) -> None:
+           now: str | None, responses_path: str | None, alert_max_age: float, processed_at: str | None) -> None:
     """Run the detection engine over an EVENTS.jsonl file (the backtest).
 
     Handoffs and suppressions (CloudEvents, one per line) go to stdout; rejected lines and a
     summary go to stderr. Exits 0 when the run completes, even if some lines were invalid.
     """
     from detectors.engine import Engine
+    from streams.config import alert_max_age_ms
     from streams.tools import replay as rp
 
-    engine = Engine(_rules(rules_path))
+    engine = Engine(_rules(rules_path), alert_max_age_ms(alert_max_age))
     try:
         mql = rp.load_mql(mql_path) if mql_path else {}
     except rp.MqlFileError as err:
         click.echo(f"pql: bad MQL file: {err}", err=True)
         sys.exit(2)
-    now_ms = None
-    if now is not None:
-        import time
-
-        from detectors.timefmt import parse_ms
-
-        try:
-            now_ms = int(time.time() * 1000) if now == "now" else parse_ms(now)
-        except ValueError:
-            click.echo(f"pql: --now: expected an ISO 8601 time or 'now', got {now!r}", err=True)
-            sys.exit(2)
+    now_ms, processed_ms = _time("--now", now), _time("--processed-at", processed_at)
     responses = rp.load_responses(responses_path, sys.stderr) if responses_path else []
-    summary = rp.run(events, engine, mql, milestones, stages, now_ms, responses)
+    summary = rp.run(events, engine, mql, milestones, stages, now_ms, responses, processed_ms)
     click.echo(summary.render(), err=True)
+
+
+def _time(option: str, value: str | None) -> int | None:
+    """An ISO 8601 time or 'now', as ms; a bad one exits 2 naming the option."""
+    if value is None:
+        return None
+    import time
+
+    from detectors.timefmt import parse_ms
+
+    try:
+        return int(time.time() * 1000) if value == "now" else parse_ms(value)
+    except ValueError:
+        click.echo(f"pql: {option}: expected an ISO 8601 time or 'now', got {value!r}", err=True)
+        sys.exit(2)
 
 
 def _settings():

@@ -7,6 +7,11 @@ gives its pql.sla_breached, as the live worker publishes it. Sales responses (`-
 records of `sales.responses`) are applied in time order among the events: a response is applied
 before the first event later than it (an answer after its handoff's SLA ran out counts as late,
 after the breach, when `now` is given).
+
+Backfill (PQL_ALERT_MAX_AGE, docs/sales.md): a handoff is decided at the stream time, as if each event
+had been processed when it happened, unless `processed_at` (`--processed-at`) says when a worker
+started over this history; one whose qualifying event is older than the max age then is flagged
+`backfill` and gets no SLA clock.
 """
 from __future__ import annotations
 
@@ -44,6 +49,7 @@ class Summary:
     milestones: Counter = field(default_factory=Counter)
     qualifications: int = 0
     handoffs: int = 0
+    backfill: int = 0
     suppressed: Counter = field(default_factory=Counter)
     stages: Counter = field(default_factory=Counter)
     responses: Counter = field(default_factory=Counter)
@@ -69,7 +75,7 @@ class Summary:
             *(["diverged:        " + _counts(self.diverged)] if self.diverged else []),
             "milestones:      " + _counts(self.milestones),
             f"qualifications:  {self.qualifications}",
-            f"handoffs:        {self.handoffs}",
+            f"handoffs:        {self.handoffs}" + (f" ({self.backfill} backfill)" if self.backfill else ""),
             "suppressed:      " + _counts(self.suppressed),
             "stages:          " + _counts(self.stages),
             *(["responses:       " + _counts(self.responses)] if self.responses else []),
@@ -122,7 +128,8 @@ class Replay:
     """The replay loop; holds identity links and account states in plain dicts."""
 
     def __init__(self, engine: Engine, mql: dict[str, MqlRecord], milestones: bool = False, stages: bool = False,
-                 responses: list[tuple[int, SalesResponse]] = (), now: int | None = None):
+                 responses: list[tuple[int, SalesResponse]] = (), now: int | None = None,
+                 processed_at: int | None = None):
         self.engine = engine
         self.mql = mql
         self.milestones = milestones
@@ -134,6 +141,7 @@ class Replay:
         self.clocks: sales.Clocks = {}
         self.summary = Summary()
         self.responses, self.next_response, self.now = list(responses), 0, now
+        self.processed_at = processed_at
         self.settle, self.stream, self.waiting = rules.settle, 0, Waiting()
 
     def feed(self, lineno: int, raw: bytes, out: IO[str], err: IO[str]) -> None:
@@ -169,7 +177,8 @@ class Replay:
             if e.ms > self.stream:
                 self.stream = e.ms
         cut = self.stream - self.settle
-        state, obs, outputs = self.engine.step(self.states.get(account), events, account, self.mql.get, cut, marks)
+        state, obs, outputs = self.engine.step(self.states.get(account), events, account, self.mql.get, cut, marks,
+                                               self.decided_at())
         self.states[account] = state
         self._report(account, state, obs, outputs, lineno, out, err)
         self.release(cut, out, err)
@@ -181,8 +190,14 @@ class Replay:
         for ms, account in self.waiting.ready(cut):
             state = self.states[account]
             obs = Observation()
-            outputs = self.engine.decide_all(state, self.engine.due(state, account, cut, obs), self.mql.get, obs)
+            outputs = self.engine.decide_all(state, self.engine.due(state, account, cut, obs), self.mql.get, obs,
+                                             self.decided_at())
             self._report(account, state, obs, outputs, 0, out, err)
+
+    def decided_at(self) -> int:
+        """The clock a decision is made at (backfill flags): `processed_at` (a worker started then over
+        this history), else the stream time, as if each event was processed as it happened."""
+        return self.processed_at if self.processed_at is not None else self.stream
 
     def _report(self, account: str, state: AccountState, obs: Observation, outputs: list, lineno: int,
                 out: IO[str], err: IO[str]) -> None:
@@ -203,8 +218,10 @@ class Replay:
                 s.qualifications += 1
                 if ev.type == HANDOFF:
                     s.handoffs += 1
-                    h = sales.last(state)
-                    self.clocks[h.id] = [h.due, account]
+                    s.backfill += ev.data.backfill
+                    if not ev.data.backfill:  # a backlog handoff gets no SLA clock
+                        h = sales.last(state)
+                        self.clocks[h.id] = [h.due, account]
                 else:
                     s.suppressed[ev.data.reason] += 1
                 out.write(ev.to_json() + "\n")
@@ -254,8 +271,8 @@ class Replay:
 
 def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], out: IO[str], err: IO[str],
            milestones: bool = False, progress=None, stages: bool = False, now: int | None = None,
-           responses: list[tuple[int, SalesResponse]] = ()) -> Summary:
-    r = Replay(engine, mql, milestones, stages, responses, now)
+           responses: list[tuple[int, SalesResponse]] = (), processed_at: int | None = None) -> Summary:
+    r = Replay(engine, mql, milestones, stages, responses, now, processed_at)
     started = time.perf_counter()
     for n, raw in enumerate(lines, 1):
         if raw.strip():
@@ -273,12 +290,14 @@ def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], ou
 
 
 def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool, stages: bool = False,
-        now: int | None = None, responses: list[tuple[int, SalesResponse]] = ()) -> Summary:
+        now: int | None = None, responses: list[tuple[int, SalesResponse]] = (), processed_at: int | None = None
+        ) -> Summary:
     """Replay a file to stdout/stderr, with a progress bar when stderr is a terminal."""
     out, err = sys.stdout, sys.stderr
     with open(events, "rb") as f:
         if not err.isatty():
-            return replay(f, engine, mql, out, err, milestones, stages=stages, now=now, responses=responses)
+            return replay(f, engine, mql, out, err, milestones, stages=stages, now=now, responses=responses,
+                          processed_at=processed_at)
         import click
 
         size = Path(events).stat().st_size
@@ -290,5 +309,5 @@ def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool
                 bar.update(pos - last[0])
                 last[0] = pos
 
-            return replay(f, engine, mql, out, err, milestones, progress, stages, now, responses)
+            return replay(f, engine, mql, out, err, milestones, progress, stages, now, responses, processed_at)
 

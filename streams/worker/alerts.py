@@ -8,10 +8,14 @@ other than 408/429) will not change its mind: that alert goes to the DLQ with th
 committed only once every record of a batch is delivered or parked, so nothing is dropped.
 
 Every request carries `X-PQL-Event-Id` (the CloudEvent id): after a crash or a rebalance an alert can
-be sent again, and receivers dedupe on it. The webhook's body is the CloudEvent itself, signed:
-`X-PQL-Signature: sha256=<hex HMAC-SHA256 of the body with PQL_WEBHOOK_SECRET>`.
+be sent again, and receivers dedupe on it. The webhook's body is the CloudEvent itself, signed with
+PQL_WEBHOOK_SECRET at each attempt: `X-PQL-Webhook-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256
+of "<t>." + body>` (examples/verify_webhook.py verifies it), and, deprecated, the body-only
+`X-PQL-Signature: sha256=<hex HMAC-SHA256 of the body>`, which a captured request can replay.
 
 Handoffs are also indexed in Redis (handoff id -> account), so `pql respond ID` needs no account.
+A backfill handoff (`data.backfill`: its qualifying event was older than PQL_ALERT_MAX_AGE when it
+was decided, e.g. the first run over days of history) is indexed but not alerted.
 """
 from __future__ import annotations
 
@@ -36,7 +40,30 @@ DELIVERED, PARKED, REFUSED = "delivered", "parked", "refused"
 
 
 def signature(body: bytes, secret: str) -> str:
+    """The deprecated body-only signature (X-PQL-Signature): kept for receivers that check it."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def timed_signature(body: bytes, secret: str, t: int) -> str:
+    """X-PQL-Webhook-Signature: the timestamp is signed with the body, so a request cannot be replayed
+    outside the receiver's tolerance."""
+    mac = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def select(msgs: list, handoffs_topic: str) -> tuple[list[dict], list]:
+    """The handoffs among `msgs` (to index for `pql respond`), and the messages to alert: handoffs
+    that are not a backfill (qualifying event older than PQL_ALERT_MAX_AGE) and SLA breaches."""
+    handoffs, todo = [], []
+    for m in msgs:
+        if m.topic() == handoffs_topic:
+            h = json.loads(m.value())
+            handoffs.append(h)
+            if not h.get("data", {}).get("backfill"):
+                todo.append(m)
+        elif BREACH in (m.value() or b""):
+            todo.append(m)
+    return handoffs, todo
 
 
 def _when(text: str | None) -> str:
@@ -110,6 +137,12 @@ class Channel:
         headers["X-PQL-Signature"] = signature(raw, self.secret or "")
         return raw, headers
 
+    def signed(self, body: bytes, headers: dict, now: float) -> dict:
+        """The headers of one attempt: webhook requests get a signature with this attempt's time."""
+        if self.name == "slack":
+            return headers
+        return {**headers, "X-PQL-Webhook-Signature": timed_signature(body, self.secret or "", int(now))}
+
 
 class Refused(Exception):
     """The endpoint refused the request for good (a 4xx other than 408/429)."""
@@ -163,8 +196,7 @@ class Alerts:
             msgs = await self._poll(self.consumer, 500)
             if not msgs:
                 continue
-            todo = [m for m in msgs if m.topic() == self.topics.handoffs or BREACH in (m.value() or b"")]
-            handoffs = [json.loads(m.value()) for m in todo if m.topic() == self.topics.handoffs]
+            handoffs, todo = select(msgs, self.topics.handoffs)
             if handoffs:
                 await self.index.index_handoffs([(h["id"], h["subject"]) for h in handoffs])
             await asyncio.gather(*(self._first(m, c) for m in todo for c in self.channels))
@@ -219,7 +251,7 @@ class Alerts:
         async with self.limit:
             for attempt in range(1, self.s.alert_attempts + 1):
                 try:
-                    await self._post(channel, body, headers)
+                    await self._post(channel, body, channel.signed(body, headers, time.time()))
                     metrics.alerts_sent.labels(channel.name).inc()
                     metrics.alert_seconds.labels(channel.name).observe(time.perf_counter() - started)
                     return DELIVERED, ""

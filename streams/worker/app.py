@@ -19,7 +19,7 @@ import faust
 
 from detectors.engine import Engine
 from schemas.rules import Rules
-from streams.config import Settings
+from streams.config import Settings, alert_max_age_ms
 from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics, ensure_topics
 from streams.worker import alerts, crm, detect, eos, ingest, metrics
@@ -59,7 +59,7 @@ def make_app(s: Settings) -> faust.App:
 
 
 def build(settings: Settings, rules: Rules) -> faust.App:
-    s, topics, engine = settings, Topics.of(settings), Engine(rules)
+    s, topics, engine = settings, Topics.of(settings), Engine(rules, alert_max_age_ms(settings.alert_max_age))
     app = make_app(s)
     raw = dict(key_serializer="raw", value_serializer="raw")
     envelopes = app.topic(topics.accounts, key_type=bytes, value_type=bytes, partitions=s.partitions, **raw)

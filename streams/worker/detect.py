@@ -229,17 +229,21 @@ class Detect:
             metrics.mql_lookup.observe(took)
         for p in qualified:
             metrics.qualifications.inc()
-            state, decision, stages = self.engine.decide(state, p, record)
+            now = self.now_ms()
+            state, decision, stages = self.engine.decide(state, p, record, now)
             if decision is None:
                 if p.diverged:
                     metrics.divergence.labels(p.diverged).inc()
             elif decision.type == HANDOFF:
                 self._emit(r, self.topics.handoffs, decision)
                 metrics.handoffs_published.labels(decision.data.lane, decision.data.precedence).inc()
-                metrics.event_to_handoff.observe(max(0.0, (self.now_ms() - p.ms) / 1000))
-                h = sales.last(state)
-                self._clocks(r, partition)[h.id] = [h.due, account]
-                r.clocks_changed = True
+                metrics.event_to_handoff.observe(max(0.0, (now - p.ms) / 1000))
+                if decision.data.backfill:  # a backlog: no SLA clock (and no alert)
+                    metrics.handoffs_backfill.inc()
+                else:
+                    h = sales.last(state)
+                    self._clocks(r, partition)[h.id] = [h.due, account]
+                    r.clocks_changed = True
             else:
                 self._emit(r, self.topics.signals, decision)
                 metrics.handoffs_suppressed.labels(decision.data.reason).inc()

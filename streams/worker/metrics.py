@@ -29,6 +29,9 @@ milestones_reached = Counter("pql_milestones_reached", "Milestones newly reached
 qualifications = Counter("pql_qualifications", "Accounts that reached the qualify score", registry=REGISTRY)
 handoffs_published = Counter("pql_handoffs_published", "pql.handoff events published", ["lane", "precedence"],
                              registry=REGISTRY)
+handoffs_backfill = Counter("pql_handoffs_backfill", "Handoffs whose qualifying event was older than "
+                            "PQL_ALERT_MAX_AGE: published with backfill=true, no alert, no SLA clock",
+                            registry=REGISTRY)
 handoffs_suppressed = Counter("pql_handoffs_suppressed", "Qualifications suppressed, by reason", ["reason"],
                               registry=REGISTRY)
 event_to_handoff = Histogram("pql_event_to_handoff_seconds", "Qualifying event timestamp to handoff published",

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import verifier
 from live import Env, free_port, kill9, publish, read, replay
 
 SECRET = "s3cret"
@@ -80,10 +81,10 @@ def now_iso(offset: float = 0.0) -> str:
     return datetime.fromtimestamp(time.time() + offset, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def qualifying(accounts: list[str]) -> list[bytes]:
+def qualifying(accounts: list[str], offset: float = 0.0) -> list[bytes]:
     out = []
     for a in accounts:
-        base = {"userId": f"{a}-u", "timestamp": now_iso()}
+        base = {"userId": f"{a}-u", "timestamp": now_iso(offset)}
         out.append(json.dumps({**base, "type": "group", "groupId": a, "messageId": f"{a}-g",
                                "traits": {"name": f"Company {a}", "employees": 40}}).encode())
         out.append(json.dumps({**base, "type": "track", "event": "Usage Recorded", "messageId": f"{a}-u",
@@ -192,9 +193,11 @@ def test_alerts_responses_and_sla_breaches(kafka, redis_url, unique, tmp_path, e
         for path in ("/slack", "/hook"):
             assert endpoint.delivered(path) == Counter({i: 1 for i in alert_ids}), path
         assert max(endpoint.attempts.values()) >= 5  # some went through the retry topic
+        verify = verifier()
         for headers, body in endpoint.bodies("/hook"):
             want = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
             assert headers["X-PQL-Signature"] == want
+            assert verify(body, headers["X-PQL-Webhook-Signature"], SECRET)
             assert json.loads(body)["id"] == headers["X-PQL-Event-Id"]
         slack = {h["X-PQL-Event-Id"]: json.loads(b)["text"] for h, b in endpoint.bodies("/slack")}
         text = slack[handoffs["acct-4"]]
@@ -248,5 +251,38 @@ def test_sla_clocks_survive_restarts_and_breach_once(kafka, redis_url, unique, t
         for path in ("/slack", "/hook"):  # receivers dedupe on X-PQL-Event-Id: one alert per id delivered
             want = set(ids.values()) | set(breaches)
             wait_for(lambda: set(endpoint.delivered(path)) >= want, timeout=60, what=f"alerts on {path}")
+    finally:
+        env.stop_all()
+
+
+def test_a_backlog_is_published_flagged_without_alerts_or_clocks(kafka, redis_url, unique, tmp_path, endpoint):
+    """A first start over events days old: their handoffs are backfill (no alert, no SLA clock), a
+    fresh one in the same backlog is alerted and breaches; `pql replay --processed-at` predicts it."""
+    env = make_env(kafka, redis_url, unique, tmp_path, sla="5s")
+    try:
+        old = [f"old-{i}" for i in range(3)]
+        env.create_topic("product.events", 1)
+        publish(env.kafka, env.topic("product.events"), qualifying(old, offset=-3 * 86400) + qualifying(["fresh"]))
+        w = env.start_worker(**worker_vars(endpoint))
+        live = read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: len(m) >= 4, idle=0.5)
+        handoffs = {json.loads(m.value())["subject"]: json.loads(m.value()) for m in live}
+        assert {a: h["data"]["backfill"] for a, h in handoffs.items()} == {**{a: True for a in old}, "fresh": False}
+        fresh = handoffs["fresh"]["id"]
+        got = signals(env, until=lambda s: any(x["type"] == "pql.sla_breached" for x in s), idle=8.0)
+        assert [x["subject"] for x in got if x["type"] == "pql.sla_breached"] == ["fresh"]  # old ones have no clock
+        breach = next(x["id"] for x in got if x["type"] == "pql.sla_breached")
+        for path in ("/slack", "/hook"):
+            wait_for(lambda: set(endpoint.delivered(path)) >= {fresh, breach}, timeout=60, what=f"alerts on {path}")
+        time.sleep(2)
+        for path in ("/slack", "/hook"):
+            assert set(endpoint.delivered(path)) == {fresh, breach}, path
+        assert "pql_handoffs_backfill_total 3.0" in env.metrics(w)
+        events = tmp_path / "events.jsonl"
+        events.write_bytes(b"".join(m.value() + b"\n" for m in read(env.kafka, [env.topic("product.events")],
+                                                                      until=lambda m: len(m) >= 8, idle=0.5)))
+        res = env.pql("replay", str(events), "--rules", str(tmp_path / "rules.yaml"), "--processed-at", "now")
+        assert res.returncode == 0, res.stderr
+        assert sorted(res.stdout.splitlines()) == sorted(m.value().decode() for m in live)
+        assert "handoffs:        4 (3 backfill)" in res.stderr
     finally:
         env.stop_all()

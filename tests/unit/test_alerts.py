@@ -11,7 +11,9 @@ import pytest
 from schemas.rules import load_rules
 from streams.worker.alerts import DELIVERED, PARKED, REFUSED, Alerts, evidence_words, signature, slack_message
 from streams.config import DEFAULT_RULES, Settings
+from helpers import verifier
 from streams.topics import Topics
+
 
 
 @pytest.fixture
@@ -92,3 +94,45 @@ def test_slack_message_reads_like_a_lead_for_a_rep():
 def test_evidence_words_and_signature():
     assert evidence_words([]) == ""
     assert signature(b"body", "k") == "sha256=" + hmac.new(b"k", b"body", "sha256").hexdigest()
+
+
+
+def test_the_shipped_verifier_accepts_our_signature_and_refuses_replays_and_forgeries():
+    from streams.worker.alerts import Channel
+
+    verify = verifier()
+    channel = Channel("webhook", "http://x", "s3cret")
+    body, headers = channel.request(b'{"id":"e1","type":"pql.handoff"}', {"id": "e1", "type": "pql.handoff"}, {})
+    sent = channel.signed(body, headers, now=1_800_000_000.4)["X-PQL-Webhook-Signature"]
+    assert sent.startswith("t=1800000000,v1=")
+    assert verify(body, sent, "s3cret", now=1_800_000_100)
+    assert not verify(body, sent, "s3cret", now=1_800_000_301)        # replayed after the tolerance
+    assert not verify(body, sent, "s3cret", now=1_799_999_699)        # or stamped in the future
+    assert not verify(body + b" ", sent, "s3cret", now=1_800_000_000)  # body changed
+    assert not verify(body, sent, "other", now=1_800_000_000)          # wrong secret
+    forged = sent.replace("t=1800000000", "t=1800000200")               # fresher stamp, old MAC
+    assert not verify(body, forged, "s3cret", now=1_800_000_200)
+    assert not verify(body, "garbage", "s3cret") and not verify(body, "t=x,v1=00", "s3cret")
+    rotated = f"{sent},v1={'0' * 64}"                                   # two signatures during a rotation
+    assert verify(body, rotated, "s3cret", now=1_800_000_000)
+
+
+def test_backfill_handoffs_are_indexed_not_alerted():
+    from streams.worker.alerts import select
+
+    class Msg:
+        def __init__(self, topic, doc):
+            self._topic, self._value = topic, json.dumps(doc, separators=(",", ":")).encode()
+
+        def topic(self):
+            return self._topic
+
+        def value(self):
+            return self._value
+
+    fresh = Msg("h", {"id": "1", "subject": "a", "type": "pql.handoff", "data": {"backfill": False}})
+    old = Msg("h", {"id": "2", "subject": "b", "type": "pql.handoff", "data": {"backfill": True}})
+    breach = Msg("s", {"id": "3", "subject": "a", "type": "pql.sla_breached", "data": {}})
+    stage = Msg("s", {"id": "4", "subject": "a", "type": "pql.stage", "data": {}})
+    handoffs, todo = select([fresh, old, breach, stage], "h")
+    assert [h["id"] for h in handoffs] == ["1", "2"] and todo == [fresh, breach]

@@ -90,16 +90,16 @@ class Watching(Engine):
         super().__init__(rules)
         self.newest, self.decided, self.exempt = {}, set(), set()
 
-    def step(self, state, events, account, mql_of, cut=None, marks=()):
+    def step(self, state, events, account, mql_of, cut=None, marks=(), now=None):
         for e in events:
             pos = (e.ms, e.messageId)
             if account in self.decided and pos < self.newest.get(account, pos):
                 self.exempt.add(account)
             self.newest[account] = max(self.newest.get(account, pos), pos)
-        return super().step(state, events, account, mql_of, cut, marks)
+        return super().step(state, events, account, mql_of, cut, marks, now)
 
-    def decide_all(self, state, qualified, mql_of, obs):
-        out = super().decide_all(state, qualified, mql_of, obs)
+    def decide_all(self, state, qualified, mql_of, obs, now=None):
+        out = super().decide_all(state, qualified, mql_of, obs, now)
         if out:
             self.decided.add(state.account_id)
         return out

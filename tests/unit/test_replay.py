@@ -208,3 +208,25 @@ def test_replay_reports_bad_and_unknown_responses(tmp_path):
     bad = _pql("replay", str(f), "--rules", str(RULES), "--stages", "--responses", str(r))
     assert bad.returncode == 0 and "responses line 2: bad_response: reason: a rejection needs a reason" in bad.stderr
     assert [json.loads(x)["data"].get("stage") for x in bad.stdout.splitlines()][-1] == "accepted"  # line 1 applied
+
+
+def test_backfill_flags_follow_the_decision_time(tmp_path):
+    """PQL_ALERT_MAX_AGE: decided at the stream time (a live history) a handoff is fresh and gets its
+    SLA clock; decided by a worker started 60 days later (--processed-at) it is a backfill: flagged,
+    same id, no clock, no breach."""
+    f = tmp_path / "events.jsonl"
+    _write(f, [group("acme", at(), employees=40, name="Acme"), *_qualify(0)])
+    live = _pql("replay", str(f), "--rules", str(RULES), "--now", at(days=60))
+    late = _pql("replay", str(f), "--rules", str(RULES), "--now", at(days=60), "--processed-at", at(days=60))
+    off = _pql("replay", str(f), "--rules", str(RULES), "--now", at(days=60), "--processed-at", at(days=60),
+               "--alert-max-age", "0")
+    types = {name: [(o["type"], o["data"].get("backfill")) for o in map(json.loads, r.stdout.splitlines())]
+             for name, r in (("live", live), ("late", late), ("off", off))}
+    assert types["live"] == [("pql.handoff", False), ("pql.sla_breached", None)]
+    assert types["late"] == [("pql.handoff", True)] and "handoffs:        1 (1 backfill)" in late.stderr
+    assert types["off"] == types["live"]
+    ids = {json.loads(r.stdout.splitlines()[0])["id"] for r in (live, late, off)}
+    assert len(ids) == 1
+    day_late = _pql("replay", str(f), "--rules", str(RULES), "--processed-at", at(hours=3 + 23))
+    assert '"backfill":false' in day_late.stdout  # 23 h old: within the default day
+    assert _pql("replay", str(f), "--rules", str(RULES), "--processed-at", "soon").returncode == 2
