@@ -2,11 +2,14 @@
 # Local stack of real services: Apache Kafka (KRaft, from Maven Central jars) and redis-server.
 #   deploy/stack.sh up | down | status | tools (installs prometheus/promtool for the tests)
 # Settings (env): PQL_KAFKA_PORT (9092), PQL_KAFKA_CONTROLLER_PORT (Kafka port + 1),
-#                 PQL_REDIS_PORT (6379), PQL_STACK_DIR (.stack), PQL_KAFKA_HEAP (1g)
+#                 PQL_REDIS_PORT (6379), PQL_STACK_DIR (.stack), PQL_KAFKA_HEAP (1g),
+#                 PQL_KAFKA_SASL_PORT (unset: none): a second listener, SASL_PLAINTEXT with SCRAM-SHA-512
+#                 (users are created with the admin API; the tests do)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 kafka_port=${PQL_KAFKA_PORT:-9092}
+sasl_port=${PQL_KAFKA_SASL_PORT:-}
 controller_port=${PQL_KAFKA_CONTROLLER_PORT:-$((kafka_port + 1))}
 redis_port=${PQL_REDIS_PORT:-6379}
 dir=${PQL_STACK_DIR:-$root/.stack}
@@ -59,6 +62,15 @@ kafka_up() {
   mkdir -p "$k/logs" "$k/data"
   sed -e "s|@PORT@|$kafka_port|g" -e "s|@CONTROLLER_PORT@|$controller_port|g" -e "s|@DATA@|$k/data|g" \
     "$root/deploy/kafka/server.properties.in" >"$k/server.properties"
+  if [ -n "$sasl_port" ]; then
+    port_open "$sasl_port" && die "port $sasl_port is taken by another process; set PQL_KAFKA_SASL_PORT"
+    sed -i -e "s|^listeners=.*|&,SASL_PLAINTEXT://127.0.0.1:$sasl_port|" \
+      -e "s|^advertised.listeners=.*|&,SASL_PLAINTEXT://127.0.0.1:$sasl_port|" \
+      -e "s|^listener.security.protocol.map=.*|&,SASL_PLAINTEXT:SASL_PLAINTEXT|" "$k/server.properties"
+    printf '%s\n' "sasl.enabled.mechanisms=SCRAM-SHA-512" \
+      "listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;" \
+      >>"$k/server.properties"
+  fi
   local log4j="-Dlog4j2.configurationFile=$root/deploy/kafka/log4j2.properties -Dkafka.logs.dir=$k/logs"
   if [ ! -f "$k/data/meta.properties" ]; then
     local cid

@@ -98,7 +98,8 @@ def load_settings(**overrides) -> Settings:
         if not e["loc"]:  # a check across settings names its variables itself
             raise SettingsError(msg) from None
         name = "PQL_" + "_".join(str(p) for p in e["loc"]).upper()
-        shown = "(hidden)" if "secret" in name or "password" in name else repr(e.get("input"))
+        secret = any(word in name for word in ("SECRET", "PASSWORD", "URL"))  # URLs may hold a password
+        shown = "(hidden)" if secret else repr(e.get("input"))
         raise SettingsError(f"{name}: {msg} (got {shown})") from None
 
 

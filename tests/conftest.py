@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_PORT = int(os.environ.get("PQL_TEST_KAFKA_PORT", "29092"))
 REDIS_PORT = int(os.environ.get("PQL_TEST_REDIS_PORT", "26379"))
+SASL_PORT = KAFKA_PORT + 2  # the test Kafka's SASL_PLAINTEXT (SCRAM-SHA-512) listener
 STACK_DIR = ROOT / ".stack" / "test"
 
 
@@ -26,6 +27,7 @@ def _stack(cmd: str) -> None:
         **os.environ,
         "PQL_KAFKA_PORT": str(KAFKA_PORT),
         "PQL_KAFKA_CONTROLLER_PORT": str(KAFKA_PORT + 1),
+        "PQL_KAFKA_SASL_PORT": str(SASL_PORT),
         "PQL_REDIS_PORT": str(REDIS_PORT),
         "PQL_STACK_DIR": str(STACK_DIR),
         "PQL_KAFKA_HEAP": "768m",
@@ -37,7 +39,7 @@ def _stack(cmd: str) -> None:
 
 def _running() -> bool:
     return (STACK_DIR / "kafka" / "kafka.pid").exists() and (STACK_DIR / "redis" / "redis.pid").exists() and all(
-        _port_open(p) for p in (KAFKA_PORT, REDIS_PORT)
+        _port_open(p) for p in (KAFKA_PORT, REDIS_PORT, SASL_PORT)
     )
 
 
@@ -59,6 +61,7 @@ def stack():
     """A running real Kafka + Redis; yields (bootstrap, redis_url)."""
     started = False
     if not _running():
+        _stack("down")  # e.g. a kept stack from before the SASL listener
         _stack("up")
         started = True
     yield f"127.0.0.1:{KAFKA_PORT}", f"redis://127.0.0.1:{REDIS_PORT}/0"

@@ -80,6 +80,20 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
     click.echo(summary.render(), err=True)
 
 
+def _checked(s, kafka: bool = False, redis: bool = False) -> None:
+    """Kafka and/or Redis accept our credentials, or exit 2 naming the setting (never the secret)."""
+    from streams.connect import ConnectError, check_kafka, check_redis
+
+    try:
+        if kafka:
+            check_kafka(s)
+        if redis:
+            check_redis(s)
+    except ConnectError as err:
+        click.echo(f"pql: {err}", err=True)
+        sys.exit(2)
+
+
 def _time(option: str, value: str | None) -> int | None:
     """An ISO 8601 time or 'now', as ms; a bad one exits 2 naming the option."""
     if value is None:
@@ -120,6 +134,7 @@ def worker() -> None:
     logging.basicConfig(level=s.log_level.upper().replace("WARN", "WARNING"),
                         format="[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s")
     r = _rules(str(s.rules))
+    _checked(s, kafka=True, redis=True)
     try:
         run_worker(s, r)
     except TopicError as err:
@@ -139,6 +154,7 @@ def publish(file: str, topic: str | None, rate: float | None) -> None:
     from streams.topics import Topics
 
     s = _settings()
+    _checked(s, kafka=True)
     pub = Publisher(s.confluent(), topic or Topics.of(s).events)
     with open(file, "rb") as f:
         if sys.stderr.isatty():
@@ -183,6 +199,7 @@ def simulate(accounts: int, count: int, rate: float | None, seed: int, now: bool
     from streams.topics import Topics
 
     s = _settings()
+    _checked(s, kafka=True)
     pub = Publisher(s.confluent(), Topics.of(s).events)
     took = run(lines, pub, rate)
     click.echo(f"simulated {pub.sent} events for {accounts} accounts to {pub.topic} in {took:.2f}s", err=True)
@@ -228,6 +245,7 @@ def respond(handoff_id: str, status: str | None, reason: str | None, note: str |
     from confluent_kafka import Producer
 
     topic = Topics.of(s).responses
+    _checked(s, kafka=True)
     producer = Producer({**s.confluent(), "enable.idempotence": True})
     failed = []
     producer.produce(topic, json.dumps({k: v for k, v in doc.items() if v is not None}).encode(),
@@ -249,6 +267,7 @@ def tail(topic: str, count: int | None, timeout: float, keys: bool) -> None:
     from streams.tools.tail import tail as run
 
     s = _settings()
+    _checked(s, kafka=True)
     run(s.confluent(), s.topic(topic), sys.stdout, count, timeout, keys)
 
 
@@ -261,6 +280,7 @@ def _store():
     from streams.mqlstore import MqlStore
 
     s = _settings()
+    _checked(s, redis=True)
     return MqlStore(s.redis_url, s.redis_prefix)
 
 

@@ -1,0 +1,28 @@
+"""PQL_* settings: a bad value names its variable and never shows a secret."""
+import pytest
+
+from streams.config import SettingsError, load_settings
+from streams.connect import redact_url
+
+
+@pytest.mark.parametrize("var,value", [
+    ("PQL_WEBHOOK_URL", "ftp://x"),                               # a URL: may carry credentials
+    ("PQL_SLACK_WEBHOOK_URL", "hooks.slack.com/services/T0/B0/s3cr3t-token"),
+])
+def test_bad_values_of_secret_bearing_settings_are_hidden(monkeypatch, var, value):
+    monkeypatch.setenv(var, value)
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    assert var in str(err.value) and "(hidden)" in str(err.value) and value not in str(err.value)
+
+
+def test_other_bad_values_are_shown(monkeypatch):
+    monkeypatch.setenv("PQL_PARTITIONS", "many")
+    with pytest.raises(SettingsError, match=r"PQL_PARTITIONS: .* \(got 'many'\)"):
+        load_settings()
+
+
+def test_redis_urls_are_shown_without_their_password():
+    assert redact_url("redis://:s3cr3t@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
+    assert redact_url("rediss://app:s3cr3t@host/1") == "rediss://app:***@host/1"
+    assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
