@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install stack stack-down stack-status test test-fast demo bench clean
+.PHONY: install stack stack-down stack-status test test-fast demo bench chaos clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ demo: stack
 
 bench: stack
 	$(BIN)/python -m benchmarks.run
+
+# Two workers under faults for 5 minutes per seed, against their own Kafka and Redis (about 30 min
+# for the 3 seeds); results: benchmarks/RELIABILITY.md. CHAOS_ARGS="--seeds 4 --duration 120" etc.
+chaos: install
+	$(BIN)/python -m benchmarks.chaos $(CHAOS_ARGS)
 
 clean: stack-down
 	rm -rf .stack $(VENV) *.egg-info

@@ -17,6 +17,7 @@ import time
 from confluent_kafka import Producer
 
 from detectors.timefmt import iso
+from streams.produce import produce
 from streams.tools.simulate import Simulator, key_of
 
 STAMP = re.compile(rb'"timestamp":"[^"]*"')
@@ -41,12 +42,7 @@ def main() -> None:
         if int(now * 1000) != stamp_s:
             stamp_s = int(now * 1000)
             stamp = b'"timestamp":"' + iso(stamp_s).encode() + b'"'
-        while True:
-            try:
-                p.produce(a.topic, STAMP.sub(stamp, line, count=1), key=key)
-                break
-            except BufferError:
-                p.poll(0.01)
+        produce(p, a.topic, STAMP.sub(stamp, line, count=1), key=key)
         if n % 50 == 0:
             ahead = n / a.rate - (time.perf_counter() - started)
             p.poll(0)

@@ -29,6 +29,7 @@ from detectors.timefmt import iso, parse_ms
 from schemas.rules import load_rules
 from streams.worker import envelope
 from streams.tools.replay import replay
+from streams.produce import produce as produce_one
 from streams.tools.simulate import Simulator, key_of
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,12 +41,7 @@ def produce(topic: str, lines, rate: float | None = None) -> None:
                   "queue.buffering.max.messages": 1_000_000, "batch.size": 1_000_000})
     started = time.perf_counter()
     for n, line in enumerate(lines, 1):
-        while True:
-            try:
-                p.produce(topic, line, key=key_of(line))
-                break
-            except BufferError:
-                p.poll(0.01)
+        produce_one(p, topic, line, key=key_of(line))
         if rate and n % 50 == 0:
             ahead = n / rate - (time.perf_counter() - started)
             if ahead > 0:

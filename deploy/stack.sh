@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Local stack of real services: Apache Kafka (KRaft, from Maven Central jars) and redis-server.
 #   deploy/stack.sh up | down | status | tools (installs prometheus/promtool for the tests)
+#   deploy/stack.sh down-kafka | down-redis: stop one service (the chaos run's faults; `up` restarts it)
 # Settings (env): PQL_KAFKA_PORT (9092), PQL_KAFKA_CONTROLLER_PORT (Kafka port + 1),
 #                 PQL_REDIS_PORT (6379), PQL_STACK_DIR (.stack), PQL_KAFKA_HEAP (1g),
 #                 PQL_KAFKA_SASL_PORT (unset: none): a second listener, SASL_PLAINTEXT with SCRAM-SHA-512
@@ -132,8 +133,10 @@ case "${1:-up}" in
   tools) prometheus_bin ;;
   up) redis_up; kafka_up ;;
   down) stop kafka "$dir/kafka/kafka.pid"; stop redis "$dir/redis/redis.pid" ;;
+  down-kafka) stop kafka "$dir/kafka/kafka.pid" ;;
+  down-redis) stop redis "$dir/redis/redis.pid" ;;
   status)
     alive "$dir/kafka/kafka.pid" && echo "kafka: running on 127.0.0.1:$kafka_port" || echo "kafka: stopped"
     alive "$dir/redis/redis.pid" && echo "redis: running on 127.0.0.1:$redis_port" || echo "redis: stopped" ;;
-  *) die "usage: deploy/stack.sh up|down|status|tools" ;;
+  *) die "usage: deploy/stack.sh up|down|down-kafka|down-redis|status|tools" ;;
 esac

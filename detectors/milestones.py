@@ -13,6 +13,7 @@ behind the oldest position a late event may take (``cut``); for unwindowed count
 from __future__ import annotations
 
 import hashlib
+import math
 from bisect import bisect_left, bisect_right
 from typing import Any
 
@@ -25,7 +26,10 @@ MAX_ROWS = 1000  # hard cap per milestone and account, whatever the window
 
 
 def _number(v: Any) -> float | None:
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    """A finite number, else None (NaN compares false with everything: it would pass `at_least`)."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    return None
 
 
 def distinct_key(value: Any) -> str:

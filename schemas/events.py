@@ -5,6 +5,7 @@ is read as UTC. Parsing never raises anything but :class:`InvalidEvent`.
 """
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from typing import Annotated, Any, Literal, Union
@@ -94,7 +95,7 @@ Event = Annotated[Union[Track, Page, Screen, Identify, Group, Alias], Field(disc
 EVENT = TypeAdapter(Event)
 
 # Bounded set of reasons (they are metric label values and DLQ reasons).
-REASONS = ("not_json", "not_object", "unknown_type", "missing_field", "bad_timestamp", "invalid_field")
+REASONS = ("not_json", "not_object", "unknown_type", "missing_field", "bad_timestamp", "invalid_field", "too_large")
 
 
 class InvalidEvent(ValueError):
@@ -129,6 +130,21 @@ def _explain(err: ValidationError) -> InvalidEvent:
 def parse_event(raw: bytes | str) -> Event:
     """Validate one JSON document as a Segment event, or raise InvalidEvent."""
     try:
-        return EVENT.validate_json(raw)
+        event = EVENT.validate_json(raw)
     except ValidationError as err:
         raise _explain(err) from None
+    _no_inf_nan(raw)
+    return event
+
+
+def _no_inf_nan(raw: bytes | str) -> None:
+    """NaN and Infinity are not JSON (RFC 8259), though pydantic's parser takes them; a NaN usage
+    would pass every ratio test. Checked only when the text could hold one."""
+    nan, inf = (b"NaN", b"Infinity") if isinstance(raw, bytes) else ("NaN", "Infinity")
+    if nan not in raw and inf not in raw:  # type: ignore[operator]
+        return
+
+    def refuse(constant: str):
+        raise InvalidEvent("not_json", f"{constant} is not JSON (RFC 8259)")
+
+    json.loads(raw, parse_constant=refuse)

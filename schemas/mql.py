@@ -27,7 +27,8 @@ OPEN_MQL = frozenset({"MQL", "SAL"})
 class MqlRecord(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    account_id: Annotated[str, Field(min_length=1)]
+    # bounded: the owner is copied into every handoff of the account
+    account_id: Annotated[str, Field(min_length=1, max_length=256)]
     stage: Stage
-    owner: str | None = None
-    timestamp: str | None = None
+    owner: Annotated[str, Field(max_length=256)] | None = None
+    timestamp: Annotated[str, Field(max_length=64)] | None = None

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
                                      description="s a batch may keep gathering while the Faust tier is busy")
     ingest_merge_wait: float = Field(default=0.5, ge=0, le=10,
                                      description="s a partition with unread data but nothing held may hold the time-order merge")
+    max_event_bytes: int = Field(default=65536, ge=1024, le=1_000_000,
+                                 description="larger input records go to the DLQ as too_large")
     session_timeout: float = Field(default=10.0, ge=6, description="s before a silent worker's partitions move")
     redis_retry_max: float = Field(default=5.0, gt=0, description="longest wait between Redis retries, s")
     log_level: Literal["debug", "info", "warn", "error"] = "info"

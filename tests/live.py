@@ -63,6 +63,22 @@ class Env:
         self.workers.append(proc)
         return proc
 
+    def wait_ready(self, *procs, timeout: float = 90) -> None:
+        """Until each worker's /ready answers 200 (partitions assigned, tables recovered)."""
+        import urllib.error
+        import urllib.request
+
+        deadline = time.time() + timeout
+        for proc in procs:
+            while True:
+                assert proc.poll() is None, f"worker exited; read {proc.log_path}"
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{proc.web_port}/ready", timeout=2):
+                        break
+                except (urllib.error.URLError, OSError):
+                    assert time.time() < deadline, f"worker not ready in {timeout}s; read {proc.log_path}"
+                    time.sleep(0.3)
+
     def metrics(self, proc) -> str:
         import urllib.request
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from typing import Callable, Iterable
 
+from streams.produce import produce
 from streams.tools.simulate import key_of
 
 
@@ -27,12 +28,7 @@ class Publisher:
     def send(self, line: bytes) -> None:
         key = key_of(line)
         self.keyed += key is not None
-        while True:
-            try:
-                self.producer.produce(self.topic, line, key=key, on_delivery=self._done)
-                break
-            except BufferError:
-                self.producer.poll(0.05)
+        produce(self.producer, self.topic, line, key=key, on_delivery=self._done)
         self.sent += 1
         if self.sent % 1000 == 0:
             self.producer.poll(0)

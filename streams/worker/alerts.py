@@ -297,8 +297,9 @@ class Alerts:
 
     def _dead(self, m, channel: str, detail: str) -> None:
         metrics.events_invalid.labels("alert_refused").inc()
-        headers = dlq.headers(m.topic(), m.partition(), m.offset(), "alert_refused", f"{channel}: {detail}")
-        self.producer.produce(self.topics.dlq, m.value(), key=m.key(), headers=headers, on_delivery=self._acked)
+        value, headers = dlq.record(m.value(), m.topic(), m.partition(), m.offset(), "alert_refused",
+                                    f"{channel}: {detail}")
+        self.producer.produce(self.topics.dlq, value, key=m.key(), headers=headers, on_delivery=self._acked)
 
     def _acked(self, err, msg) -> None:
         if err is not None:

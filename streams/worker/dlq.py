@@ -1,19 +1,29 @@
-"""Dead letters: a rejected input goes to the DLQ topic with its original key and bytes, and headers
-saying why and where it came from. At-least-once, outside any transaction."""
+"""Dead letters: a rejected input goes to the DLQ topic with its original key and bytes (at most the
+first KEEP bytes: a record near Kafka's size limit plus our headers would not fit), and headers saying
+why and where it came from. At-least-once, outside any transaction."""
 from __future__ import annotations
 
 from streams.worker import metrics
 
 
-def headers(topic: str, partition: int, offset: int, reason: str, detail: str) -> list[tuple[str, bytes]]:
-    """Headers of a dead-letter record: why it was rejected and where it came from."""
-    return [
+KEEP = 64 * 1024  # bytes of a rejected record the DLQ keeps; `pql.error.size` says how long it was
+
+
+def record(value: bytes | None, topic: str, partition: int, offset: int, reason: str,
+           detail: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The value and headers of a dead-letter record: why it was rejected and where it came from."""
+    value = value or b""
+    headers = [
         ("pql.error.reason", reason.encode()),
-        ("pql.error.detail", detail[:500].encode()),
+        ("pql.error.detail", detail[:500].encode("utf-8", "replace")),
         ("pql.error.topic", topic.encode()),
         ("pql.error.partition", str(partition).encode()),
         ("pql.error.offset", str(offset).encode()),
     ]
+    if len(value) > KEEP:
+        headers.append(("pql.error.size", str(len(value)).encode()))
+        value = value[:KEEP]
+    return value, headers
 
 
 class DeadLetters:
@@ -25,6 +35,6 @@ class DeadLetters:
     async def send(self, key: bytes | None, raw: bytes, message, reason: str, detail: str) -> None:
         """`message`: the Faust message the rejected input came in (topic, partition, offset)."""
         metrics.events_invalid.labels(reason).inc()
-        fut = await self.app.producer.send(self.topic, key, raw, None, None, headers(
-            message.topic, message.partition, message.offset, reason, detail))
+        value, headers = record(raw, message.topic, message.partition, message.offset, reason, detail)
+        fut = await self.app.producer.send(self.topic, key, value, None, None, headers)
         await fut

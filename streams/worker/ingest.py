@@ -28,6 +28,7 @@ import logging
 import time
 from typing import Callable
 
+from streams.produce import produce
 from streams.topics import Topics
 from streams.worker import dlq, envelope, metrics
 from streams.worker.kafka import poll
@@ -178,8 +179,8 @@ class Ingest:
                 self._produce(topic, body, partition=partition)
         for m, reason, detail in batch.rejects:
             metrics.events_invalid.labels(reason).inc()
-            headers = dlq.headers(m.topic(), m.partition(), m.offset(), reason, detail)
-            self._produce(self.topics.dlq, m.value(), key=m.key(), headers=headers)
+            value, headers = dlq.record(m.value(), m.topic(), m.partition(), m.offset(), reason, detail)
+            self._produce(self.topics.dlq, value, key=m.key(), headers=headers)
         while self.producer.flush(0) > 0:  # wait for every ack before committing the input
             await asyncio.sleep(0.001)
         if self.failed:
@@ -200,12 +201,7 @@ class Ingest:
         self.producer.poll(0)
 
     def _produce(self, topic: str, value: bytes, **kw) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value, on_delivery=self._delivered, **kw)
-                return
-            except BufferError:
-                self.producer.poll(0.01)
+        produce(self.producer, topic, value, on_delivery=self._delivered, **kw)
 
     def close(self) -> None:
         try:
@@ -227,6 +223,6 @@ class Task:
         s = self.settings
         conf = {**s.confluent(), "session.timeout.ms": int(s.session_timeout * 1000),
                 "heartbeat.interval.ms": int(s.session_timeout * 200)}
-        self.loop = Ingest(conf, f"{s.app_id}-ingest", Router(self.engine, self.topics, s.partitions), self.topics,
+        self.loop = Ingest(conf, f"{s.app_id}-ingest", Router(self.engine, self.topics, s.partitions, s.max_event_bytes), self.topics,
                            s.ingest_batch, s.ingest_linger, s.ingest_linger_max, self.unpublished, s.ingest_merge_wait)
         await self.loop.run()

@@ -47,6 +47,8 @@ consumer_lag = Gauge("pql_consumer_lag", "End offset minus processed position", 
                      registry=REGISTRY)
 rereads = Counter("pql_rereads", "Envelope partitions read again because Faust skipped an envelope (streams/worker/eos.py)",
                   registry=REGISTRY)
+stale_batches = Counter("pql_stale_batches", "Fetched batches dropped because a seek moved their partitions "
+                        "(streams/worker/eos.py)", registry=REGISTRY)
 rebalances = Counter("pql_rebalances", "Partition assignments received", registry=REGISTRY)
 table_recovery = Gauge("pql_table_recovery_seconds", "Duration of the last table recovery", registry=REGISTRY)
 # the sales side (streams/worker/alerts.py, and `detect` for responses and SLA clocks)

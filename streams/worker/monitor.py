@@ -1,5 +1,5 @@
-"""What the worker shows about itself beyond the counters in metrics.py: the /metrics and /health
-pages on PQL_WEB_PORT, the Faust tier's consumer lag, and rebalance and table recovery time."""
+"""What the worker shows about itself beyond the counters in metrics.py: the /metrics, /health and
+/ready pages on PQL_WEB_PORT, the Faust tier's consumer lag, and rebalance and table recovery time."""
 from __future__ import annotations
 
 import time
@@ -18,6 +18,7 @@ class Monitor:
         app = self.app
         app.page("/metrics")(metrics_page)
         app.page("/health")(health_page)
+        app.page("/ready")(ready_page)
         app.pql_rules_version = self.rules_version
         app.timer(5.0, name="pql.lag")(self.lag)
         app.on_partitions_assigned.connect(self.on_assigned)
@@ -54,5 +55,17 @@ async def metrics_page(web, request):
     return web.bytes(metrics.render(), content_type="text/plain; version=0.0.4")
 
 
+def ready(app) -> bool:
+    """Partitions assigned and their tables recovered: the worker is processing."""
+    return bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()
+
+
 async def health_page(web, request):
-    return web.json({"status": "ok", "rules_version": web.app.pql_rules_version})
+    """Alive (for a liveness probe): always 200 while the web server runs."""
+    return web.json({"status": "ok", "ready": ready(web.app), "rules_version": web.app.pql_rules_version})
+
+
+async def ready_page(web, request):
+    """For a readiness probe: 200 once processing, 503 while starting or rebalancing."""
+    ok = ready(web.app)
+    return web.json({"ready": ok}, status=200 if ok else 503)

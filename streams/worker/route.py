@@ -45,8 +45,8 @@ class Router:
 
     MAX_USERS = 200_000
 
-    def __init__(self, engine: Engine, topics: Topics, partitions: int):
-        self.engine, self.topics, self.partitions = engine, topics, partitions
+    def __init__(self, engine: Engine, topics: Topics, partitions: int, max_bytes: int = 65536):
+        self.engine, self.topics, self.partitions, self.max_bytes = engine, topics, partitions, max_bytes
         self.hold = engine.rules.hold
         self.links: dict[str, list] = {}
 
@@ -71,6 +71,8 @@ class Router:
 
     def parse(self, raw: bytes, batch: Batch, msg: object = None):
         """The event, or None (and a reject in the batch)."""
+        if self._too_large(raw, batch, msg):
+            return None
         try:
             event = parse_event(raw)
         except InvalidEvent as bad:
@@ -100,7 +102,16 @@ class Router:
                 kind, key, arg)
             batch.envelopes[(self.topics.accounts, envelope.partition_of(key, self.partitions))].append(line)
 
+    def _too_large(self, raw: bytes, batch: Batch, msg: object) -> bool:
+        if len(raw) <= self.max_bytes:
+            return False
+        batch.rejects.append((msg, "too_large", f"{len(raw):,} bytes; the limit is PQL_MAX_EVENT_BYTES "
+                                                f"({self.max_bytes:,})"))
+        return True
+
     def route_response(self, raw: bytes, batch: Batch, msg: object = None) -> None:
+        if self._too_large(raw, batch, msg):
+            return
         try:
             r = SalesResponse.model_validate_json(raw)
         except ValidationError as err:

@@ -124,6 +124,7 @@ def test_two_workers_share_partitions_and_hand_over(eo, tmp_path):
     expected = expected_handoffs(eo, lines, tmp_path)
     eo.create_topic("product.events", 4)
     a, b = eo.start_worker("a"), eo.start_worker("b")
+    eo.wait_ready(a, b)
     half = len(lines) // 2
     publish(eo.kafka, eo.topic("product.events"), lines[:half], rate=2000)
     time.sleep(8)

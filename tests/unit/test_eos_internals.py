@@ -57,3 +57,96 @@ def test_livelock_check_skips_a_partition_whose_position_is_being_reset():
             AIOKafkaConsumerThread.verify_event_path(thread, 0.0, TP("t", 0))
 
     asyncio.run(check())
+
+
+def test_recovery_highwaters_come_from_the_broker_not_from_a_fetch():
+    """Faust's own answer is None before a fetch (-> highwater -1 -> ConsistencyError); ours asks
+    the broker (eos.broker_highwaters)."""
+    from types import SimpleNamespace
+
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    from streams.worker import eos
+
+    tp = ("t-changelog", 0)
+
+    async def end_offsets(partitions):
+        return {p: 1758 for p in partitions}
+
+    consumer = SimpleNamespace(last_stable_offset=lambda p: None, end_offsets=end_offsets)
+    thread = SimpleNamespace(_ensure_consumer=lambda: consumer, consumer=SimpleNamespace(in_transaction=True))
+    original = AIOKafkaConsumerThread._highwaters
+    if not getattr(original, "_pql", False):  # Faust's: what a fresh assignment has not fetched is None
+        assert asyncio.run(original(thread, [tp])) == {tp: None}
+    eos.broker_highwaters()
+    assert asyncio.run(AIOKafkaConsumerThread._highwaters(thread, [tp])) == {tp: 1758}
+
+
+def test_consumer_instance_attributes_exist():
+    from faust.transport.consumer import Consumer
+
+    from streams.worker.eos import CONSUMER_ATTRIBUTES
+
+    init = inspect.getsource(Consumer.__init__)
+    for name in CONSUMER_ATTRIBUTES:
+        assert f"self.{name} = " in init, f"faust Consumer no longer sets {name} (see streams/worker/eos.py)"
+
+
+def test_a_gap_never_covers_the_message_that_revealed_it():
+    """Reading 18 after 16: 17 is a gap, 18 is not done until processed (eos.exclusive_gaps)."""
+    from collections import defaultdict
+
+    from faust.transport.consumer import Consumer
+    from intervaltree import IntervalTree
+
+    from streams.worker import eos
+
+    class Fake:
+        _add_gap = Consumer._add_gap
+
+        def __init__(self):
+            self._committed_offset = defaultdict(lambda: None)
+            self._gap = defaultdict(IntervalTree)
+
+    eos.exclusive_gaps(Fake)
+    c = Fake()
+    asyncio.run(c._add_gap("tp", 17, 18))
+    assert [(i.begin, i.end) for i in c._gap["tp"]] == [(17, 18)]  # 17 only (Faust's own: 17 and 18)
+
+
+def test_a_seek_stops_a_batch_fetched_before_it():
+    """The rest of a batch fetched before a seek is dropped and the partitions go back to their
+    committed offsets (eos.no_batch_across_seeks)."""
+    from streams.worker import eos
+
+    class Fake:
+        def __init__(self):
+            self._gap, self._read_offset, self.seeks = {"p1": "gaps"}, {"p1": 22}, []
+
+        async def getmany(self, timeout):
+            for offset in (21, 22, 23, 24):
+                yield "p1", offset
+
+        async def perform_seek(self):
+            self.seeks.append("committed")
+            self._read_offset["p1"] = 13
+
+        async def seek(self, tp, offset):
+            self.seeks.append(offset)
+            self._read_offset[tp] = offset
+
+    eos.no_batch_across_seeks(Fake)
+
+    async def drain(c, seek_after: int | None) -> list:
+        got = []
+        async for _, offset in c.getmany(1.0):
+            got.append(offset)
+            if offset == seek_after:
+                await c.perform_seek()  # Faust's recovery, while the drain loop is mid-batch
+        return got
+
+    c = Fake()
+    assert asyncio.run(drain(c, None)) == [21, 22, 23, 24] and c.seeks == []
+    assert asyncio.run(drain(c, 22)) == [21, 22]  # 23 and 24 came from before the seek
+    assert c.seeks == ["committed", "committed"] and c._read_offset == {"p1": 13} and "p1" not in c._gap
+    assert asyncio.run(drain(c, None)) == [21, 22, 23, 24]  # the next batch is the new epoch's

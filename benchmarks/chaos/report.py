@@ -1,0 +1,87 @@
+"""Expected (from `pql replay`) against what the chaos run saw: the figures and the table."""
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Outcome:
+    seed: int
+    events: int
+    rate: float
+    duration: float
+    faults: Counter = field(default_factory=Counter)
+    rows: dict[str, tuple[int, int, int, int, int]] = field(default_factory=dict)  # kind -> exp, seen, dup, miss, extra
+    alerts: tuple[int, int] = (0, 0)            # expected, delivered
+    dlq: tuple[int, int, int] = (0, 0, 0)       # expected rejects, distinct rejects seen, DLQ records
+    recovery: dict[str, list[float]] = field(default_factory=dict)  # fault kind -> seconds per fault
+    caught_up: float = 0.0                      # last fault over -> last handoff from before it seen
+    exits: list[str] = field(default_factory=list)
+    rss: tuple[float, float, float] = (0.0, 0.0, 0.0)  # MiB: max in the first minute, last minute, overall
+    notes: list[str] = field(default_factory=list)
+
+    def ok(self) -> bool:
+        return (not self.exits and all(r[2] == 0 and r[3] == 0 and r[4] == 0 for r in self.rows.values())
+                and self.alerts[1] >= self.alerts[0] and self.dlq[0] == self.dlq[1] and self.caught_up <= 30)
+
+
+KINDS = [("pql.handoff", "handoffs"), ("pql.sla_breached", "SLA breaches"), ("pql.milestone", "milestones"),
+         ("pql.stage", "stage events")]
+
+
+def compare(expected: dict[str, str], obs) -> dict[str, tuple[int, int, int, int, int]]:
+    """Per CloudEvent type: expected, seen (distinct), duplicated, missing, unexpected."""
+    rows = {}
+    for kind, _ in KINDS:
+        want = {i for i, k in expected.items() if k == kind}
+        seen = obs.ids(kind)
+        dup = sum(1 for i in seen if obs.counts[i] > 1)
+        rows[kind] = (len(want), len(seen & want), dup, len(want - seen), len(seen - want))
+    return rows
+
+
+def late_after(end: float, times: dict[str, float], first: dict[str, float]) -> float:
+    """Seconds from `end` until every output due by then was out (`times`: id -> event time;
+    `first`: id -> wall clock first seen; never seen: infinite)."""
+    due = [i for i, t in times.items() if t <= end]
+    return max(0.0, max((first.get(i, float("inf")) - end for i in due), default=0.0))
+
+
+def recovery(faults, times: dict[str, float], first: dict[str, float]) -> dict[str, list[float]]:
+    """Per fault kind, `late_after` the end of each fault."""
+    out: dict[str, list[float]] = {}
+    for f in faults:
+        if f.ended is not None:
+            out.setdefault(f.kind, []).append(late_after(f.ended, times, first))
+    return out
+
+
+def seconds(xs: list[float]) -> str:
+    """p50 / max; "never" when something due was still missing at the end."""
+    if not xs:
+        return "-"
+    return " / ".join("never" if x == float("inf") else f"{x:.1f}" for x in (statistics.median(xs), max(xs)))
+
+
+def table(runs: list[Outcome]) -> str:
+    """The markdown table of all runs, one column per run."""
+    head = "| | " + " | ".join(f"seed {r.seed}" for r in runs) + " |\n|---|" + "---|" * len(runs) + "\n"
+    lines = [("input", lambda r: f"{r.events:,} events, {r.rate:,.0f}/s, {r.duration:.0f} s")]
+    kinds = sorted({k for r in runs for k in r.faults})
+    lines.append(("faults injected", lambda r: ", ".join(f"{r.faults[k]} {k}" for k in kinds if r.faults[k])))
+    for kind, label in KINDS:
+        lines.append((f"{label}: expected / seen / duplicated / missing / unexpected",
+                      lambda r, k=kind: " / ".join(f"{x:,}" for x in r.rows[k])))
+    lines.append(("alerts: expected / delivered (at least once)", lambda r: f"{r.alerts[0]:,} / {r.alerts[1]:,}"))
+    lines.append(("rejected inputs: expected / in DLQ (distinct) / DLQ records",
+                  lambda r: " / ".join(f"{x:,}" for x in r.dlq)))
+    for kind in sorted({k for r in runs for k in r.recovery}):
+        lines.append((f"recovery after {kind}, s (p50 / max)", lambda r, k=kind: seconds(r.recovery.get(k, []))))
+    lines.append(("caught up after the last fault, s", lambda r: seconds([r.caught_up])))
+    lines.append(("worker exits we did not cause", lambda r: str(len(r.exits))))
+    lines.append(("worker RSS, MiB: first minute / last minute / max",
+                  lambda r: " / ".join(f"{x:.0f}" for x in r.rss)))
+    lines.append(("verdict", lambda r: "pass" if r.ok() else "**fail**"))
+    return head + "".join(f"| {name} | " + " | ".join(fn(r) for r in runs) + " |\n" for name, fn in lines)
