@@ -13,6 +13,7 @@ worker logs and outcome.md (the table and the fault log). Exit status 0 when eve
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -65,7 +66,7 @@ def run(stack: Stack, seed: int, a) -> report.Outcome:
     events = work / "events.jsonl"
     events.write_bytes(b"\n".join(lines) + b"\n")
     first, _ = replay(events, rules)
-    handoffs = [i for i, (k, _) in first.items() if k == "pql.handoff"]
+    handoffs = [i for i, (k, _, _) in first.items() if k == "pql.handoff"]
     print(f"seed {seed}: {count:,} events, {len(handoffs):,} handoffs expected; stream starts in "
           f"{t0 - time.time():.0f} s", flush=True)
 
@@ -131,16 +132,17 @@ def watch(workers: Workers, obs, faults, handoffs: list[str], sender, t0: float,
 
 
 def outcome(seed, a, expected, summary, obs, endpoint, workers, faults, rss, count, work) -> report.Outcome:
-    kinds = {i: k for i, (k, _) in expected.items()}
+    kinds = {i: k for i, (k, _, _) in expected.items()}
     o = report.Outcome(seed, count, a.rate, a.duration)
     o.faults = Counter(f.kind for f in faults if f.started)
     o.rows = report.compare(kinds, obs)
-    alerted = {i: t for i, (k, t) in expected.items() if k in ("pql.handoff", "pql.sla_breached")}
+    alerted = {i: t for i, (k, t, _) in expected.items() if k in ("pql.handoff", "pql.sla_breached")}
     o.alerts = (len(alerted), len(alerted.keys() & endpoint.delivered.keys()))
     rejects = summary_count(summary, "events read", r"[\d,]+ \([\d,]+ valid, ([\d,]+) invalid") + \
         summary_count(summary, "too late", r"([\d,]+)")
     o.dlq = (rejects, len(obs.dlq), obs.dlq_records)
-    outputs = {i: t for i, (k, t) in expected.items() if k in ("pql.handoff", "pql.sla_breached")}
+    outputs = {i: t for i, (k, t, _) in expected.items() if k in ("pql.handoff", "pql.sla_breached")}
+    o.divergent = report.divergent({i: (k, a) for i, (k, _, a) in expected.items()}, obs)
     detect_faults = [f for f in faults if not f.kind.startswith("alerts")]
     o.recovery = report.recovery(detect_faults, outputs, obs.first)
     o.recovery.update(report.recovery([f for f in faults if f.kind.startswith("alerts")], alerted,
@@ -155,6 +157,8 @@ def outcome(seed, a, expected, summary, obs, endpoint, workers, faults, rss, cou
                + (f": took {f.ended - f.started:.1f}s" if f.ended and f.started else "")
                + (f" {'; '.join(f.notes)}" if f.notes else "") for f in faults]
     (work / "outcome.md").write_text(report.table([o]) + "\n" + "\n".join(o.notes + o.exits) + "\n")
+    (work / "faults.json").write_text(json.dumps([vars(f) for f in faults]))
+    (work / "alerts.json").write_text(json.dumps(endpoint.delivered))
     return o
 
 

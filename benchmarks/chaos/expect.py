@@ -19,13 +19,13 @@ def pql(*args: str) -> subprocess.CompletedProcess:
     return out
 
 
-def replay(events: Path, rules: Path, *extra: str, save: Path | None = None) -> tuple[dict[str, tuple[str, float]], str]:
-    """id -> (type, event time in seconds) of every CloudEvent replay prints, and its summary."""
+def replay(events: Path, rules: Path, *extra: str, save: Path | None = None) -> tuple[dict[str, tuple[str, float, str]], str]:
+    """id -> (type, event time in seconds, account) of every CloudEvent replay prints, and its summary."""
     out = pql("replay", str(events), "--rules", str(rules), "--milestones", "--stages", *extra)
     if save is not None:
         save.write_text(out.stdout)
     docs = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
-    return {d["id"]: (d["type"], parse_ms(d["time"]) / 1000) for d in docs}, out.stderr
+    return {d["id"]: (d["type"], parse_ms(d["time"]) / 1000, d.get("subject", "")) for d in docs}, out.stderr
 
 
 def summary_count(summary: str, label: str, pattern: str) -> int:

@@ -29,6 +29,7 @@ class Observer(threading.Thread):
         self.kind: dict[str, str] = {}
         self.time: dict[str, float] = {}       # id -> the event's `time`, seconds
         self.docs: dict[str, bytes] = {}       # id -> the CloudEvent as first seen
+        self.subject: dict[str, str] = {}      # id -> its account
         self.dlq: dict[tuple, str] = {}        # (topic, partition, offset) of a rejected input -> reason
         self.dlq_values: dict[bytes, str] = {}  # digest of a rejected record's (kept) bytes -> reason
         self.dlq_records = 0
@@ -60,6 +61,7 @@ class Observer(threading.Thread):
         if i not in self.first:
             self.first[i], self.kind[i], self.time[i] = time.time(), doc["type"], parse_ms(doc["time"]) / 1000
             self.docs[i] = m.value()
+            self.subject[i] = doc.get("subject", "")
             if doc["type"] == "pql.handoff":
                 self.on_handoff(doc)
 

@@ -17,6 +17,7 @@ class Outcome:
     alerts: tuple[int, int] = (0, 0)            # expected, delivered
     dlq: tuple[int, int, int] = (0, 0, 0)       # expected rejects, distinct rejects seen, DLQ records
     recovery: dict[str, list[float]] = field(default_factory=dict)  # fault kind -> seconds per fault
+    divergent: tuple[int, int] = (0, 0)          # missing handoffs: account handed off by another event / not at all
     caught_up: float = 0.0                      # last fault over -> last handoff from before it seen
     exits: list[str] = field(default_factory=list)
     rss: tuple[float, float, float] = (0.0, 0.0, 0.0)  # MiB: max in the first minute, last minute, overall
@@ -44,9 +45,17 @@ def compare(expected: dict[str, str], obs) -> dict[str, tuple[int, int, int, int
 
 def late_after(end: float, times: dict[str, float], first: dict[str, float]) -> float:
     """Seconds from `end` until every output due by then was out (`times`: id -> event time;
-    `first`: id -> wall clock first seen; never seen: infinite)."""
-    due = [i for i, t in times.items() if t <= end]
-    return max(0.0, max((first.get(i, float("inf")) - end for i in due), default=0.0))
+    `first`: id -> wall clock first seen). Outputs never seen are left out: the rows count them."""
+    due = [i for i, t in times.items() if t <= end and i in first]
+    return max(0.0, max((first[i] - end for i in due), default=0.0))
+
+
+def divergent(expected: dict[str, tuple[str, str]], obs) -> tuple[int, int]:
+    """Expected handoffs not seen: (their account got a handoff from another qualifying event,
+    their account got none). `expected`: id -> (type, account)."""
+    handed = {obs.subject[i] for i in obs.ids("pql.handoff")}
+    missing = [acct for i, (k, acct) in expected.items() if k == "pql.handoff" and i not in obs.first]
+    return sum(1 for a in missing if a in handed), sum(1 for a in missing if a not in handed)
 
 
 def recovery(faults, times: dict[str, float], first: dict[str, float]) -> dict[str, list[float]]:
@@ -74,6 +83,8 @@ def table(runs: list[Outcome]) -> str:
     for kind, label in KINDS:
         lines.append((f"{label}: expected / seen / duplicated / missing / unexpected",
                       lambda r, k=kind: " / ".join(f"{x:,}" for x in r.rows[k])))
+    lines.append(("missing handoffs: account handed off by another event / not at all",
+                  lambda r: f"{r.divergent[0]:,} / {r.divergent[1]:,}"))
     lines.append(("alerts: expected / delivered (at least once)", lambda r: f"{r.alerts[0]:,} / {r.alerts[1]:,}"))
     lines.append(("rejected inputs: expected / in DLQ (distinct) / DLQ records",
                   lambda r: " / ".join(f"{x:,}" for x in r.dlq)))
@@ -85,3 +96,41 @@ def table(runs: list[Outcome]) -> str:
                   lambda r: " / ".join(f"{x:.0f}" for x in r.rss)))
     lines.append(("verdict", lambda r: "pass" if r.ok() else "**fail**"))
     return head + "".join(f"| {name} | " + " | ".join(fn(r) for r in runs) + " |\n" for name, fn in lines)
+
+
+def again(run_dir: str) -> str:
+    """Recovery and missing-handoff rows recomputed from a run's saved files (expected.jsonl,
+    seen.jsonl, events.jsonl and the fault log in outcome.md)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from detectors.timefmt import parse_ms
+
+    d = Path(run_dir)
+    expected = {x["id"]: (x["type"], parse_ms(x["time"]) / 1000, x.get("subject", ""))
+                for x in map(json.loads, d.joinpath("expected.jsonl").read_text().splitlines())}
+    seen = [json.loads(x) for x in d.joinpath("seen.jsonl").read_text().splitlines()]
+    first = {x["event"]["id"]: x["seen"] for x in seen}
+    handed = {x["event"]["subject"] for x in seen if x["event"]["type"] == "pql.handoff"}
+    t0 = parse_ms(json.loads(d.joinpath("events.jsonl").open().readline())["timestamp"]) / 1000
+    out = {i: t for i, (k, t, _) in expected.items() if k in ("pql.handoff", "pql.sla_breached")}
+    rec: dict[str, list[float]] = {}
+    ends = []
+    for kind, at, took in re.findall(r"^(\w+) at \+(\d+)s.*?took ([\d.]+)s", d.joinpath("outcome.md").read_text(), re.M):
+        if not kind.startswith("alerts"):
+            ends.append(t0 + float(at) + float(took))
+            rec.setdefault(kind, []).append(late_after(ends[-1], out, first))
+    missing = [a for i, (k, _, a) in expected.items() if k == "pql.handoff" and i not in first]
+    lines = [f"| recovery after {k}, s (p50 / max) | {seconds(v)} |" for k, v in sorted(rec.items())]
+    lines.append(f"| caught up after the last fault, s | {seconds([late_after(max(ends), out, first)])} |")
+    lines.append(f"| missing handoffs: account handed off by another event / not at all | "
+                 f"{sum(a in handed for a in missing)} / {sum(a not in handed for a in missing)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    for run in sys.argv[1:]:
+        print(run, again(run), sep="\n")

@@ -64,7 +64,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     raw = dict(key_serializer="raw", value_serializer="raw")
     envelopes = app.topic(topics.accounts, key_type=bytes, value_type=bytes, partitions=s.partitions, **raw)
     tables = Tables.create(app, s.partitions)
-    eos.install(app)
+    eos.install(app, topics.accounts)
     mql = AsyncMqlStore(s.redis_url, s.redis_prefix, s.redis_retry_max, on_error=metrics.redis_errors.inc)
     metrics.rules_info.labels(rules.version).set(1)
     metrics.build_info.labels(_version()).set(1)
@@ -76,6 +76,8 @@ def build(settings: Settings, rules: Rules) -> faust.App:
     publisher = Publisher(tx, topics, tables, detector)
     app.agent(envelopes, name="detect", concurrency=1)(detect.Agent(detector, publisher, tx, dead).run)
     app.agent(app.topic(topics.crm, **raw), name="crm", concurrency=1)(crm.Agent(mql, dead).run)
+    tx.rollback = publisher.rollback
+    app.on_partitions_revoked.connect(tx.on_revoked)
     app.on_partitions_assigned.connect(tx.on_assigned)
     app.timer(0.2, name="pql.reread")(eos.reread_skipped)
 

@@ -44,6 +44,9 @@ INTERNALS = [
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread.verify_event_path"),  # quiet_livelock_check
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._ensure_consumer"),
     ("aiokafka.consumer.subscription_state", "TopicPartitionState.has_valid_position"),
+    ("faust.transport.drivers.aiokafka", "Producer._transaction_producers"),  # Transactions.uncommitted
+    ("aiokafka.producer.transaction_manager", "TransactionManager.is_in_transaction"),
+    ("faust.tables.recovery", "Recovery.revoke"),                                # publish.Publisher.rollback
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._highwaters"),  # broker_highwaters
     ("aiokafka", "AIOKafkaConsumer.end_offsets"),
     ("faust.transport.consumer", "Consumer._add_gap"),       # exclusive_gaps
@@ -54,14 +57,15 @@ CONSUMER_ATTRIBUTES = ["_gap", "_read_offset"]
 HANDOFF_COMMIT_DELAY = 0.005  # handoffs close together share one early commit
 
 
-def install(app) -> None:
-    """The workarounds that need no running consumer (the others start with `detect`)."""
+def install(app, source: str) -> None:
+    """The workarounds that need no running consumer (the others start with `detect`); `source`:
+    the input topic of the partition transactions (<app>-accounts)."""
     short_retries(app.producer)
     seek_uncommitted_to_start()
     quiet_livelock_check()
     broker_highwaters()
     exclusive_gaps()
-    no_batch_across_seeks()
+    no_batch_across_seeks(source)
 
 
 def quiet_livelock_check() -> None:
@@ -137,7 +141,7 @@ def exclusive_gaps(cls=None) -> None:
     cls._add_gap = _add_gap
 
 
-def no_batch_across_seeks(cls=None) -> None:
+def no_batch_across_seeks(source: str, cls=None) -> None:
     """After a seek, nothing more of a batch fetched before it reaches the agents.
 
     Faust (0.15.3, `Recovery.on_recovery_completed`) resumes the source partitions, *then* seeks them
@@ -147,7 +151,8 @@ def no_batch_across_seeks(cls=None) -> None:
     698 of 1,500 handoffs in two runs of eight). Here a seek (Faust's `perform_seek`, `seek`) starts an
     epoch; a batch from an earlier epoch stops at once, the partitions go back to their committed
     offsets (a re-read is harmless: every line is deduplicated), and the gaps found so far are
-    forgotten (reading again finds the real ones).
+    forgotten (reading again finds the real ones). Only seeks of `source` (<app>-accounts) count:
+    table recovery seeks the changelogs, and must not be restarted by it.
     """
     from faust.transport.consumer import Consumer
 
@@ -167,7 +172,8 @@ def no_batch_across_seeks(cls=None) -> None:
 
     async def _seek(self, partition, offset):
         await seek(self, partition, offset)
-        new_epoch(self, [partition])
+        if partition.topic == source:
+            new_epoch(self, [partition])
 
     async def _getmany(self, timeout):
         epoch = getattr(self, "_pql_epoch", 0)
@@ -207,6 +213,8 @@ class Transactions:
         self.app, self.source = app, source_topic
         self.lock = asyncio.Lock()
         self.soon: dict[int, asyncio.Task] = {}
+        self.rollback = lambda partitions: None  # set by the app: memory back to the log (Publisher.rollback)
+        self.frozen = False  # between a revocation and the next assignment: no envelope is published
 
     def tid(self, partition: int) -> str:
         """The transactional id Faust uses for this source partition (TransactionManager's format)."""
@@ -228,6 +236,8 @@ class Transactions:
         Only the first send of an envelope may start a new transaction and retry: later, the lost
         transaction may hold this envelope's earlier sends.
         """
+        if self.frozen and first:
+            raise PartitionMoved()  # a rebalance is under way (on_revoked)
         tid = self.tid(source)
         for attempt in (1, 2) if first else (2,):
             try:
@@ -249,6 +259,43 @@ class Transactions:
         log.critical("transaction for partition %d lost (%s); exiting for a clean restart", source, fatal)
         os._exit(70)
 
+    async def on_revoked(self, sender, revoked, **kwargs) -> None:
+        """Commit what `detect` published before a rebalance replaces the producers.
+
+        Faust (0.15.3) does not commit when partitions are revoked (it flushes), and `on_assigned` then
+        starts fresh producers whose init aborts any transaction still open, while the tables in
+        memory keep what it held: the chaos run found a handoff marked sent in state whose event was
+        aborted, never published. So commit here; a partition whose transaction still holds sends
+        (the commit failed) is rolled back: its values leave memory and table recovery reads its
+        changelogs again (`pql_rollbacks_total`). Until the assignment, no envelope is published
+        (`send` raises PartitionMoved: it is read again after the rebalance).
+        """
+        self.frozen = True
+        try:
+            await self.app.consumer.commit()
+        except Exception as err:
+            log.warning("commit before the rebalance failed (%s)", err)
+        dirty = self.uncommitted()
+        if dirty:
+            log.warning("partitions %s had uncommitted envelopes at a rebalance: rebuilding their tables from "
+                        "the changelogs", sorted(dirty))
+            metrics.rollbacks.inc(len(dirty))
+            self.rollback(dirty)
+
+    def uncommitted(self) -> set[int]:
+        """Source partitions whose open transaction holds sends."""
+        try:
+            prefix = f"{self.app.conf.id}-{self.app.assignor.group_for_topic(self.source)}-"
+        except KeyError:  # no assignment yet (the first rebalance): no transaction either
+            return set()
+        out = set()
+        for tid, producer in list(self.app.producer._transaction_producers.items()):
+            txn = getattr(producer, "_txn_manager", None)
+            if tid.startswith(prefix) and txn is not None and txn.is_in_transaction() and (
+                    txn._txn_partitions or txn._pending_txn_partitions):
+                out.add(int(tid[len(prefix):]))
+        return out
+
     async def on_assigned(self, sender, assigned, **kwargs) -> None:
         """Start every owned partition on a fresh producer.
 
@@ -265,6 +312,7 @@ class Transactions:
                 except Exception:  # already stopped, or fenced: replaced below either way
                     pass
                 await self.app.producer.begin_transaction(tid)
+            self.frozen = False
 
     def commit_soon(self, partition: int) -> None:
         """A handoff is readable only once its transaction commits: commit this partition's now, not

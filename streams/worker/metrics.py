@@ -47,6 +47,8 @@ consumer_lag = Gauge("pql_consumer_lag", "End offset minus processed position", 
                      registry=REGISTRY)
 rereads = Counter("pql_rereads", "Envelope partitions read again because Faust skipped an envelope (streams/worker/eos.py)",
                   registry=REGISTRY)
+rollbacks = Counter("pql_rollbacks", "Partitions whose tables were rebuilt from the changelogs because a rebalance "
+                    "aborted their open transaction (streams/worker/eos.py)", registry=REGISTRY)
 stale_batches = Counter("pql_stale_batches", "Fetched batches dropped because a seek moved their partitions "
                         "(streams/worker/eos.py)", registry=REGISTRY)
 rebalances = Counter("pql_rebalances", "Partition assignments received", registry=REGISTRY)

@@ -2,9 +2,13 @@
 /ready pages on PQL_WEB_PORT, the Faust tier's consumer lag, and rebalance and table recovery time."""
 from __future__ import annotations
 
+import logging
 import time
 
 from streams.worker import metrics
+
+log = logging.getLogger("pql.worker")
+STALL = 30.0  # seconds a partition may have lag without progress before the worker says so
 
 
 class Monitor:
@@ -13,6 +17,7 @@ class Monitor:
         `processed`, where `detect` is)."""
         self.app, self.sources, self.rules_version, self.processed = app, sources, rules_version, processed
         self.rebalance_started = time.perf_counter()
+        self.progress: dict = {}  # tp -> (position, since): partitions with lag
 
     def install(self) -> None:
         app = self.app
@@ -49,6 +54,24 @@ class Monitor:
                 continue
             if position is not None and end is not None:
                 metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, end - position))
+                await self.stalled(tp, position, end)
+
+    async def stalled(self, tp, position: int, end: int) -> None:
+        """Say so when a partition with lag has not moved for STALL seconds (with what Faust thinks
+        of it: a stalled partition is a bug to report)."""
+        now, last = time.monotonic(), self.progress.get(tp)
+        if end <= position or self.app.rebalancing:
+            self.progress.pop(tp, None)
+        elif last is None or last[0] != position:
+            self.progress[tp] = (position, now)
+        elif now - last[1] >= STALL:
+            c = self.app.consumer
+            log.warning("partition %s[%d] has not moved for %.0f s: at %d of %d; fetch position %s, Faust: "
+                        "active %s, paused %s, buffered %s, read offset %s", tp.topic, tp.partition, now - last[1],
+                        position, end, await c.position(tp), tp in (getattr(c, "_active_partitions", None) or ()),
+                        tp in getattr(c, "_paused_partitions", ()), tp in getattr(c, "_buffered_partitions", ()),
+                        getattr(c, "_read_offset", {}).get(tp))
+            self.progress[tp] = (position, now)
 
 
 async def metrics_page(web, request):

@@ -12,6 +12,8 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
+from faust.types import TP
+
 from streams.topics import Topics
 from streams.worker import envelope, metrics
 from streams.worker.eos import PartitionMoved, Transactions
@@ -55,7 +57,7 @@ class Publisher:
             for n, (topic, key, value, headers, to) in enumerate(out):
                 await self.tx.send(topic, key, value, to, headers, source=p, first=n == 0)
         except PartitionMoved:
-            log.info("partition %d moved while publishing; its new owner takes the envelope", p)
+            log.info("partition %d moved or is being rebalanced; the envelope is read again by its owner", p)
             return False
         t = self.tables
         for account, body in accounts.items():
@@ -73,6 +75,23 @@ class Publisher:
         if any(topic == self.topics.handoffs for topic, _, _ in r.outputs):
             self.tx.commit_soon(p)
         return True
+
+    def rollback(self, partitions: set[int]) -> None:
+        """Memory goes back to the log for these partitions: their open transaction is about to be
+        aborted (eos.Transactions.on_revoked). Their table values are dropped and Faust's recovery
+        forgets how far it had read their changelogs, so the coming assignment reads them again."""
+        d = self.detector
+        dropped = self.tables.forget(partitions, lambda key: envelope.partition_of(key, d.partitions))
+        recovery = self.tx.app.tables.recovery
+        for table in ("accounts", "users", "clocks"):
+            for p in partitions:
+                recovery.revoke(TP(self.tables.changelog(table), p))
+        for p in partitions:
+            d.stream.pop(p, None)
+            d.busy.pop(p, None)
+            self.processed.pop(p, None)
+        d.parsed.clear()
+        log.info("rolled back partitions %s: %d values dropped", sorted(partitions), dropped)
 
     def unpublished(self) -> dict[int, int]:
         """Where `detect` is (next offset to publish) on the partitions this worker owns."""

@@ -11,6 +11,7 @@ Each is partitioned like <app>-accounts: a key lives on the partition `envelope.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass
@@ -28,3 +29,18 @@ class Tables:
 
     def changelog(self, table: str) -> str:
         return f"{self.app_id}-{table}-changelog"
+
+    def forget(self, partitions: set[int], partition_of: Callable[[str], int]) -> int:
+        """Drop every value of these partitions from memory; returns how many."""
+        n = 0
+        for table in (self.accounts, self.users):
+            store = table.data
+            for key in [k for k in list(store.keys()) if partition_of(k) in partitions]:
+                del store[key]
+                n += 1
+        for p in partitions:
+            for key in (str(p), f"w{p}"):
+                if key in self.clocks.data:
+                    del self.clocks.data[key]
+                    n += 1
+        return n

@@ -50,6 +50,14 @@ BAD = [
     (b'{"type":"wat","messageId":"x1","timestamp":"2026-11-20T00:00:00Z"}', "unknown_type"),
     (b'{"type":"track","event":"Job Run","messageId":"x2","timestamp":"soon"}', "bad_timestamp"),
     (b"[1,2,3]", "not_object"),
+    (b'{"type":"track","event":"Usage Recorded","messageId":"x3","timestamp":"2026-11-20T00:00:00Z",'
+     b'"context":{"groupId":"a1"},"properties":{"used":NaN,"limit":100}}', "not_json"),
+    (b'{"type":"track","event":"Job Run","messageId":"x4","timestamp":"2026-11-20T00:00:00Z","userId":"\\ud800"}',
+     "not_json"),
+    (b'{"type":"group","groupId":"a\\tb","messageId":"x5","timestamp":"2026-11-20T00:00:00Z","userId":"u"}',
+     "invalid_field"),
+    (b'{"type":"track","event":"Job Run","messageId":"x6","timestamp":"2026-11-20T00:00:00Z","properties":'
+     + b"[" * 3000 + b"]" * 3000 + b"}", "not_json"),
 ]
 
 
@@ -57,10 +65,13 @@ def test_malformed_events_go_to_the_dlq_with_reason_and_origin(env):
     env.start_worker()
     good = json.dumps({"type": "track", "event": "Job Run", "messageId": "ok1", "timestamp": "2026-11-20T00:00:00Z",
                        "context": {"groupId": "a1"}}).encode()
-    publish(env.kafka, env.topic("product.events"), [raw for raw, _ in BAD] + [good])
-    dlq = read(env.kafka, [env.topic("pql.events.dlq")], until=lambda m: len(m) >= len(BAD))
-    assert len(dlq) == len(BAD)
+    huge = good.replace(b'"ok1"', b'"big1"').replace(b"}}", b'}, "properties": {"blob": "' + b"x" * 100_000 + b'"}}')
+    publish(env.kafka, env.topic("product.events"), [raw for raw, _ in BAD] + [huge, good])
+    dlq = read(env.kafka, [env.topic("pql.events.dlq")], until=lambda m: len(m) >= len(BAD) + 1)
+    assert len(dlq) == len(BAD) + 1
     by_value = {m.value(): dict(m.headers()) for m in dlq}
+    big = by_value.pop(huge[:65536])  # the DLQ keeps the head of a record over the size limit
+    assert big["pql.error.reason"] == b"too_large" and big["pql.error.size"] == str(len(huge)).encode()
     for raw, reason in BAD:
         h = by_value[raw]  # the original bytes, unchanged
         assert h["pql.error.reason"].decode() == reason

@@ -117,6 +117,8 @@ def test_a_gap_never_covers_the_message_that_revealed_it():
 def test_a_seek_stops_a_batch_fetched_before_it():
     """The rest of a batch fetched before a seek is dropped and the partitions go back to their
     committed offsets (eos.no_batch_across_seeks)."""
+    from faust.types import TP
+
     from streams.worker import eos
 
     class Fake:
@@ -135,14 +137,14 @@ def test_a_seek_stops_a_batch_fetched_before_it():
             self.seeks.append(offset)
             self._read_offset[tp] = offset
 
-    eos.no_batch_across_seeks(Fake)
+    eos.no_batch_across_seeks("accounts", Fake)
 
-    async def drain(c, seek_after: int | None) -> list:
+    async def drain(c, seek_after: int | None, tp=None) -> list:
         got = []
         async for _, offset in c.getmany(1.0):
             got.append(offset)
-            if offset == seek_after:
-                await c.perform_seek()  # Faust's recovery, while the drain loop is mid-batch
+            if offset == seek_after:  # Faust's recovery (or eos.reread_skipped), mid-batch
+                await (c.seek(tp, 13) if tp else c.perform_seek())
         return got
 
     c = Fake()
@@ -150,3 +152,40 @@ def test_a_seek_stops_a_batch_fetched_before_it():
     assert asyncio.run(drain(c, 22)) == [21, 22]  # 23 and 24 came from before the seek
     assert c.seeks == ["committed", "committed"] and c._read_offset == {"p1": 13} and "p1" not in c._gap
     assert asyncio.run(drain(c, None)) == [21, 22, 23, 24]  # the next batch is the new epoch's
+    assert asyncio.run(drain(c, 21, TP("accounts-changelog", 0))) == [21, 22, 23, 24]  # table recovery's seeks
+    assert asyncio.run(drain(c, 21, TP("accounts", 1))) == [21] and c.seeks[-2:] == [13, "committed"]
+
+
+def test_a_rebalance_commits_first_and_rolls_back_what_it_could_not_commit():
+    """eos.Transactions.on_revoked: commit; a partition whose transaction still holds sends goes back
+    to the log (its open transaction is aborted when on_assigned starts fresh producers)."""
+    from types import SimpleNamespace
+
+    from streams.worker import eos
+
+    def txn(sent: bool):
+        return SimpleNamespace(is_in_transaction=lambda: True, _txn_partitions={"x"} if sent else set(),
+                               _pending_txn_partitions=set())
+
+    commits = []
+
+    async def commit():
+        commits.append(1)
+        raise RuntimeError("coordinator not available")
+
+    producers = {"app-1-0": SimpleNamespace(_txn_manager=txn(False)), "app-1-2": SimpleNamespace(_txn_manager=txn(True)),
+                 "app-0-0": SimpleNamespace(_txn_manager=txn(True)), "other-1-3": SimpleNamespace(_txn_manager=txn(True))}
+    app = SimpleNamespace(conf=SimpleNamespace(id="app"), assignor=SimpleNamespace(group_for_topic=lambda t: 1),
+                          consumer=SimpleNamespace(commit=commit), producer=SimpleNamespace(_transaction_producers=producers))
+    tx = eos.Transactions(app, "accounts")
+    rolled = []
+    tx.rollback = rolled.append
+    asyncio.run(tx.on_revoked(None, set()))
+    assert commits == [1] and rolled == [{2}] and tx.frozen
+
+    async def first_send():
+        with pytest.raises(eos.PartitionMoved):  # nothing is published until the assignment
+            await tx.send("t", "k", b"v", 0, None, source=0, first=True)
+    asyncio.run(first_send())
+    app.assignor = SimpleNamespace(group_for_topic=lambda t: {}[t])  # before the first assignment
+    assert tx.uncommitted() == set()

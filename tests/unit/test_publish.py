@@ -82,3 +82,21 @@ def test_lines_for_another_partition_are_forwarded_in_this_transaction():
     assert asyncio.run(pub.publish(asyncio.run(detector.process(qualifying_envelope("acme"), other)), other, 0))
     assert [(s[0], s[2], s[3]) for s in tx.sent] == [(TOPICS.accounts, p, other)]
     assert tables.accounts.data == {}
+
+
+def test_a_rollback_puts_memory_back_to_the_log_for_those_partitions_only():
+    """Publisher.rollback (a rebalance aborts an open transaction): values and recovery offsets of the
+    partition go; the others stay."""
+    revoked = []
+    tx = Tx()
+    tx.app = SimpleNamespace(tables=SimpleNamespace(recovery=SimpleNamespace(revoke=revoked.append)))
+    tables, detector, pub = setup(tx)
+    accounts = {envelope.partition_of(a, 4): a for a in ("acme", "globex", "initech", "hooli", "umbrella")}
+    (p, a), (q, b) = list(accounts.items())[:2]
+    for part, account in ((p, a), (q, b)):
+        assert asyncio.run(pub.publish(asyncio.run(detector.process(qualifying_envelope(account), part)), part, 1))
+    pub.rollback({p})
+    assert a not in tables.accounts.data and b in tables.accounts.data
+    assert str(p) not in tables.clocks.data and str(q) in tables.clocks.data
+    assert {(tp.topic, tp.partition) for tp in revoked} == {(f"app-{t}-changelog", p) for t in ("accounts", "users", "clocks")}
+    assert p not in pub.processed and q in pub.processed and p not in detector.stream
