@@ -130,5 +130,5 @@ def key_of(line: bytes) -> bytes | None:
         doc = json.loads(line)
         gid = doc.get("groupId") if doc.get("type") == "group" else (doc.get("context") or {}).get("groupId")
         return str(gid).encode() if gid else None
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # RecursionError: nesting too deep for json
         return None

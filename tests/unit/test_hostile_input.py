@@ -56,3 +56,10 @@ def test_the_dlq_keeps_the_head_of_a_huge_record_and_says_how_long_it_was():
     assert h["pql.error.reason"] == b"too_large" and h["pql.error.offset"] == b"41"
     value, headers = dlq.record(b"short", "product.events", 0, 1, "not_json", "x")
     assert value == b"short" and "pql.error.size" not in dict(headers)
+
+
+def test_pql_publish_keys_a_deeply_nested_line_without_crashing():
+    from streams.tools.simulate import key_of
+
+    assert key_of(b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}") is None
+    assert key_of(json.dumps(GOOD).encode()) == b"acme"
