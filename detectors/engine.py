@@ -187,10 +187,6 @@ class Engine:
         if ms < state.newest - self.bound:
             obs.too_late.append(event)
             return []
-        if msg in state.seen:
-            obs.duplicates += 1
-            return []
-        state.seen[msg] = ms
         if ms > state.newest:
             state.newest = ms
             if ms - state.pruned_at >= self.bound // 8:
@@ -199,21 +195,37 @@ class Engine:
             self._group_call(state, event, obs)
             return []
         new: list[tuple[Pos, str]] = []
-        inserted = False
+        inserted = repeat = False
         for d in self.listening.get((event.type, event.name), ()):
             if d.where(event) and (row := d.row(event)) is not None:
-                new += self._insert(state, d, row)
+                found = self._insert(state, d, row)
+                if found is None:
+                    repeat = True
+                    continue
+                new += found
                 inserted = True
         if inserted:
             self._late_evidence(state, ms, obs)
+        elif repeat:
+            obs.duplicates += 1
         return new
 
-    def _insert(self, state: AccountState, d: Detector, row: list) -> list[tuple[Pos, str]]:
-        """Insert a row; the positions where the milestone now holds and did not before."""
+    def _insert(self, state: AccountState, d: Detector, row: list) -> list[tuple[Pos, str]] | None:
+        """Insert a row; the positions where the milestone now holds and did not before. None if the
+        row is there already: the rows are the dedupe memory (an event with the same timestamp and
+        messageId is a repeat; a repeat of a row dropped by MAX_ROWS is older than every kept row, so
+        it is dropped again at once)."""
         rows = state.hits.setdefault(d.id, [])
-        i = bisect_left(rows, position(row), key=position)
+        pos = position(row)
+        i = bisect_left(rows, pos, key=position)
+        if i < len(rows) and position(rows[i]) == pos:
+            return None
         rows.insert(i, row)
         if len(rows) > MAX_ROWS:
+            if i == 0:
+                del rows[0]
+                return []
+            self._fold(state, d.id, rows)
             del rows[0]
             i -= 1
         reach = state.reach.setdefault(d.id, [])
@@ -229,13 +241,29 @@ class Engine:
             del state.reach[d.id]
         return found
 
+    def _fold(self, state: AccountState, mid: str, rows: list[list[Any]]) -> None:
+        """rows[0] is about to be dropped (MAX_ROWS): reaches at or before it become the anchor, so
+        `reach` stays within the kept rows."""
+        reach = state.reach.get(mid)
+        k = bisect_right(reach, position(rows[0]), key=tuple) if reach else 0
+        if k:
+            at, msg = reach[k - 1]
+            state.anchor[mid] = Reach(at=at, message_id=msg, evidence=self._evidence_at(state, mid, (at, msg)))
+            del reach[:k]
+
     def _group_call(self, state: AccountState, event: Group, obs: Observation) -> None:
-        before = self.traits_at(state, (event.ms, event.messageId))
+        pos = (event.ms, event.messageId)
+        before = self.traits_at(state, pos)
         if all(k in before and before[k] == v for k, v in event.traits.items()):
-            return  # repeats the traits in force (apps send `group` on every session): nothing to keep
-        insort(state.calls, [event.ms, event.messageId, event.traits], key=lambda c: (c[0], c[1]))
+            return  # repeats the traits in force (apps send `group` on every session), or a repeat
+        i = bisect_left(state.calls, pos, key=lambda c: (c[0], c[1]))
+        state.calls.insert(i, [event.ms, event.messageId, event.traits])
         while len(state.calls) > MAX_CALLS:
-            state.traits.update(state.calls.pop(0)[2])
+            old = state.calls.pop(0)[2]
+            if i == 0:  # older than every kept call (or a repeat of a merged one): later merged calls win
+                state.traits.update({k: v for k, v in old.items() if k not in state.traits})
+            else:
+                state.traits.update(old)
         if state.sales and any(h.at >= event.ms for h in state.sales.handoffs):
             obs.diverged.append(LATE_TRAITS)
         # qualifications suppressed for fit at or after this call: fit again now? (the sorted stream
@@ -262,7 +290,6 @@ class Engine:
         cut = state.newest - self.bound
         if state.waiting:  # a waiting position is scored later: keep what it needs
             cut = min(cut, state.waiting[0][0])
-        state.seen = {m: t for m, t in state.seen.items() if t >= cut}
         for mid in list(state.hits):
             d = self.by_id.get(mid)
             if d is None:  # a milestone the rules no longer have

@@ -13,6 +13,7 @@ behind the oldest position a late event may take (``cut``); for unwindowed count
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from bisect import bisect_left, bisect_right
 from typing import Any
@@ -23,6 +24,7 @@ from schemas.rules import Milestone
 from schemas.state import Evidence
 
 MAX_ROWS = 1000  # hard cap per milestone and account, whatever the window
+PROP_MAX = 256  # characters of an evidence value kept per row
 
 
 def _number(v: Any) -> float | None:
@@ -35,6 +37,17 @@ def _number(v: Any) -> float | None:
 def distinct_key(value: Any) -> str:
     """Short stable hash: distinct values (often e-mail addresses) are never stored as written."""
     return hashlib.blake2b(repr(value).encode(), digest_size=8).hexdigest()
+
+
+def _short(v: Any) -> Any:
+    """An evidence value as kept in state: numbers, booleans and short strings as they are; a long
+    string cut at PROP_MAX characters; an object or list only if its JSON is short (state stays bounded)."""
+    if isinstance(v, str):
+        return v if len(v) <= PROP_MAX else v[:PROP_MAX] + "…"
+    if isinstance(v, (dict, list)):
+        text = json.dumps(v, default=str)
+        return v if len(text) <= PROP_MAX else text[:PROP_MAX] + "…"
+    return v
 
 
 def position(row: list[Any]) -> tuple[int, str]:
@@ -69,7 +82,7 @@ class Detector:
         for path, get in self.shown:
             v = get(event)
             if v is not MISSING:
-                out[path] = v
+                out[path] = _short(v)
         return out
 
     def row(self, event: Any) -> list[Any] | None:

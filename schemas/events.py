@@ -10,12 +10,15 @@ from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError, model_validator
 
 UTC = timezone.utc
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 ONE_MS = timedelta(milliseconds=1)
 LATEST = datetime(2200, 1, 1, tzinfo=UTC)  # event times past this (or before 1970) are rejected
+ID_MAX = 256  # characters in an id (messageId, userId, anonymousId, groupId): ids are kept in state
+Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX)]
+OptionalId = Annotated[str, StringConstraints(max_length=ID_MAX)] | None
 
 
 def to_ms(ts: datetime) -> int:
@@ -28,11 +31,18 @@ def to_ms(ts: datetime) -> int:
 class _Event(BaseModel):
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
 
-    messageId: Annotated[str, Field(min_length=1)]
+    messageId: Id
     timestamp: Annotated[datetime, Field(ge=EPOCH, lt=LATEST)]  # checked in pydantic-core
-    userId: str | None = None
-    anonymousId: str | None = None
+    userId: OptionalId = None
+    anonymousId: OptionalId = None
     context: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _short_group_id(self) -> "_Event":
+        gid = self.context.get("groupId")
+        if gid is not None and len(str(gid)) > ID_MAX:
+            raise ValueError(f"field 'context.groupId': at most {ID_MAX} characters")
+        return self
 
     @cached_property
     def ms(self) -> int:
@@ -82,13 +92,13 @@ class Identify(_Event):
 
 class Group(_Event):
     type: Literal["group"]
-    groupId: Annotated[str, Field(min_length=1)]
+    groupId: Id
     traits: dict[str, Any] = Field(default_factory=dict)
 
 
 class Alias(_Event):
     type: Literal["alias"]
-    previousId: str | None = None
+    previousId: OptionalId = None
 
 
 Event = Annotated[Union[Track, Page, Screen, Identify, Group, Alias], Field(discriminator="type")]
@@ -121,6 +131,8 @@ def _explain(err: ValidationError) -> InvalidEvent:
         return InvalidEvent("unknown_type", f"unknown type {first.get('ctx', {}).get('tag')!r}")
     if kind == "missing":
         return InvalidEvent("missing_field", f"missing field {field!r}")
+    if kind == "value_error" and len(loc) <= 1:  # a check across fields (_Event._short_group_id)
+        return InvalidEvent("invalid_field", first["msg"].removeprefix("Value error, "))
     if field == "timestamp":
         why = "out of range (1970..2199)" if kind in ("greater_than_equal", "less_than") else "unparsable"
         return InvalidEvent("bad_timestamp", f"{why} timestamp {first.get('input')!r}")

@@ -5,7 +5,8 @@ Times are integer milliseconds since the epoch. A *position* is ``(ms, messageId
 ordered by event time, ties broken by messageId (see docs/semantics.md). ``hits`` rows are
 ``[ms, messageId, event, distinct_key, props]`` in position order: ``distinct_key`` is a short hash
 (never the raw value, which may be an e-mail address) and ``props`` holds only the fields a rule's
-``where`` or ``ratio`` names.
+``where`` or ``ratio`` names. The rows are also the dedupe memory (detectors/engine.py ``_insert``).
+Older changelogs may hold a ``seen`` map: it is ignored.
 """
 from __future__ import annotations
 
@@ -60,7 +61,6 @@ class AccountState(BaseModel):
     calls: list[list[Any]] = Field(default_factory=list)              # recent group calls [ms, messageId, traits], by position
     newest: int = 0                          # newest event time seen (an event older than newest - lateness - hold is too late)
     pruned_at: int = 0                       # `newest` at the last expiry sweep
-    seen: dict[str, int] = Field(default_factory=dict)                # messageId -> event time, for dedupe
     hits: dict[str, list[list[Any]]] = Field(default_factory=dict)    # milestone -> its matching events, by position
     reach: dict[str, list[list[Any]]] = Field(default_factory=dict)   # milestone -> positions [ms, messageId] it holds at
     anchor: dict[str, Reach] = Field(default_factory=dict)            # milestone -> latest reach before `reach` (evidence kept)

@@ -28,7 +28,7 @@ from streams.worker.kafka import faust_credentials
 from streams.worker.monitor import Monitor
 from streams.worker.publish import Publisher
 from streams.worker.sla import Ticker
-from streams.worker.tables import Tables
+from streams.worker.tables import MAX_VALUE_BYTES, Tables
 
 log = logging.getLogger("pql.worker")
 
@@ -44,6 +44,7 @@ def make_app(s: Settings) -> faust.App:
         datadir=str(s.data_dir / s.app_id),
         processing_guarantee="exactly_once",
         producer_acks=-1,
+        producer_max_request_size=MAX_VALUE_BYTES,  # a large changelog value (streams/worker/tables.py)
         topic_replication_factor=s.replication,
         topic_partitions=s.partitions,
         broker_commit_interval=s.commit_interval,

@@ -13,6 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+# A changelog record may be this large (Kafka's default is 1 MB). The engine's caps keep an account
+# well under 1 MB (docs/semantics.md, bounded state); the margin is for a partition's SLA clocks,
+# which grow with its open handoffs (~90 bytes each). The producer's request size matches it.
+MAX_VALUE_BYTES = 8 * 1024 * 1024
 
 @dataclass
 class Tables:
@@ -23,9 +27,10 @@ class Tables:
 
     @classmethod
     def create(cls, app, partitions: int) -> "Tables":
-        return cls(app.Table("accounts", partitions=partitions, value_type=bytes),
-                   app.Table("users", partitions=partitions, value_type=bytes),
-                   app.Table("clocks", partitions=partitions, value_type=bytes), app.conf.id)
+        def table(name: str):
+            return app.Table(name, partitions=partitions, value_type=bytes,
+                             extra_topic_configs={"max.message.bytes": str(MAX_VALUE_BYTES)})
+        return cls(table("accounts"), table("users"), table("clocks"), app.conf.id)
 
     def changelog(self, table: str) -> str:
         return f"{self.app_id}-{table}-changelog"

@@ -64,7 +64,7 @@ def test_the_table_wins_over_a_kept_copy():
     table["acme"] = fresh.parsed["acme"][0]  # the table changed under us (e.g. recovered from the changelog)
     result = run(d, body(track("Invite Sent", at(hours=3))))
     assert not any(b'"pql.handoff"' in o[2] for o in result.outputs)  # 2 invites, not 3
-    assert len(result.states["acme"].seen) == 2
+    assert len(result.states["acme"].hits["invites"]) == 2
 
 
 def test_kept_copies_are_bounded():

@@ -312,7 +312,41 @@ def test_state_stays_bounded_for_a_busy_account():
     # the 7-day window behind the oldest position a late event may take (lateness 7d + hold 1d), plus
     # one sweep interval
     assert len(state.hits["inv"]) <= (7 + 8) * 24 + 8 * 24 // 8 + 1
-    assert len(state.seen) <= 8 * 24 + 8 * 24 // 8 + 2  # dedupe only within that bound
+
+
+def test_a_hot_account_stays_small_enough_for_one_changelog_record():
+    """29k events of one account inside the lateness bound once made a 1.4 MB record (Kafka's limit
+    is 1 MB): the dedupe memory grew with every event. It is now the capped rows themselves."""
+    from detectors.engine import Engine
+    from detectors.milestones import MAX_ROWS
+    from helpers import event
+
+    eng = Engine(rules({"inv": INVITES, "crm": CRM}, score=200))
+    docs = [track("Invite Sent", at(seconds=i), invitee_email=f"{i % 50}@x.io") for i in range(5000)]
+    docs += [track("Integration Connected", at(seconds=i), integration="hubspot") for i in range(5000)]
+    state = None
+    for d in docs:
+        state, _ = eng.observe(state, event(d), "acme")
+    assert all(len(rows) == MAX_ROWS for rows in state.hits.values())
+    assert all(len(r) <= MAX_ROWS for r in state.reach.values())
+    assert len(state.model_dump_json()) < 400_000
+    before = state.model_dump_json()
+    dups = 0
+    for d in docs[:100] + docs[-100:]:  # repeats of dropped rows and of kept ones
+        state, obs = eng.observe(state, event(d), "acme")
+        dups += obs.duplicates
+        assert obs.qualified == [] and obs.milestones == []
+    assert dups == 100  # repeats of kept rows are found; repeats of dropped rows are dropped again
+    assert state.model_dump_json() == before
+
+
+def test_a_repeat_with_another_timestamp_is_another_event():
+    """Dedupe is by (timestamp, messageId): order-independent (a first-arrival-wins rule is not)."""
+    docs = invites(0, 1)
+    again = track("Invite Sent", at(days=2), invitee_email="p9@x.io", mid=docs[1]["messageId"])
+    for order in (docs + [again], [again] + docs):
+        out, s, _ = run(rules({"inv": INVITES}), order)
+        assert kinds(out) == ["pql.handoff"] and s.duplicates == 0
 
 
 def test_event_time_out_of_range_is_rejected():

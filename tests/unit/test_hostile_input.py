@@ -63,3 +63,27 @@ def test_pql_publish_keys_a_deeply_nested_line_without_crashing():
 
     assert key_of(b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}") is None
     assert key_of(json.dumps(GOOD).encode()) == b"acme"
+
+
+@pytest.mark.parametrize("field", ["messageId", "userId", "anonymousId", "context.groupId"])
+def test_an_id_longer_than_the_limit_is_an_invalid_field_named(field):
+    doc = {"type": "track", "event": "Invite Sent", "messageId": "m", "timestamp": "2026-11-20T10:00:00Z"}
+    if field == "context.groupId":
+        doc["context"] = {"groupId": "g" * 257}
+    else:
+        doc[field] = "x" * 257
+    with pytest.raises(InvalidEvent) as bad:
+        parse_event(json.dumps(doc))
+    assert bad.value.reason == "invalid_field" and field in bad.value.detail
+    doc[field.split(".")[-1] if field != "context.groupId" else "context"] = (
+        {"groupId": "g" * 256} if field == "context.groupId" else "x" * 256)
+    parse_event(json.dumps(doc))  # at the limit: fine
+
+
+def test_a_long_evidence_value_is_kept_short_in_state():
+    from helpers import at, event, track
+
+    r = rules({"inv": {"event": "Invite Sent", "where": {"properties.note": {"exists": True}}, "points": 60}})
+    state, _ = Engine(r).observe(None, event(track("Invite Sent", at(), note="n" * 50_000)), "acme")
+    assert len(state.model_dump_json()) < 1_000
+    assert state.hits["inv"][0][4]["properties.note"].startswith("nnn")
