@@ -73,7 +73,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
 
     tx = eos.Transactions(app, topics.accounts)
     detector = detect.Detect(engine, topics, tables.accounts.data, tables.clocks.data, mql,
-                             users=tables.users.data, partitions=s.partitions)
+                             users=tables.users.data, partitions=s.partitions, slack=int(2000 * s.sla_tick))
     publisher = Publisher(tx, topics, tables, detector)
     app.agent(envelopes, name="detect", concurrency=1)(detect.Agent(detector, publisher, tx, dead).run)
     app.agent(app.topic(topics.crm, **raw), name="crm", concurrency=1)(crm.Agent(mql, dead).run)
@@ -104,7 +104,7 @@ def discard_local_state(datadir: Path) -> None:
 
     `detect` writes the store when an envelope's sends are in its transaction, before the commit; a
     SIGKILL can leave values there from a transaction that was then aborted. Kept across a restart,
-    they would put state ahead of the log (an event marked seen whose handoff was aborted: a lost
+    they would put state ahead of the log (an event kept in state whose handoff was aborted: a lost
     handoff; the SIGKILL test caught it). Only the changelog is trusted, so restarts cost a full
     recovery, as with memory://; what RocksDB still gives is state larger than RAM.
     """

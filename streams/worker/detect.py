@@ -13,6 +13,14 @@ Decisions are made once the whole envelope is in: a qualification waits in its a
 the partition's stream time (the newest event time it has seen) passes it by the rules' `settle`,
 and while a group call of its account still expects held events (docs/semantics.md). Which
 accounts wait is kept per partition in the clocks table (`w<partition>`).
+
+The barrier: events without `context.groupId` reach their account through their user's partition.
+When that partition lags (its worker was killed and it is recovering), its forwarded events would
+arrive after the account decided. So at each tick every partition tells the others its stream time
+(WATERMARK lines, or IDLE when it had no events since its last tick), and a partition decides
+nothing later than the lowest stream time it was told plus `slack` (two ticks): it waits for a
+lagging partition, and only then. What it was told is kept in memory (a restarted worker waits for
+the next ticks); it changes when a decision is made, never what it is.
 """
 from __future__ import annotations
 
@@ -73,7 +81,8 @@ class Waits:
 class Detect:
     def __init__(self, engine: Engine, topics: Topics, accounts: Mapping[str, bytes], clocks: Mapping[str, bytes],
                  mql: AsyncMqlStore, now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
-                 cache_size: int = 20_000, users: Mapping[str, bytes] | None = None, partitions: int = 1):
+                 cache_size: int = 20_000, users: Mapping[str, bytes] | None = None, partitions: int = 1,
+                 slack: int = 2000):
         self.engine, self.topics, self.accounts, self.clocks, self.mql = engine, topics, accounts, clocks, mql
         self.users = users if users is not None else {}
         self.partitions = partitions
@@ -83,6 +92,8 @@ class Detect:
         self.settle = rules.settle
         self.busy: dict[int, bool] = {}  # partition -> events came since its last tick
         self.stream: dict[int, int] = {}  # partition -> its stream time: the newest event time it has seen
+        self.told: dict[int, tuple[int, int]] = {}  # partition -> (tick ms, stream time or IDLE) it last sent
+        self.slack = slack  # ms of event time a partition may have moved since it told us (the barrier)
         # parsed states of recently active accounts (parsing was the largest cost per envelope)
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
         self.cache_size = cache_size
@@ -136,6 +147,9 @@ class Detect:
         of held ones), before any response or tick that follows them."""
         r, pending = Result(), {}
         for kind, key, raw in envelope.unpack(body):
+            if kind == envelope.WATERMARK:
+                self._told(key, raw)
+                continue
             if kind in (envelope.RESPONSE, envelope.TICK):
                 await self._flush(r, pending, partition)
                 if kind == envelope.RESPONSE:
@@ -155,9 +169,22 @@ class Detect:
         w = self._waits(r, partition)
         w.stream = self.stream[partition] = max(w.stream, r.newest)  # stored with the index, when that changes
         if w.index.accounts:
-            await self._release(r, partition, w.stream - self.settle)
+            await self._release(r, partition, self._cut(r, partition))
         r.waits_changed = w.index.accounts != r.waits_before  # (most wait only within the envelope)
         return r
+
+    def _told(self, key: str, raw: bytes) -> None:
+        tick, _, stream = raw.decode().partition("\t")
+        p, told = int(key), (int(tick), int(stream))
+        if told > self.told.get(p, (0, 0)):
+            self.told[p] = told
+
+    def _cut(self, r: Result, partition: int, idle: bool = False) -> int:
+        """Decide what waits at or before this: `settle` behind the stream time (or everything on an
+        idle tick), and never past the barrier."""
+        cut = IDLE if idle else self._waits(r, partition).stream - self.settle
+        low = min((v for p, (_, v) in self.told.items() if p != partition and p < self.partitions), default=IDLE)
+        return cut if low >= IDLE else min(cut, low + self.slack - self.settle)
 
     async def _release(self, r: Result, partition: int, cut: int | None) -> None:
         """Decide what waits at or before `cut` (all when None) on this partition."""
@@ -198,7 +225,7 @@ class Detect:
         # the stream time moves once the whole envelope is in (`process`)
         self.busy[partition] = True
         r.newest = max([r.newest, *(e.ms for e in events)])
-        cut = self._waits(r, partition).stream - self.settle
+        cut = self._cut(r, partition)
         state, obs = self.engine.observe_all(self._state(r, account), events, account, cut, marks)
         r.states[account] = state
         if obs.duplicates:
@@ -274,9 +301,14 @@ class Detect:
                 metrics.rejections.labels(ev.data.reason or "none").inc()
 
     async def _tick(self, r: Result, now: int, partition: int) -> None:
-        if not self.busy.get(partition, True) and self._waits(r, partition).index.accounts:
-            await self._release(r, partition, IDLE)  # no events for a tick: none earlier is coming soon
+        busy = self.busy.get(partition, True)
+        if not busy and self._waits(r, partition).index.accounts:  # no events for a tick: none earlier is coming soon
+            await self._release(r, partition, self._cut(r, partition, idle=True))
         self.busy[partition] = False
+        told = max(self._waits(r, partition).stream, r.newest) if busy else IDLE
+        for p in range(self.partitions):
+            if p != partition:
+                r.forward.setdefault(p, []).append(envelope.watermark(partition, now, told))
         stored = r.clocks if r.clocks is not None else self.clocks.get(str(partition))
         if not stored:
             return

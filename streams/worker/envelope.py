@@ -10,6 +10,7 @@ once per batch, not once per event. A line is one of:
     \\x1ej<anonymous key>\\t<user key>\\t<ms>  identify/alias: the anonymous key is that user
     \\x1er<account>\\t<response JSON>    a sales response (schemas/sales.py)
     \\x1et\\t<ms>                        a tick: the wall clock, for SLA clocks (sent every second)
+    \\x1ew<partition>\\t<tick ms>\\t<ms>   that partition's stream time at its tick (a barrier, see detect.py)
 
 Account lines go to the account's partition, user lines to the user key's: `detect` forwards what a
 user line leads to (an attributed event, a moved held event) to the partition that owns it.
@@ -26,7 +27,7 @@ from typing import Iterator
 from detectors.identity import EVENT, JOIN, LINK, USER
 from schemas.events import parse_event
 
-RESPONSE, TICK = "r", "t"
+RESPONSE, TICK, WATERMARK = "r", "t", "w"
 _MARK = "\x1e"
 
 
@@ -67,6 +68,11 @@ def decode(kind: str, payload: bytes):
 
 def tick(ms: int) -> bytes:
     return f"{_MARK}{TICK}\t{ms}".encode()
+
+
+def watermark(partition: int, tick_ms: int, stream: int) -> tuple[str, bytes]:
+    """The line a partition sends every other partition at each tick (for `pack_all`)."""
+    return marked(WATERMARK, str(partition)), f"{tick_ms}\t{stream}".encode()
 
 
 MAX_BYTES = 512 * 1024  # well under Kafka's default 1 MB message limit

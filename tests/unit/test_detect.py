@@ -162,3 +162,54 @@ def test_settle_waits_for_the_stream_time_or_an_idle_tick():
     assert step(envelope.tick(1)) == []
     assert step(envelope.tick(2)) == []  # the 3:00 position decides a cooldown suppression
     assert json.loads(clocks["w0"])["accounts"] == {}
+
+
+def _store(d: Detect, table: dict, clocks: dict, result) -> None:
+    publish(d, table, result)
+    if result.waits is not None:
+        clocks["w0"] = result.waits.dump()
+
+
+def _told(partition: int, tick: int, stream: int) -> bytes:
+    (b,) = envelope.pack_all([envelope.watermark(partition, tick, stream)])
+    return b
+
+
+def test_a_partition_decides_nothing_past_a_lagging_partition():
+    """The barrier (streams/worker/detect.py): partition 1 last told it was at hour 1, so a
+    qualification at hour 4 on partition 0 waits until partition 1 says it has passed it."""
+    table, clocks = {}, {}
+    d = Detect(Engine(RULES), Topics.of(Settings()), table, clocks, NoMql(), partitions=2)
+    _store(d, table, clocks, run(d, _told(1, 1, parse_ms(at(hours=1)))))
+    held = run(d, body(*[track("Invite Sent", at(hours=h)) for h in (2, 3, 4)]))
+    _store(d, table, clocks, held)
+    assert not any(b'"pql.handoff"' in o[2] for o in held.outputs)
+    still = run(d, _told(1, 2, parse_ms(at(hours=3))))  # not yet past hour 4
+    _store(d, table, clocks, still)
+    assert not any(b'"pql.handoff"' in o[2] for o in still.outputs)
+    released = run(d, _told(1, 3, parse_ms(at(hours=5))))
+    assert [json.loads(o[2])["type"] for o in released.outputs if b'"pql.handoff"' in o[2]] == ["pql.handoff"]
+
+
+def test_without_a_lagging_partition_nothing_waits():
+    table, clocks = {}, {}
+    d = Detect(Engine(RULES), Topics.of(Settings()), table, clocks, NoMql(), partitions=2)
+    _store(d, table, clocks, run(d, _told(1, 1, parse_ms(at(hours=1)))))
+    _store(d, table, clocks, run(d, _told(1, 2, 2**62)))  # partition 1 is idle now
+    now = run(d, body(*[track("Invite Sent", at(hours=h)) for h in (2, 3, 4)]))
+    assert any(b'"pql.handoff"' in o[2] for o in now.outputs)
+
+
+def test_each_tick_tells_the_other_partitions_where_this_one_is():
+    d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=3)
+    me = envelope.partition_of("acme", 3)
+    others = sorted({0, 1, 2} - {me})
+
+    def tick(ms: int) -> bytes:
+        return next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())]))
+
+    first = asyncio.run(d.process(body(track("Invite Sent", at(hours=2))) + b"\n" + tick(1000), me))
+    assert sorted(first.forward) == others
+    assert first.forward[others[0]] == [envelope.watermark(me, 1000, parse_ms(at(hours=2)))]
+    quiet = asyncio.run(d.process(tick(2000), me))  # no events since the last tick: idle
+    assert quiet.forward[others[1]] == [envelope.watermark(me, 2000, 2**62)]
