@@ -183,7 +183,7 @@ class Engine:
 
     def _apply(self, state: AccountState, event: Any, account_id: str, obs: Observation) -> list[tuple[Pos, str]]:
         """Insert one event; the positions where a milestone now holds and did not before."""
-        msg, ms = event.messageId, event.ms
+        ms = event.ms
         if ms < state.newest - self.bound:
             obs.too_late.append(event)
             return []
