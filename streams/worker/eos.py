@@ -40,7 +40,9 @@ INTERNALS = [
     ("faust.transport.drivers.aiokafka", "Producer.begin_transaction"),        # Transactions.on_assigned
     ("faust.transport.drivers.aiokafka", "Producer.stop_transaction"),
     ("faust.transport.drivers.aiokafka", "Producer.maybe_begin_transaction"),  # Transactions.send
-    ("faust.assignor.partition_assignor", "PartitionAssignor.group_for_topic"),  # Transactions.tid
+    ("faust.assignor.partition_assignor", "PartitionAssignor.group_for_topic"),  # Transactions.tid, remembered_topic_groups
+    ("faust.assignor.partition_assignor", "PartitionAssignor.on_assignment"),    # remembered_topic_groups
+    ("faust.transport.consumer", "TransactionManager.on_rebalance"),             # what remembered_topic_groups guards
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread.verify_event_path"),  # quiet_livelock_check
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._ensure_consumer"),
     ("aiokafka.consumer.subscription_state", "TopicPartitionState.has_valid_position"),
@@ -66,6 +68,7 @@ def install(app, source: str) -> None:
     broker_highwaters()
     exclusive_gaps()
     no_batch_across_seeks(source)
+    remembered_topic_groups()
 
 
 def quiet_livelock_check() -> None:
@@ -116,6 +119,35 @@ def broker_highwaters() -> None:
 
     _highwaters._pql = True
     AIOKafkaConsumerThread._highwaters = _highwaters
+
+
+def remembered_topic_groups(cls=None) -> None:
+    """The assignor still knows the topic groups of partitions an assignment took away.
+
+    Faust (0.15.3, `TransactionManager.on_rebalance`) looks up the group of every *revoked* partition
+    in the topic groups of the *new* assignment (`PartitionAssignor.group_for_topic`). After a broker
+    restart the chaos run met an empty assignment (`Setting newly assigned partitions set()`): no
+    groups, a `KeyError` on a revoked changelog partition, and the worker crashed. A topic's group
+    does not change while the app's topics stay the same, so the groups of earlier assignments are
+    kept and used for topics the new one lacks.
+    """
+    if cls is None:
+        from faust.assignor.partition_assignor import PartitionAssignor as cls
+    if getattr(cls.on_assignment, "_pql", False):
+        return
+    on_assignment = cls.on_assignment
+
+    def remember(self, assignment) -> None:
+        known = {**getattr(self, "_pql_groups", {}), **self._topic_groups}
+        on_assignment(self, assignment)
+        self._pql_groups = {**known, **self._topic_groups}
+
+    def group_for_topic(self, topic: str) -> int:
+        groups = self._topic_groups
+        return groups[topic] if topic in groups else getattr(self, "_pql_groups", groups)[topic]
+
+    remember._pql = True
+    cls.on_assignment, cls.group_for_topic = remember, group_for_topic
 
 
 def exclusive_gaps(cls=None) -> None:

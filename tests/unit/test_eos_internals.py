@@ -189,3 +189,33 @@ def test_a_rebalance_commits_first_and_rolls_back_what_it_could_not_commit():
     asyncio.run(first_send())
     app.assignor = SimpleNamespace(group_for_topic=lambda t: {}[t])  # before the first assignment
     assert tx.uncommitted() == set()
+
+
+def test_topic_groups_of_an_earlier_assignment_are_remembered():
+    """Chaos run, after a broker restart: an empty assignment, then Faust looked up the revoked
+    changelog partitions' group in it (KeyError) and the worker crashed."""
+    from faust.transport.consumer import TransactionManager
+
+    from streams.worker.eos import remembered_topic_groups
+
+    assert "_tps_to_transactional_ids(revoked)" in inspect.getsource(TransactionManager.on_rebalance)
+
+    class Assignor:  # what Faust's PartitionAssignor does with topic groups
+        def __init__(self):
+            self._topic_groups = {}
+
+        def on_assignment(self, assignment):
+            self._topic_groups = dict(assignment)
+
+        def group_for_topic(self, topic):
+            return self._topic_groups[topic]
+
+    remembered_topic_groups(Assignor)
+    a = Assignor()
+    a.on_assignment({"app-accounts": 0, "app-clocks-changelog": 0})
+    a.on_assignment({})  # nothing assigned now
+    assert a.group_for_topic("app-clocks-changelog") == 0
+    a.on_assignment({"app-accounts": 1})
+    assert a.group_for_topic("app-accounts") == 1 and a.group_for_topic("app-clocks-changelog") == 0
+    with pytest.raises(KeyError):
+        a.group_for_topic("never-assigned")
