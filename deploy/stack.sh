@@ -128,9 +128,17 @@ prometheus_bin() {
     >"$dir/apt-prometheus.log" 2>&1 || die "could not install prometheus; read $dir/apt-prometheus.log"
 }
 
+chromium_bin() {
+  command -v chromium >/dev/null && return
+  say "installing chromium with apt-get (once; the backtest report's browser test)"
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core; } \
+    >"$dir/apt-chromium.log" 2>&1 || die "could not install chromium; read $dir/apt-chromium.log"
+}
+
 mkdir -p "$dir"
 case "${1:-up}" in
   tools) prometheus_bin ;;
+  browser) chromium_bin ;;
   up) redis_up; kafka_up ;;
   down) stop kafka "$dir/kafka/kafka.pid"; stop redis "$dir/redis/redis.pid" ;;
   down-kafka) stop kafka "$dir/kafka/kafka.pid" ;;
@@ -138,5 +146,5 @@ case "${1:-up}" in
   status)
     alive "$dir/kafka/kafka.pid" && echo "kafka: running on 127.0.0.1:$kafka_port" || echo "kafka: stopped"
     alive "$dir/redis/redis.pid" && echo "redis: running on 127.0.0.1:$redis_port" || echo "redis: stopped" ;;
-  *) die "usage: deploy/stack.sh up|down|down-kafka|down-redis|status|tools" ;;
+  *) die "usage: deploy/stack.sh up|down|down-kafka|down-redis|status|tools|browser" ;;
 esac

@@ -56,8 +56,8 @@ def run(stack: Stack, seed: int, a) -> report.Outcome:
     work = OUT / tag
     work.mkdir(parents=True)
     rules = work / "rules.yaml"
-    rules.write_text(re.sub(r"^sla: .*$", f"sla: {{pql: {SLA}s, mql: 24h}}",
-                            (ROOT / "examples/rules.yaml").read_text(), flags=re.M))
+    text = re.sub(r"^sla: .*$", f"sla: {{pql: {SLA}s, mql: 24h}}", (ROOT / "examples/rules.yaml").read_text(), flags=re.M)
+    rules.write_text(text + (f"settle: {a.settle}\n" if a.settle else ""))
     count = int(a.rate * a.duration)
     t0 = time.time() + 60  # the stream's first event time: after generation, replay and start-up
     sim = Simulator(accounts=a.accounts, seed=seed, start=datetime.fromtimestamp(t0, timezone.utc),
@@ -174,6 +174,7 @@ def main() -> None:
     ap.add_argument("--redis-port", type=int, default=46379)
     ap.add_argument("--web-port", type=int, default=46066)
     ap.add_argument("--keep-stack", action="store_true")
+    ap.add_argument("--settle", help="the rules' settle (e.g. 2s; default: the example rules', 0s)")
     a = ap.parse_args()
     stack = Stack(a.kafka_port, a.redis_port, ROOT / ".stack/chaos")
     stack.up()

@@ -1,6 +1,7 @@
 """The `pql` command line. Each command is a thin shell over a module that does the work."""
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -78,6 +79,71 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
     responses = rp.load_responses(responses_path, sys.stderr) if responses_path else []
     summary = rp.run(events, engine, mql, milestones, stages, now_ms, responses, processed_ms)
     click.echo(summary.render(), err=True)
+
+
+@main.command()
+@click.argument("events", type=click.Path(exists=True, dir_okay=False))
+@click.option("--rules", "rules_path", required=True, type=click.Path(dir_okay=False), help="The current rules YAML.")
+@click.option("--against", "candidate_path", required=True, type=click.Path(dir_okay=False),
+              help="The candidate rules YAML.")
+@click.option("--mql", "mql_path", type=click.Path(exists=True, dir_okay=False),
+              help='MQL records, JSON lines {"account_id","stage","owner"}.')
+@click.option("--responses", "responses_path", type=click.Path(exists=True, dir_okay=False),
+              help="Past sales responses to the current rules' handoffs (JSON lines as on sales.responses): "
+                   "what sales made of the candidate's accounts.")
+@click.option("--from", "from_", metavar="TIME", help="Count qualifications from TIME (ISO 8601); earlier events still build state.")
+@click.option("--to", "to", metavar="TIME", help="Count qualifications before TIME (ISO 8601).")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write a self-contained HTML report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
+@click.option("--alert-max-age", type=click.FloatRange(min=0), default=86400.0, show_default=True,
+              envvar="PQL_ALERT_MAX_AGE", metavar="SECONDS", help="As for `pql replay`.")
+def backtest(events: str, rules_path: str, candidate_path: str, mql_path: str | None, responses_path: str | None,
+             from_: str | None, to: str | None, html_path: str | None, as_json: bool, alert_max_age: float) -> None:
+    """Compare two rules files over the same EVENTS.jsonl history, with the live engine: per week and
+    in total, qualifications, handoffs, suppressions, accounts gained and lost, time to handoff, SLA
+    load and (with --responses) a precision estimate."""
+    import json
+
+    from detectors.engine import Engine
+    from streams.config import alert_max_age_ms
+    from streams.tools import backtest as bt
+    from streams.tools import replay as rp
+
+    current, candidate = _rules(rules_path), _rules(candidate_path)
+    try:
+        mql = rp.load_mql(mql_path) if mql_path else {}
+    except rp.MqlFileError as err:
+        click.echo(f"pql: bad MQL file: {err}", err=True)
+        sys.exit(2)
+    responses = rp.load_responses(responses_path, sys.stderr) if responses_path else []
+    period = (_time("--from", from_), _time("--to", to))
+    max_age = alert_max_age_ms(alert_max_age)
+    with open(events, "rb") as f:
+        def go(progress=None):
+            return bt.run(f, (rules_path, current), (candidate_path, candidate), lambda r: Engine(r, max_age),
+                          mql, responses, period, progress)
+        if sys.stderr.isatty() and not as_json:
+            size = os.path.getsize(events)
+            with click.progressbar(length=size, label="backtest", file=sys.stderr) as bar:
+                last = [0]
+
+                def progress(_n: int) -> None:
+                    bar.update(f.tell() - last[0])
+                    last[0] = f.tell()
+                rep = go(progress)
+        else:
+            rep = go()
+    if html_path:
+        from streams.tools.backtest_html import render
+
+        with open(html_path, "w", encoding="utf-8") as out:
+            out.write(render(rep))
+    if as_json:
+        click.echo(json.dumps(rep, indent=1))
+    else:
+        bt.render_text(rep, sys.stdout)
+        if html_path:
+            click.echo(f"\nHTML report: {html_path}")
 
 
 def _checked(s, kafka: bool = False, redis: bool = False) -> None:
