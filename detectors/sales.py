@@ -62,15 +62,20 @@ def find(state: AccountState, handoff_id: str) -> Handoff | None:
 
 
 def respond(state: AccountState, r: SalesResponse) -> tuple[list[CloudEvent], str]:
-    """Record a response. Outcome: recorded, repeat (same status again) or unknown_handoff."""
+    """Record a response. Outcome: recorded, repeat (same status again) or unknown_handoff.
+
+    A first answer timed at or after the handoff's SLA due time breaches it first (the breach event,
+    then the answer marked late), whether or not a tick got there before the answer arrived: the
+    outcome follows the answer's timestamp, not the order the worker read them in."""
     h = find(state, r.handoff_id)
     if h is None:
         return [], "unknown_handoff"
     if h.status == r.status:
         return [], "repeat"
+    breached = breach(state, h.id, r.ms)
     h.status, h.status_at = r.status, r.ms
     ev = _stage(state, r.status, r.ms, h, reason=r.reason, note=r.note, by=r.by, late=h.breached)
-    return [ev], "recorded"
+    return [*breached, ev], "recorded"
 
 
 def breach(state: AccountState, handoff_id: str, now: int) -> list[CloudEvent]:

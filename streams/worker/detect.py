@@ -295,7 +295,9 @@ class Detect:
             r.clocks_changed = True
         for ev in events:
             self._emit(r, self.topics.signals, ev)
-            if ev.data.stage == "accepted" and ev.data.seconds_since_handoff is not None:
+            if ev.data.stage == "sla_breached":  # the answer came after the SLA ran out (detectors/sales.py)
+                metrics.sla_breaches.labels(ev.data.lane).inc()
+            elif ev.data.stage == "accepted" and ev.data.seconds_since_handoff is not None:
                 metrics.time_to_accept.labels(ev.data.lane).observe(max(0.0, ev.data.seconds_since_handoff))
             elif ev.data.stage == "rejected":
                 metrics.rejections.labels(ev.data.reason or "none").inc()

@@ -136,3 +136,17 @@ def test_every_listed_reason_is_accepted():
     for reason in ("not_icp", "duplicate", "bad_data", "student_or_research", "competitor", "no_budget",
                    "bad_timing"):
         assert response("h", "rejected", 1, reason=reason).reason == reason
+
+
+def test_an_answer_after_the_sla_breaches_it_first_whatever_came_first():
+    """The chaos run: a worker recovering read a late answer before its tick checked the clock, so
+    no breach was published where replay (and the answer's timestamp) says there was one."""
+    state, handoff, _ = qualify(engine())
+    events, outcome = sales.respond(state, response(handoff.id, "accepted", minutes=11))
+    assert outcome == "recorded"
+    assert [(e.type, e.data.stage, e.data.late) for e in events] == [
+        ("pql.sla_breached", "sla_breached", False), ("pql.stage", "accepted", True)]
+    assert sales.breach(state, handoff.id, 10**15) == []  # once only: the tick that comes later finds it done
+    on_time, _, _ = qualify(engine())
+    events, _ = sales.respond(on_time, response(sales.last(on_time).id, "accepted", minutes=9))
+    assert [e.data.stage for e in events] == ["accepted"] and not events[0].data.late
