@@ -84,7 +84,7 @@ def build(settings: Settings, rules: Rules) -> faust.App:
 
     feed = ingest.Task(s, engine, topics, publisher.unpublished)
     app.task(feed.run)
-    app.timer(s.sla_tick, name="pql.sla_tick")(Ticker(app, topics.accounts, feed, publisher).tick)
+    app.timer(s.sla_tick, name="pql.sla_tick")(Ticker(app, topics.accounts, feed, publisher, s.partitions).tick)
     app.task(alerts.Task(s, topics, rules, mql).run)
     Monitor(app, (topics.accounts, topics.crm), rules.version, publisher.processed).install()
     return app

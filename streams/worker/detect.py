@@ -16,10 +16,13 @@ accounts wait is kept per partition in the clocks table (`w<partition>`).
 
 The barrier: events without `context.groupId` reach their account through their user's partition.
 When that partition lags (its worker was killed and it is recovering), its forwarded events would
-arrive after the account decided. So at each tick every partition tells the others its stream time
-(WATERMARK lines, or IDLE when it had no events since its last tick), and a partition decides
-nothing later than the lowest stream time it was told plus `slack` (two ticks): it waits for a
-lagging partition, and only then. What it was told is kept in memory (a restarted worker waits for
+arrive after the account decided; the same when the product.events partition the user's events are
+on lags (its ingest consumer died with the worker) while the account's own events flow. So at each
+tick every partition tells the others its stream time (WATERMARK lines, or IDLE when it had no
+events since its last tick), each ingest tier tells every partition how far it has routed each of
+its product.events partitions (INPUT lines, or IDLE when nothing is held or unread), and a
+partition decides nothing later than the lowest time it was told plus `slack` (two ticks): it waits
+for a lagging partition, and only then. What it was told is kept in memory (a restarted worker waits for
 the next ticks); it changes when a decision is made, never what it is.
 """
 from __future__ import annotations
@@ -47,7 +50,7 @@ from streams.worker.dlq import DeadLetters
 from streams.worker.eos import Transactions
 
 log = logging.getLogger("pql.detect")
-IDLE = 2**62  # the cut of an idle tick: everything, except accounts still expecting held events
+IDLE = envelope.IDLE  # the cut of an idle tick: everything, except accounts still expecting held events
 
 
 @dataclass
@@ -93,6 +96,7 @@ class Detect:
         self.busy: dict[int, bool] = {}  # partition -> events came since its last tick
         self.stream: dict[int, int] = {}  # partition -> its stream time: the newest event time it has seen
         self.told: dict[int, tuple[int, int]] = {}  # partition -> (tick ms, stream time or IDLE) it last sent
+        self.told_input: dict[int, tuple[int, int]] = {}  # product.events partition -> (tick ms, routed up to or IDLE)
         self.slack = slack  # ms of event time a partition may have moved since it told us (the barrier)
         # parsed states of recently active accounts (parsing was the largest cost per envelope)
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
@@ -147,8 +151,8 @@ class Detect:
         of held ones), before any response or tick that follows them."""
         r, pending = Result(), {}
         for kind, key, raw in envelope.unpack(body):
-            if kind == envelope.WATERMARK:
-                self._told(key, raw)
+            if kind in (envelope.WATERMARK, envelope.INPUT):
+                self._told(self.told if kind == envelope.WATERMARK else self.told_input, key, raw)
                 continue
             if kind in (envelope.RESPONSE, envelope.TICK):
                 await self._flush(r, pending, partition)
@@ -173,17 +177,19 @@ class Detect:
         r.waits_changed = w.index.accounts != r.waits_before  # (most wait only within the envelope)
         return r
 
-    def _told(self, key: str, raw: bytes) -> None:
+    @staticmethod
+    def _told(into: dict, key: str, raw: bytes) -> None:
         tick, _, stream = raw.decode().partition("\t")
         p, told = int(key), (int(tick), int(stream))
-        if told > self.told.get(p, (0, 0)):
-            self.told[p] = told
+        if told > into.get(p, (0, 0)):
+            into[p] = told
 
     def _cut(self, r: Result, partition: int, idle: bool = False) -> int:
         """Decide what waits at or before this: `settle` behind the stream time (or everything on an
         idle tick), and never past the barrier."""
         cut = IDLE if idle else self._waits(r, partition).stream - self.settle
         low = min((v for p, (_, v) in self.told.items() if p != partition and p < self.partitions), default=IDLE)
+        low = min(low, min((v for _, v in self.told_input.values()), default=IDLE))
         return cut if low >= IDLE else min(cut, low + self.slack - self.settle)
 
     async def _release(self, r: Result, partition: int, cut: int | None) -> None:

@@ -11,6 +11,7 @@ once per batch, not once per event. A line is one of:
     \\x1er<account>\\t<response JSON>    a sales response (schemas/sales.py)
     \\x1et\\t<ms>                        a tick: the wall clock, for SLA clocks (sent every second)
     \\x1ew<partition>\\t<tick ms>\\t<ms>   that partition's stream time at its tick (a barrier, see detect.py)
+    \\x1ei<partition>\\t<tick ms>\\t<ms>   how far the ingest tier has routed that product.events partition
 
 Account lines go to the account's partition, user lines to the user key's: `detect` forwards what a
 user line leads to (an attributed event, a moved held event) to the partition that owns it.
@@ -27,7 +28,8 @@ from typing import Iterator
 from detectors.identity import EVENT, JOIN, LINK, USER
 from schemas.events import parse_event
 
-RESPONSE, TICK, WATERMARK = "r", "t", "w"
+RESPONSE, TICK, WATERMARK, INPUT = "r", "t", "w", "i"
+IDLE = 2**62  # a partition with nothing pending: no constraint
 _MARK = "\x1e"
 
 
@@ -73,6 +75,11 @@ def tick(ms: int) -> bytes:
 def watermark(partition: int, tick_ms: int, stream: int) -> tuple[str, bytes]:
     """The line a partition sends every other partition at each tick (for `pack_all`)."""
     return marked(WATERMARK, str(partition)), f"{tick_ms}\t{stream}".encode()
+
+
+def input_mark(partition: int, tick_ms: int, routed: int) -> tuple[str, bytes]:
+    """What the ingest tier tells every accounts partition at each tick about one input partition."""
+    return marked(INPUT, str(partition)), f"{tick_ms}\t{routed}".encode()
 
 
 MAX_BYTES = 512 * 1024  # well under Kafka's default 1 MB message limit

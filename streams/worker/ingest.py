@@ -48,6 +48,7 @@ class Ingest:
 
         self.merge = Merge(merge_wait)
         self.read: dict[tuple[str, int], int] = {}  # input partition -> last offset consumed
+        self.routed: dict[int, int] = {}  # product.events partition -> newest event time routed from it
 
         self.router, self.topics, self.batch_size, self.linger_s = router, topics, batch_size, linger_s
         self.linger_max_s = max(linger_s, linger_max_s)
@@ -84,6 +85,7 @@ class Ingest:
         self.merge.drop(gone)
         for tp in gone:
             self.read.pop(tp, None)
+            self.routed.pop(tp[1], None)
 
     def _behind(self, tp: tuple[str, int]) -> bool:
         """Has the broker more of this partition than we have read (as of the last fetch)?"""
@@ -174,6 +176,8 @@ class Ingest:
         for event, raw, m in self.merge.ready(assigned, self._behind, time.monotonic()):
             self.router.route_event(event, raw, batch, m)
             touched.add((m.topic(), m.partition()))
+            if event.ms > self.routed.get(m.partition(), 0):
+                self.routed[m.partition()] = event.ms
         for (topic, partition), items in batch.envelopes.items():
             for body in envelope.pack_all(items):
                 self._produce(topic, body, partition=partition)
@@ -194,10 +198,22 @@ class Ingest:
         if commit:
             self.consumer.commit(offsets=commit, asynchronous=True)
 
-    def tick(self, partitions: list[int], ms: int) -> None:
-        """A tick line (wall clock, ms) to each of these accounts partitions: SLA clocks advance."""
+    def tick(self, partitions: list[int], ms: int, every: int = 0) -> None:
+        """A tick line (wall clock, ms) to each of these accounts partitions: SLA clocks advance. And
+        to each of the `every` accounts partitions, where our product.events partitions are (the
+        barrier, streams/worker/detect.py): the newest event time routed from each, or idle when
+        nothing of it is held or unread."""
         for p in partitions:
             self._produce(self.topics.accounts, envelope.tick(ms), partition=p)
+        marks = []
+        for (topic, partition) in self.read:
+            if topic == self.topics.events:
+                idle = not self._behind((topic, partition)) and self.merge.first_offset((topic, partition)) is None
+                marks.append(envelope.input_mark(partition, ms, envelope.IDLE if idle else self.routed.get(partition, 0)))
+        if marks:
+            body = b"\n".join(k.encode() + b"\t" + v for k, v in marks)
+            for p in range(every):
+                self._produce(self.topics.accounts, body, partition=p)
         self.producer.poll(0)
 
     def _produce(self, topic: str, value: bytes, **kw) -> None:

@@ -8,8 +8,9 @@ import time
 
 
 class Ticker:
-    def __init__(self, app, source_topic: str, ingest, publisher):
+    def __init__(self, app, source_topic: str, ingest, publisher, partitions: int):
         self.app, self.source, self.ingest, self.publisher = app, source_topic, ingest, publisher
+        self.partitions = partitions
 
     async def tick(self) -> None:
         loop = self.ingest.loop
@@ -17,4 +18,4 @@ class Ticker:
             return
         owned = sorted(tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.source)
         self.publisher.forget(owned)
-        loop.tick(owned, int(time.time() * 1000))
+        loop.tick(owned, int(time.time() * 1000), self.partitions)

@@ -213,3 +213,21 @@ def test_each_tick_tells_the_other_partitions_where_this_one_is():
     assert first.forward[others[0]] == [envelope.watermark(me, 1000, parse_ms(at(hours=2)))]
     quiet = asyncio.run(d.process(tick(2000), me))  # no events since the last tick: idle
     assert quiet.forward[others[1]] == [envelope.watermark(me, 2000, 2**62)]
+
+
+def test_a_lagging_input_partition_holds_decisions_too():
+    """The ingest tier says how far it has routed each product.events partition: a partition whose
+    consumer died with its worker (user events on it not routed yet) holds every account's decisions."""
+    table, clocks = {}, {}
+    d = Detect(Engine(RULES), Topics.of(Settings()), table, clocks, NoMql(), partitions=1)
+
+    def routed(tick: int, ms: int) -> bytes:
+        (b,) = envelope.pack_all([envelope.input_mark(3, tick, ms)])
+        return b
+
+    _store(d, table, clocks, run(d, routed(1, parse_ms(at(hours=1)))))
+    held = run(d, body(*[track("Invite Sent", at(hours=h)) for h in (2, 3, 4)]))
+    _store(d, table, clocks, held)
+    assert not any(b'"pql.handoff"' in o[2] for o in held.outputs)
+    released = run(d, routed(2, envelope.IDLE))  # caught up: nothing held or unread
+    assert any(b'"pql.handoff"' in o[2] for o in released.outputs)
