@@ -5,7 +5,7 @@ import os
 import platform
 import sys
 
-from benchmarks import disorder, replay_bench, stream_bench
+from benchmarks import backtest_bench, disorder, replay_bench, stream_bench
 
 
 def machine() -> str:
@@ -19,6 +19,8 @@ def main() -> None:
     sys.argv = [sys.argv[0]]
     print("\n## replay vs json.loads (detection engine)")
     replay_bench.main()
+    print("\n## pql backtest: two rules files over 1M events")
+    backtest_bench.main()
     print("\n## bounded disorder: replay of a file and of its lines moved (event-time correctness)")
     disorder.main()
     print("\n## streaming: raw client vs naive Faust vs pql worker, and latency (needs `make stack`)")

@@ -12,6 +12,7 @@ backtest_html.py draws the HTML report.
 from __future__ import annotations
 
 import statistics
+import textwrap
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -249,7 +250,8 @@ def render_text(rep: dict, out: IO[str]) -> None:
         a, b = rep["responses"]["current"]["precision"], rep["responses"]["candidate"]["precision"]
         w(_row("precision (accepted+converted)", _pct(a), _pct(b)) + "\n")
         outcomes = rep["responses"]["candidate"]["outcomes"]
-        w("  candidate's accounts under current rules: " + ", ".join(f"{k} {v}" for k, v in outcomes.items()) + "\n")
+        text = "what sales made of the candidate's accounts: " + ", ".join(f"{k} {v}" for k, v in outcomes.items())
+        w(textwrap.fill(text, 80, initial_indent="  ", subsequent_indent="    ") + "\n")
     w(f"\naccounts gained by the candidate: {len(rep['gained'])}, lost: {len(rep['lost'])}\n")
     w(f"  {'account':<16} {'qualified':<10} pts {'milestones':<27} {'other rules'}\n")
     for title, rows_ in (("gained", rep["gained"]), ("lost", rep["lost"])):
