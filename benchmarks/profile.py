@@ -65,7 +65,8 @@ def main() -> None:
     out = ROOT / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
     prefix = f"prof{int(time.time())}."
-    for f in AdminClient({"bootstrap.servers": BOOT}).create_topics([NewTopic(prefix + "product.events", 4, 1)]).values():
+    admin = AdminClient({"bootstrap.servers": BOOT})
+    for f in admin.create_topics([NewTopic(prefix + "product.events", 4, 1)]).values():
         f.result()
     produce(prefix + "product.events", list(Simulator(accounts=a.accounts, seed=1).events(a.events)))
     port = 6192

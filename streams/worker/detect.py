@@ -67,6 +67,7 @@ class Result:
     waits_before: dict = field(default_factory=dict)
     waits_changed: bool = False
     newest: int = 0                                                       # newest event time in the envelope
+    barrier: int | None = None                                            # the lowest time other partitions told us
 
 
 @dataclass
@@ -153,6 +154,7 @@ class Detect:
         for kind, key, raw in envelope.unpack(body):
             if kind in (envelope.WATERMARK, envelope.INPUT):
                 self._told(self.told if kind == envelope.WATERMARK else self.told_input, key, raw)
+                r.barrier = None
                 continue
             if kind in (envelope.RESPONSE, envelope.TICK):
                 await self._flush(r, pending, partition)
@@ -188,9 +190,10 @@ class Detect:
         """Decide what waits at or before this: `settle` behind the stream time (or everything on an
         idle tick), and never past the barrier."""
         cut = IDLE if idle else self._waits(r, partition).stream - self.settle
-        low = min((v for p, (_, v) in self.told.items() if p != partition and p < self.partitions), default=IDLE)
-        low = min(low, min((v for _, v in self.told_input.values()), default=IDLE))
-        return cut if low >= IDLE else min(cut, low + self.slack - self.settle)
+        if r.barrier is None:  # once per envelope, and again after a WATERMARK or INPUT line
+            low = min((v for p, (_, v) in self.told.items() if p != partition and p < self.partitions), default=IDLE)
+            r.barrier = min(low, min((v for _, v in self.told_input.values()), default=IDLE))
+        return cut if r.barrier >= IDLE else min(cut, r.barrier + self.slack - self.settle)
 
     async def _release(self, r: Result, partition: int, cut: int | None) -> None:
         """Decide what waits at or before `cut` (all when None) on this partition."""

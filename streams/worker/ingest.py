@@ -181,6 +181,8 @@ class Ingest:
         for (topic, partition), items in batch.envelopes.items():
             for body in envelope.pack_all(items):
                 self._produce(topic, body, partition=partition)
+        for kind, n in batch.consumed.items():
+            metrics.events_consumed.labels(kind).inc(n)
         for m, reason, detail in batch.rejects:
             metrics.events_invalid.labels(reason).inc()
             value, headers = dlq.record(m.value(), m.topic(), m.partition(), m.offset(), reason, detail)

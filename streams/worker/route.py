@@ -5,7 +5,7 @@ goes to its account's partition; what fails validation becomes a reject (dead le
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
@@ -24,6 +24,7 @@ class Batch:
 
     envelopes: dict[tuple[str, int], list[tuple[str, bytes]]] = field(default_factory=lambda: defaultdict(list))
     rejects: list[tuple[object, str, str]] = field(default_factory=list)  # (message, reason, detail)
+    consumed: Counter = field(default_factory=Counter)  # event type -> valid events (one metrics call per batch)
 
 
 def _field(kind: str, key: str) -> str:
@@ -78,7 +79,7 @@ class Router:
         except InvalidEvent as bad:
             batch.rejects.append((msg, bad.reason, bad.detail))
             return None
-        metrics.events_consumed.labels(event.type).inc()
+        batch.consumed[event.type] += 1
         return event
 
     def wanted(self, event) -> bool:
