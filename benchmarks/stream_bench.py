@@ -25,6 +25,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from detectors.engine import Engine
+from streams.config import Settings, alert_max_age_ms
 from detectors.timefmt import iso, parse_ms
 from schemas.rules import load_rules
 from streams.worker import envelope
@@ -276,9 +277,11 @@ def main() -> None:
         f.result()
     lines = list(Simulator(accounts=a.accounts, seed=1).events(a.events))
     out = io.StringIO()
-    # everything the worker publishes: milestones, stages, and the breaches of these past handoffs
-    replay(lines, Engine(load_rules(ROOT / "examples/rules.yaml")), {}, out, io.StringIO(), milestones=True,
-           stages=True, now=int(time.time() * 1000))
+    # everything the worker publishes: milestones, stages, breaches; decided as a worker started now
+    # over this history decides them (its handoffs are older than PQL_ALERT_MAX_AGE: backfills, no clock)
+    now = int(time.time() * 1000)
+    engine = Engine(load_rules(ROOT / "examples/rules.yaml"), alert_max_age_ms(Settings().alert_max_age))
+    replay(lines, engine, {}, out, io.StringIO(), milestones=True, stages=True, now=now, processed_at=now)
     expected = len(out.getvalue().splitlines())
     want = sorted(json.loads(x)["id"] for x in out.getvalue().splitlines() if '"pql.handoff"' in x)
     produce(topic, lines)

@@ -246,6 +246,8 @@ class Engine:
         `reach` stays within the kept rows."""
         reach = state.reach.get(mid)
         k = bisect_right(reach, position(rows[0]), key=tuple) if reach else 0
+        if k and state.waiting:  # a waiting position is decided later: keep the reaches it may look back to
+            k = min(k, bisect_left(reach, tuple(state.waiting[0][:2]), key=tuple))
         if k:
             at, msg = reach[k - 1]
             state.anchor[mid] = Reach(at=at, message_id=msg, evidence=self._evidence_at(state, mid, (at, msg)))

@@ -359,3 +359,13 @@ def test_event_time_out_of_range_is_rejected():
             event(track("Job Run", ts))
         assert err.value.reason == "bad_timestamp"
     assert event(track("Job Run", "2026-11-01T10:00:00")).ms == event(track("Job Run", "2026-11-01T10:00:00Z")).ms
+
+
+def test_a_waiting_milestone_keeps_its_signal_when_the_row_cap_drops_its_row():
+    """stream_bench found it (live gave one pql.milestone fewer than replay for a hot account): the
+    1000-row cap folded a reach still waiting (rules `settle`) into the anchor, and the waiting
+    position then looked back at itself and took the milestone for already reached."""
+    r = rules({"used": {"event": "Feature Used", "points": 10}}, score=1000, settle="1h")
+    docs = [track("Feature Used", at(seconds=i)) for i in range(1001)]  # all inside settle: all wait
+    out, s, _ = run(r, docs, milestones=True)
+    assert kinds(out).count("pql.milestone") == 1 and s.milestones == {"used": 1}
