@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(default=65536, ge=1024, le=1_000_000,
                                  description="larger input records go to the DLQ as too_large")
     session_timeout: float = Field(default=10.0, ge=6, description="s before a silent worker's partitions move")
+    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,200}$",
+                                    description="static group membership (KIP-345): unique per worker, kept across restarts")
     redis_retry_max: float = Field(default=5.0, gt=0, description="longest wait between Redis retries, s")
     log_level: Literal["debug", "info", "warn", "error"] = "info"
     sla_tick: float = Field(default=1.0, gt=0, le=60, description="s between SLA clock checks")

@@ -77,7 +77,7 @@ def run(stack: Stack, seed: int, a) -> report.Outcome:
            "PQL_ALERT_RETRY_DELAY": "10"}
     endpoint = observe.Endpoint()
     env["PQL_WEBHOOK_URL"] = endpoint.url
-    workers = Workers(2, {**os.environ, **env}, work, a.web_port)
+    workers = Workers(2, {**os.environ, **env}, work, a.web_port, static=a.static)
     faults = schedule(seed, a.duration)
     responder = observe.Responder(stack.kafka, prefix + "sales.responses", ANSWER_AFTER)
     obs = observe.Observer(stack.kafka, [prefix + "pql.handoffs", prefix + "pql.signals"],
@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("--web-port", type=int, default=46066)
     ap.add_argument("--keep-stack", action="store_true")
     ap.add_argument("--settle", help="the rules' settle (e.g. 2s; default: the example rules', 0s)")
+    ap.add_argument("--static", action="store_true", help="workers keep PQL_INSTANCE_ID across restarts (static membership)")
     a = ap.parse_args()
     stack = Stack(a.kafka_port, a.redis_port, ROOT / ".stack/chaos")
     stack.up()

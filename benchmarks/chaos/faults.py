@@ -51,8 +51,8 @@ class Workers:
     """`n` `pql worker` processes with one app id. `check()` restarts any that exited, as a supervisor
     would, and records exits we did not cause."""
 
-    def __init__(self, n: int, env: dict, logdir: Path, web_port: int):
-        self.env, self.logdir, self.web_port = env, logdir, web_port
+    def __init__(self, n: int, env: dict, logdir: Path, web_port: int, static: bool = False):
+        self.env, self.logdir, self.web_port, self.static = env, logdir, web_port, static
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.lives: list[Life] = []
         self.offsets: dict[int, int] = {}  # pid -> where its life starts in the slot's log
@@ -69,7 +69,8 @@ class Workers:
         with open(path, "ab") as log:
             offset = log.tell()
             proc = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], cwd=ROOT,
-                                    env={**self.env, "PQL_WEB_PORT": str(self.port(slot))},
+                                    env={**self.env, "PQL_WEB_PORT": str(self.port(slot)),
+                                         **({"PQL_INSTANCE_ID": f"worker-{slot}"} if self.static else {})},
                                     stdout=log, stderr=subprocess.STDOUT)
         self.procs[slot] = proc
         self.offsets[proc.pid] = offset

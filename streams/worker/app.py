@@ -56,6 +56,7 @@ def make_app(s: Settings) -> faust.App:
         stream_wait_empty=False,
         broker_session_timeout=s.session_timeout,
         broker_heartbeat_interval=s.session_timeout / 5,
+        consumer_group_instance_id=s.instance_id,  # None: dynamic membership
     )
 
 

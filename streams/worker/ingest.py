@@ -241,6 +241,8 @@ class Task:
         s = self.settings
         conf = {**s.confluent(), "session.timeout.ms": int(s.session_timeout * 1000),
                 "heartbeat.interval.ms": int(s.session_timeout * 200)}
+        if s.instance_id:  # static membership: a restarted worker gets its input partitions back at once
+            conf["group.instance.id"] = f"{s.instance_id}-ingest"
         self.loop = Ingest(conf, f"{s.app_id}-ingest", Router(self.engine, self.topics, s.partitions, s.max_event_bytes), self.topics,
                            s.ingest_batch, s.ingest_linger, s.ingest_linger_max, self.unpublished, s.ingest_merge_wait)
         await self.loop.run()

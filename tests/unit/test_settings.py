@@ -26,3 +26,17 @@ def test_redis_urls_are_shown_without_their_password():
     assert redact_url("redis://:s3cr3t@10.0.0.1:6379/0") == "redis://:***@10.0.0.1:6379/0"
     assert redact_url("rediss://app:s3cr3t@host/1") == "rediss://app:***@host/1"
     assert redact_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_an_instance_id_gives_both_tiers_static_membership(monkeypatch, tmp_path):
+    from streams.worker.app import make_app
+
+    monkeypatch.setenv("PQL_INSTANCE_ID", "pql-worker-0")
+    monkeypatch.setenv("PQL_DATA_DIR", str(tmp_path))
+    s = load_settings()
+    assert make_app(s).conf.consumer_group_instance_id == "pql-worker-0"
+    monkeypatch.delenv("PQL_INSTANCE_ID")
+    assert make_app(load_settings()).conf.consumer_group_instance_id is None
+    monkeypatch.setenv("PQL_INSTANCE_ID", "two words")
+    with pytest.raises(SettingsError, match="PQL_INSTANCE_ID"):
+        load_settings()
