@@ -319,7 +319,7 @@ class Detect:
         told = max(self._waits(r, partition).stream, r.newest) if busy else IDLE
         for p in range(self.partitions):
             if p != partition:
-                r.forward.setdefault(p, []).append(envelope.watermark(partition, now, told))
+                r.forward.setdefault(p, []).append(envelope.told(envelope.WATERMARK, partition, now, told))
         stored = r.clocks if r.clocks is not None else self.clocks.get(str(partition))
         if not stored:
             return

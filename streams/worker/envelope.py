@@ -72,14 +72,11 @@ def tick(ms: int) -> bytes:
     return f"{_MARK}{TICK}\t{ms}".encode()
 
 
-def watermark(partition: int, tick_ms: int, stream: int) -> tuple[str, bytes]:
-    """The line a partition sends every other partition at each tick (for `pack_all`)."""
-    return marked(WATERMARK, str(partition)), f"{tick_ms}\t{stream}".encode()
-
-
-def input_mark(partition: int, tick_ms: int, routed: int) -> tuple[str, bytes]:
-    """What the ingest tier tells every accounts partition at each tick about one input partition."""
-    return marked(INPUT, str(partition)), f"{tick_ms}\t{routed}".encode()
+def told(kind: str, partition: int, tick_ms: int, ms: int) -> tuple[str, bytes]:
+    """A barrier line (for `pack_all`): how far a partition is at a tick. WATERMARK: an accounts
+    partition's stream time, sent to every other one; INPUT: how far the ingest tier has routed a
+    product.events partition, sent to every accounts partition. `ms` IDLE: nothing pending."""
+    return marked(kind, str(partition)), f"{tick_ms}\t{ms}".encode()
 
 
 MAX_BYTES = 512 * 1024  # well under Kafka's default 1 MB message limit

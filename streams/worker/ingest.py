@@ -211,9 +211,9 @@ class Ingest:
         for (topic, partition) in self.read:
             if topic == self.topics.events:
                 idle = not self._behind((topic, partition)) and self.merge.first_offset((topic, partition)) is None
-                marks.append(envelope.input_mark(partition, ms, envelope.IDLE if idle else self.routed.get(partition, 0)))
-        if marks:
-            body = b"\n".join(k.encode() + b"\t" + v for k, v in marks)
+                routed = envelope.IDLE if idle else self.routed.get(partition, 0)
+                marks.append(envelope.told(envelope.INPUT, partition, ms, routed))
+        for body in envelope.pack_all(marks):
             for p in range(every):
                 self._produce(self.topics.accounts, body, partition=p)
         self.producer.poll(0)

@@ -171,7 +171,7 @@ def _store(d: Detect, table: dict, clocks: dict, result) -> None:
 
 
 def _told(partition: int, tick: int, stream: int) -> bytes:
-    (b,) = envelope.pack_all([envelope.watermark(partition, tick, stream)])
+    (b,) = envelope.pack_all([envelope.told(envelope.WATERMARK, partition, tick, stream)])
     return b
 
 
@@ -210,9 +210,9 @@ def test_each_tick_tells_the_other_partitions_where_this_one_is():
 
     first = asyncio.run(d.process(body(track("Invite Sent", at(hours=2))) + b"\n" + tick(1000), me))
     assert sorted(first.forward) == others
-    assert first.forward[others[0]] == [envelope.watermark(me, 1000, parse_ms(at(hours=2)))]
+    assert first.forward[others[0]] == [envelope.told(envelope.WATERMARK, me, 1000, parse_ms(at(hours=2)))]
     quiet = asyncio.run(d.process(tick(2000), me))  # no events since the last tick: idle
-    assert quiet.forward[others[1]] == [envelope.watermark(me, 2000, 2**62)]
+    assert quiet.forward[others[1]] == [envelope.told(envelope.WATERMARK, me, 2000, 2**62)]
 
 
 def test_a_lagging_input_partition_holds_decisions_too():
@@ -222,7 +222,7 @@ def test_a_lagging_input_partition_holds_decisions_too():
     d = Detect(Engine(RULES), Topics.of(Settings()), table, clocks, NoMql(), partitions=1)
 
     def routed(tick: int, ms: int) -> bytes:
-        (b,) = envelope.pack_all([envelope.input_mark(3, tick, ms)])
+        (b,) = envelope.pack_all([envelope.told(envelope.INPUT, 3, tick, ms)])
         return b
 
     _store(d, table, clocks, run(d, routed(1, parse_ms(at(hours=1)))))
