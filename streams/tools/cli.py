@@ -1,7 +1,6 @@
 """The `pql` command line. Each command is a thin shell over a module that does the work."""
 from __future__ import annotations
 
-import os
 import sys
 
 import click
@@ -118,21 +117,9 @@ def backtest(events: str, rules_path: str, candidate_path: str, mql_path: str | 
     responses = rp.load_responses(responses_path, sys.stderr) if responses_path else []
     period = (_time("--from", from_), _time("--to", to))
     max_age = alert_max_age_ms(alert_max_age)
-    with open(events, "rb") as f:
-        def go(progress=None):
-            return bt.run(f, (rules_path, current), (candidate_path, candidate), lambda r: Engine(r, max_age),
-                          mql, responses, period, progress)
-        if sys.stderr.isatty() and not as_json:
-            size = os.path.getsize(events)
-            with click.progressbar(length=size, label="backtest", file=sys.stderr) as bar:
-                last = [0]
-
-                def progress(_n: int) -> None:
-                    bar.update(f.tell() - last[0])
-                    last[0] = f.tell()
-                rep = go(progress)
-        else:
-            rep = go()
+    rep = rp.over_file(events, "backtest", sys.stderr.isatty() and not as_json, lambda f, progress: bt.run(
+        f, (rules_path, current), (candidate_path, candidate), lambda r: Engine(r, max_age), mql, responses,
+        period, progress))
     if html_path:
         from streams.tools.backtest_html import render
 

@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Any, Callable, Iterable
 
 from pydantic import ValidationError
 
@@ -291,20 +291,24 @@ def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool
         ) -> Summary:
     """Replay a file to stdout/stderr, with a progress bar when stderr is a terminal."""
     out, err = sys.stdout, sys.stderr
-    with open(events, "rb") as f:
-        if not err.isatty():
-            return replay(f, engine, mql, out, err, milestones, stages=stages, now=now, responses=responses,
-                          processed_at=processed_at)
+    return over_file(events, "replay", err.isatty(), lambda f, progress: replay(
+        f, engine, mql, out, err, milestones, progress, stages, now, responses, processed_at))
+
+
+def over_file(path: str, label: str, bar: bool, work: Callable[[IO[bytes], Callable[[int], None] | None], Any]) -> Any:
+    """`work(file, progress)` over the opened file; with `bar`, a progress bar on stderr that follows
+    the file position (`progress` is called every few thousand lines), else `progress` is None."""
+    with open(path, "rb") as f:
+        if not bar:
+            return work(f, None)
         import click
 
-        size = Path(events).stat().st_size
-        with click.progressbar(length=size, label="replay", file=err) as bar:
+        with click.progressbar(length=Path(path).stat().st_size, label=label, file=sys.stderr) as shown:
             last = [0]
 
             def progress(_n: int) -> None:
                 pos = f.tell()
-                bar.update(pos - last[0])
+                shown.update(pos - last[0])
                 last[0] = pos
 
-            return replay(f, engine, mql, out, err, milestones, progress, stages, now, responses, processed_at)
-
+            return work(f, progress)
