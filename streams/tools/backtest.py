@@ -11,6 +11,7 @@ backtest_html.py draws the HTML report.
 """
 from __future__ import annotations
 
+import json
 import statistics
 import textwrap
 import time
@@ -92,7 +93,7 @@ def run(lines: Iterable[bytes], current: tuple[str, Rules], candidate: tuple[str
     started = time.perf_counter()
     sides, replays, sinks = [], [], []
     for label, (path, rules) in (("current", current), ("candidate", candidate)):
-        sides.append(Side(label, path, rules.version, {lane: ms for lane, ms in rules.sla.model_dump().items()}))
+        sides.append(Side(label, path, rules.version, rules.sla.model_dump()))
         # sales answered the current rules' handoffs: only they can take the responses
         replays.append(_Recording(engine_of(rules), mql, responses=responses if label == "current" else ()))
         sinks.append(_Lines())
@@ -104,8 +105,6 @@ def run(lines: Iterable[bytes], current: tuple[str, Rules], candidate: tuple[str
                 r.feed(n, raw, sink, quiet)
         if progress is not None and n % 8192 == 0:
             progress(n)
-    import json
-
     for side, r, sink in zip(sides, replays, sinks):
         r.release(None, sink, quiet)
         r.answers(None, sink, quiet)
@@ -121,7 +120,7 @@ def run(lines: Iterable[bytes], current: tuple[str, Rules], candidate: tuple[str
     return report(sides, responses, n, time.perf_counter() - started, period)
 
 
-def _counts(side: Side, decisions: list[dict]) -> dict:
+def _counts(decisions: list[dict]) -> dict:
     handoffs = [d for d in decisions if d["type"] == HANDOFF]
     return {
         "qualifications": len(decisions),
@@ -133,14 +132,13 @@ def _counts(side: Side, decisions: list[dict]) -> dict:
     }
 
 
-def _median_hours(side: Side) -> float | None:
-    waits = [parse_ms(h["time"]) - side.first[a] for a, h in side.accounts().items() if a in side.first]
+def _median_hours(side: Side, handed: dict[str, dict]) -> float | None:
+    waits = [parse_ms(h["time"]) - side.first[a] for a, h in handed.items() if a in side.first]
     return round(statistics.median(waits) / 3_600_000, 2) if waits else None
 
 
-def _outcome(side: Side, account: str) -> str:
-    """What this side decided for an account: handed off, suppressed (reason), or not qualified."""
-    mine = [d for d in side.decisions if d["subject"] == account]
+def _outcome(mine: list[dict]) -> str:
+    """What a side decided for an account (its decisions): handed off, suppressed (reason), or not qualified."""
     if any(d["type"] == HANDOFF for d in mine):
         return "handed off"
     if mine:
@@ -148,10 +146,10 @@ def _outcome(side: Side, account: str) -> str:
     return "not qualified"
 
 
-def _account_row(account: str, handoff: dict, other: Side) -> dict:
+def _account_row(account: str, handoff: dict, other: dict[str, list[dict]]) -> dict:
     data = handoff["data"]
     return {"account": account, "qualified_at": handoff["time"], "score": data["score"],
-            "milestones": data["milestones"], "other_side": _outcome(other, account),
+            "milestones": data["milestones"], "other_side": _outcome(other.get(account, [])),
             "evidence": {m: [e["event"] + " " + e["timestamp"] for e in ev[-3:]] for m, ev in data["evidence"].items()}}
 
 
@@ -167,16 +165,19 @@ def _precision(accounts: Iterable[str], answers: dict[str, SalesResponse]) -> di
 
 def report(sides: list[Side], responses: list[tuple[int, SalesResponse]], lines: int, seconds: float,
            period: tuple[int | None, int | None]) -> dict:
-    cur, cand = sides
     weeks: dict[str, dict] = defaultdict(dict)
     for side in sides:
         by_week: dict[str, list] = defaultdict(list)
         for d in side.decisions:
             by_week[week(parse_ms(d["time"]))].append(d)
         for w, ds in by_week.items():
-            weeks[w][side.label] = _counts(side, ds)
-    empty = _counts(cur, [])
+            weeks[w][side.label] = _counts(ds)
+    empty = _counts([])
     got = {s.label: s.accounts() for s in sides}
+    decided: dict[str, dict[str, list[dict]]] = {s.label: defaultdict(list) for s in sides}
+    for s in sides:
+        for d in s.decisions:
+            decided[s.label][d["subject"]].append(d)
     gained = sorted(set(got["candidate"]) - set(got["current"]))
     lost = sorted(set(got["current"]) - set(got["candidate"]))
     answers: dict[str, SalesResponse] = {}
@@ -187,12 +188,12 @@ def report(sides: list[Side], responses: list[tuple[int, SalesResponse]], lines:
         "period": {"from": iso(period[0]) if period[0] is not None else None,
                    "to": iso(period[1]) if period[1] is not None else None},
         "sides": {s.label: {"rules": s.path, "version": s.version, "sla_hours": {k: v / 3_600_000 for k, v in s.sla.items()},
-                            "total": _counts(s, s.decisions), "accounts_handed_off": len(got[s.label]),
+                            "total": _counts(s.decisions), "accounts_handed_off": len(got[s.label]),
                             "accounts_with_relevant_events": len(s.first),
-                            "median_hours_to_first_handoff": _median_hours(s)} for s in sides},
+                            "median_hours_to_first_handoff": _median_hours(s, got[s.label])} for s in sides},
         "weeks": {w: {s.label: weeks[w].get(s.label, empty) for s in sides} for w in sorted(weeks)},
-        "gained": [_account_row(a, got["candidate"][a], cur) for a in gained],
-        "lost": [_account_row(a, got["current"][a], cand) for a in lost],
+        "gained": [_account_row(a, got["candidate"][a], decided["current"]) for a in gained],
+        "lost": [_account_row(a, got["current"][a], decided["candidate"]) for a in lost],
     }
     if responses:
         out["responses"] = {s.label: _precision(got[s.label], answers) for s in sides}
