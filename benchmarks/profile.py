@@ -16,9 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from confluent_kafka.admin import AdminClient, NewTopic
-
-from benchmarks.stream_bench import BOOT, ROOT, metric, produce, worker_env
+from benchmarks.stream_bench import ROOT, backlog, metric, start_worker, wait_consuming
 from streams.tools.simulate import Simulator
 
 # (stage, a substring of a frame "function (path:line)"); the innermost matching frame wins
@@ -65,20 +63,12 @@ def main() -> None:
     out = ROOT / "benchmarks" / "out"
     out.mkdir(parents=True, exist_ok=True)
     prefix = f"prof{int(time.time())}."
-    admin = AdminClient({"bootstrap.servers": BOOT})
-    for f in admin.create_topics([NewTopic(prefix + "product.events", 4, 1)]).values():
-        f.result()
-    produce(prefix + "product.events", list(Simulator(accounts=a.accounts, seed=1).events(a.events)))
+    backlog(prefix + "product.events", list(Simulator(accounts=a.accounts, seed=1).events(a.events)))
     port = 6192
-    log = open(out / f"{prefix}worker.log", "w")
-    w = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
-                         stdout=log, stderr=subprocess.STDOUT)
+    w = start_worker(prefix, port)
     raw = out / f"{prefix}pyspy.txt"
     try:
-        while metric(port, "pql_events_consumed_total") == 0:
-            if w.poll() is not None:
-                raise RuntimeError(f"worker exited; read {log.name}")
-            time.sleep(0.05)
+        wait_consuming(w, port, prefix)
         spy = Path(sys.executable).with_name("py-spy")
         subprocess.run([str(spy), "record", "--pid", str(w.pid), "--duration", str(int(a.seconds)), "--rate", "200",
                         "--format", "raw", "--output", str(raw), "--nonblocking"], check=True, capture_output=True)

@@ -145,16 +145,38 @@ def changelog_bytes(topic: str) -> tuple[int, int]:
     return sum(latest.values()), len(latest)
 
 
+def backlog(topic: str, lines: list[bytes]) -> None:
+    """The input topic (4 partitions), holding `lines`."""
+    admin = AdminClient({"bootstrap.servers": BOOT})
+    for f in admin.create_topics([NewTopic(topic, 4, 1)]).values():
+        f.result()
+    produce(topic, lines)
+
+
+def worker_log(prefix: str) -> Path:
+    return ROOT / "benchmarks" / "out" / f"{prefix}worker.log"
+
+
+def start_worker(prefix: str, port: int) -> subprocess.Popen:
+    """A `pql worker` on the bench topics, its log in benchmarks/out/."""
+    log = open(worker_log(prefix), "w")
+    return subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], env=worker_env(prefix, port),
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_consuming(w: subprocess.Popen, port: int, prefix: str) -> None:
+    """Until the worker has consumed its first input (raises if it exits first)."""
+    while metric(port, "pql_events_consumed_total") == 0:
+        if w.poll() is not None:
+            raise RuntimeError(f"worker exited; read {worker_log(prefix)}")
+        time.sleep(0.02)
+
+
 def our_worker(prefix: str, n: int, expected: int) -> tuple[float, int, list[str]]:
     port = 6190
-    log = open(ROOT / "benchmarks" / "out" / f"{prefix}worker.log", "w")
-    w = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
-                         stdout=log, stderr=subprocess.STDOUT)
+    w = start_worker(prefix, port)
     try:
-        while metric(port, "pql_events_consumed_total") == 0:
-            if w.poll() is not None:
-                raise RuntimeError(f"worker exited; read {log.name}")
-            time.sleep(0.02)
+        wait_consuming(w, port, prefix)
         t0, rss0 = time.perf_counter(), rss_kb(w.pid)
         t1, outputs, handoffs = drain(port, [prefix + "pql.handoffs", prefix + "pql.signals"], n, expected)
         grown = (rss_kb(w.pid) - rss0) * 1024
@@ -174,9 +196,7 @@ def our_worker(prefix: str, n: int, expected: int) -> tuple[float, int, list[str
 def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[list[tuple], int]:
     """(account, event ms, handoff sent ms, handoff readable ms) per handoff measured; events consumed."""
     port = 6191
-    log = open(ROOT / "benchmarks" / "out" / f"{prefix}worker.log", "w")
-    w = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], env=worker_env(prefix, port), cwd=ROOT,
-                         stdout=log, stderr=subprocess.STDOUT)
+    w = start_worker(prefix, port)
     seen: list[tuple] = []
     lag: list[tuple] = []
     try:
@@ -272,9 +292,6 @@ def main() -> None:
     (ROOT / "benchmarks" / "out").mkdir(parents=True, exist_ok=True)
     prefix = f"bench{int(time.time())}."
     topic = prefix + "product.events"
-    admin = AdminClient({"bootstrap.servers": BOOT})
-    for f in admin.create_topics([NewTopic(topic, 4, 1)]).values():
-        f.result()
     lines = list(Simulator(accounts=a.accounts, seed=1).events(a.events))
     out = io.StringIO()
     # everything the worker publishes: milestones, stages, breaches; decided as a worker started now
@@ -284,7 +301,7 @@ def main() -> None:
     replay(lines, engine, {}, out, io.StringIO(), milestones=True, stages=True, now=now, processed_at=now)
     expected = len(out.getvalue().splitlines())
     want = sorted(json.loads(x)["id"] for x in out.getvalue().splitlines() if '"pql.handoff"' in x)
-    produce(topic, lines)
+    backlog(topic, lines)
     n = len(lines)
     print(f"stream: {n} events, {a.accounts} accounts, 4 partitions; {expected} outputs expected (replay)")
     ta = raw_client(topic, n)
