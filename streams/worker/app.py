@@ -60,7 +60,9 @@ def make_app(s: Settings) -> faust.App:
     )
 
 
-def build(settings: Settings, rules: Rules) -> faust.App:
+def build(settings: Settings, rules: Rules, inputs: int | None = None) -> faust.App:
+    """`inputs`: product.events partitions, each of which every partition hears from before deciding
+    (the barrier, streams/worker/detect.py)."""
     s, topics, engine = settings, Topics.of(settings), Engine(rules, alert_max_age_ms(settings.alert_max_age))
     app = make_app(s)
     raw = dict(key_serializer="raw", value_serializer="raw")
@@ -74,7 +76,8 @@ def build(settings: Settings, rules: Rules) -> faust.App:
 
     tx = eos.Transactions(app, topics.accounts)
     detector = detect.Detect(engine, topics, tables.accounts.data, tables.clocks.data, mql,
-                             users=tables.users.data, partitions=s.partitions, slack=int(2000 * s.sla_tick))
+                             users=tables.users.data, partitions=s.partitions, slack=int(2000 * s.sla_tick),
+                             inputs=inputs)
     publisher = Publisher(tx, topics, tables, detector)
     app.agent(envelopes, name="detect", concurrency=1)(detect.Agent(detector, publisher, tx, dead).run)
     app.agent(app.topic(topics.crm, **raw), name="crm", concurrency=1)(crm.Agent(mql, dead).run)
@@ -116,9 +119,9 @@ def discard_local_state(datadir: Path) -> None:
 
 def run_worker(settings: Settings, rules: Rules) -> None:
     """Create topics, then run the Faust worker until stopped (SIGTERM/SIGINT)."""
-    ensure_topics(settings, Topics.of(settings))
+    inputs = ensure_topics(settings, Topics.of(settings))
     if settings.store != "memory://":
         discard_local_state(settings.data_dir / settings.app_id)
-    app = build(settings, rules)
+    app = build(settings, rules, inputs)
     level = settings.log_level.upper() if settings.log_level != "warn" else "WARNING"
     faust.Worker(app, loglevel=level, quiet=True).execute_from_commandline()

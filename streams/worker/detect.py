@@ -22,8 +22,13 @@ tick every partition tells the others its stream time (WATERMARK lines, or IDLE 
 events since its last tick), each ingest tier tells every partition how far it has routed each of
 its product.events partitions (INPUT lines, or IDLE when nothing is held or unread), and a
 partition decides nothing later than the lowest time it was told plus `slack` (two ticks): it waits
-for a lagging partition, and only then. What it was told is kept in memory (a restarted worker waits for
-the next ticks); it changes when a decision is made, never what it is.
+for a lagging partition, and only then. An IDLE report counts as its tick's wall clock time: idle
+then, a partition or input partition may still receive events timed after it (its worker may be
+killed the next moment, and its last word must not free the others). What a partition was told is
+its own (a report read on another partition may be ahead of lines still unread on this one), kept
+in memory; with `inputs` set (the worker), a partition decides nothing until it has heard from
+every other partition and every product.events partition (a restarted worker waits for the next
+ticks). The barrier changes when a decision is made, never what it is.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ from streams.worker.eos import Transactions
 
 log = logging.getLogger("pql.detect")
 IDLE = envelope.IDLE  # the cut of an idle tick: everything, except accounts still expecting held events
+NOTHING = -IDLE  # the barrier of a partition that has not heard from every other one yet
 
 
 @dataclass
@@ -86,7 +92,7 @@ class Detect:
     def __init__(self, engine: Engine, topics: Topics, accounts: Mapping[str, bytes], clocks: Mapping[str, bytes],
                  mql: AsyncMqlStore, now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
                  cache_size: int = 20_000, users: Mapping[str, bytes] | None = None, partitions: int = 1,
-                 slack: int = 2000):
+                 slack: int = 2000, inputs: int | None = None):
         self.engine, self.topics, self.accounts, self.clocks, self.mql = engine, topics, accounts, clocks, mql
         self.users = users if users is not None else {}
         self.partitions = partitions
@@ -96,9 +102,12 @@ class Detect:
         self.settle = rules.settle
         self.busy: dict[int, bool] = {}  # partition -> events came since its last tick
         self.stream: dict[int, int] = {}  # partition -> its stream time: the newest event time it has seen
-        self.told: dict[int, tuple[int, int]] = {}  # partition -> (tick ms, stream time or IDLE) it last sent
-        self.told_input: dict[int, tuple[int, int]] = {}  # product.events partition -> (tick ms, routed up to or IDLE)
+        # per receiving partition: partition -> (tick ms, stream time or IDLE) it last sent
+        self.told: dict[int, dict[int, tuple[int, int]]] = {}
+        # per receiving partition: product.events partition -> (tick ms, routed up to or IDLE)
+        self.told_input: dict[int, dict[int, tuple[int, int]]] = {}
         self.slack = slack  # ms of event time a partition may have moved since it told us (the barrier)
+        self.inputs = inputs  # product.events partitions to hear from before deciding (None: don't wait)
         # parsed states of recently active accounts (parsing was the largest cost per envelope)
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
         self.cache_size = cache_size
@@ -153,7 +162,8 @@ class Detect:
         r, pending = Result(), {}
         for kind, key, raw in envelope.unpack(body):
             if kind in (envelope.WATERMARK, envelope.INPUT):
-                self._told(self.told if kind == envelope.WATERMARK else self.told_input, key, raw)
+                self._told((self.told if kind == envelope.WATERMARK else self.told_input).setdefault(partition, {}),
+                           key, raw)
                 r.barrier = None
                 continue
             if kind in (envelope.RESPONSE, envelope.TICK):
@@ -191,9 +201,17 @@ class Detect:
         idle tick), and never past the barrier."""
         cut = IDLE if idle else self._waits(r, partition).stream - self.settle
         if r.barrier is None:  # once per envelope, and again after a WATERMARK or INPUT line
-            low = min((v for p, (_, v) in self.told.items() if p != partition and p < self.partitions), default=IDLE)
-            r.barrier = min(low, min((v for _, v in self.told_input.values()), default=IDLE))
+            r.barrier = self._barrier(partition)
         return cut if r.barrier >= IDLE else min(cut, r.barrier + self.slack - self.settle)
+
+    def _barrier(self, partition: int) -> int:
+        """The lowest time this partition was told (an idle report: its tick), or NOTHING while it
+        has not heard from every other partition and input partition."""
+        told = {p: t for p, t in self.told.get(partition, {}).items() if p != partition and p < self.partitions}
+        inputs = self.told_input.get(partition, {})
+        if self.inputs is not None and (len(told) < self.partitions - 1 or len(inputs) < self.inputs):
+            return NOTHING
+        return min((tick if v >= IDLE else v for tick, v in [*told.values(), *inputs.values()]), default=IDLE)
 
     async def _release(self, r: Result, partition: int, cut: int | None) -> None:
         """Decide what waits at or before `cut` (all when None) on this partition."""

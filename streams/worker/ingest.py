@@ -88,14 +88,15 @@ class Ingest:
             self.routed.pop(tp[1], None)
 
     def _behind(self, tp: tuple[str, int]) -> bool:
-        """Has the broker more of this partition than we have read (as of the last fetch)?"""
+        """Has the broker more of this partition than we have read (as of the last fetch)? Yes while
+        we do not know (not fetched yet, about a second after an assignment)."""
         from confluent_kafka import TopicPartition
 
         try:
             _, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
         except Exception:  # not fetched yet
-            return False
-        return high >= 0 and high > self.read.get(tp, -1) + 1
+            return True
+        return high < 0 or high > self.read.get(tp, -1) + 1
 
     def _lag(self) -> None:
         """pql_consumer_lag for product.events: high watermark minus our position (every 5 s)."""

@@ -195,7 +195,7 @@ def test_without_a_lagging_partition_nothing_waits():
     table, clocks = {}, {}
     d = Detect(Engine(RULES), Topics.of(Settings()), table, clocks, NoMql(), partitions=2)
     _store(d, table, clocks, run(d, _told(1, 1, parse_ms(at(hours=1)))))
-    _store(d, table, clocks, run(d, _told(1, 2, 2**62)))  # partition 1 is idle now
+    _store(d, table, clocks, run(d, _told(1, parse_ms(at(hours=5)), envelope.IDLE)))  # idle at hour 5
     now = run(d, body(*[track("Invite Sent", at(hours=h)) for h in (2, 3, 4)]))
     assert any(b'"pql.handoff"' in o[2] for o in now.outputs)
 
@@ -229,5 +229,50 @@ def test_a_lagging_input_partition_holds_decisions_too():
     held = run(d, body(*[track("Invite Sent", at(hours=h)) for h in (2, 3, 4)]))
     _store(d, table, clocks, held)
     assert not any(b'"pql.handoff"' in o[2] for o in held.outputs)
-    released = run(d, routed(2, envelope.IDLE))  # caught up: nothing held or unread
+    released = run(d, routed(parse_ms(at(hours=5)), envelope.IDLE))  # caught up at hour 5: nothing held or unread
+    assert any(b'"pql.handoff"' in o[2] for o in released.outputs)
+
+
+def _routed(tick: int, ms: int, partition: int = 3) -> bytes:
+    (b,) = envelope.pack_all([envelope.told(envelope.INPUT, partition, tick, ms)])
+    return b
+
+
+def test_an_idle_report_counts_as_its_tick():
+    """Idle at a tick says nothing about what comes after it: a partition idle at hour 1 (whose
+    worker may die the next moment) holds a decision at hour 4 until it reports again."""
+    table, clocks = {}, {}
+    d = Detect(Engine(RULES), Topics.of(Settings()), table, clocks, NoMql(), partitions=1)
+    _store(d, table, clocks, run(d, _routed(parse_ms(at(hours=1)), envelope.IDLE)))
+    held = run(d, body(*[track("Invite Sent", at(hours=h)) for h in (2, 3, 4)]))
+    _store(d, table, clocks, held)
+    assert not any(b'"pql.handoff"' in o[2] for o in held.outputs)
+    released = run(d, _routed(parse_ms(at(hours=5)), envelope.IDLE))
+    assert any(b'"pql.handoff"' in o[2] for o in released.outputs)
+
+
+def test_what_one_partition_was_told_does_not_free_another():
+    """Reports are read per partition: one read on another partition can be ahead of lines this
+    partition has not read yet."""
+    table, clocks = {}, {}
+    d = Detect(Engine(RULES), Topics.of(Settings()), table, clocks, NoMql(), partitions=2)
+    me = envelope.partition_of("acme", 2)
+    _store(d, table, clocks, asyncio.run(d.process(_routed(parse_ms(at(hours=1)), parse_ms(at(hours=1))), me)))
+    _store(d, table, clocks, asyncio.run(d.process(_routed(parse_ms(at(hours=5)), envelope.IDLE), 1 - me)))
+    held = asyncio.run(d.process(body(*[track("Invite Sent", at(hours=h)) for h in (2, 3, 4)]), me))
+    assert not any(b'"pql.handoff"' in o[2] for o in held.outputs)
+
+
+def test_a_partition_decides_nothing_until_it_has_heard_from_every_input_partition():
+    """A restarted worker knows nothing of the others: it waits for a report from each of the
+    product.events partitions (and each other accounts partition) before deciding."""
+    table, clocks = {}, {}
+    d = Detect(Engine(RULES), Topics.of(Settings()), table, clocks, NoMql(), partitions=1, inputs=2)
+    held = run(d, body(*[track("Invite Sent", at(hours=h)) for h in (2, 3, 4)]))
+    _store(d, table, clocks, held)
+    assert not any(b'"pql.handoff"' in o[2] for o in held.outputs)
+    half = run(d, _routed(parse_ms(at(hours=5)), envelope.IDLE, partition=0))
+    _store(d, table, clocks, half)
+    assert not any(b'"pql.handoff"' in o[2] for o in half.outputs)
+    released = run(d, _routed(parse_ms(at(hours=5)), envelope.IDLE, partition=1))
     assert any(b'"pql.handoff"' in o[2] for o in released.outputs)
