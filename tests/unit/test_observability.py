@@ -60,3 +60,21 @@ def test_no_created_series():
     metrics.mql_lookup.observe(0.001)
     text = metrics.render().decode()
     assert "pql_events_consumed_total" in text and "_created" not in text
+
+
+def test_a_quiet_worker_does_not_build_debug_records():
+    """At warn, Faust's spinner would set the root logger to DEBUG (a record per aiokafka send)."""
+    import logging
+
+    import faust
+
+    from streams.worker.app import make_worker
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    try:
+        make_worker(faust.App("pql-logging-test"), "WARNING")._setup_logging()
+        assert not logging.getLogger("aiokafka.producer.producer").isEnabledFor(logging.DEBUG)
+    finally:
+        root.setLevel(level)
+        root.handlers[:] = handlers
