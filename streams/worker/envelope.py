@@ -22,6 +22,7 @@ Keys never contain a tab, a newline or any other control character. The partitio
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from typing import Iterator
 
@@ -107,5 +108,9 @@ def unpack(body: bytes) -> Iterator[tuple[str, str, bytes]]:
         yield kind, key.decode(), raw
 
 
+_CONTROL = re.compile(r"[\x00-\x1f]")
+
+
 def safe_key(key: str) -> bool:
-    return bool(key) and all(c >= " " for c in key)
+    """Not empty, no control character (a tab or newline would break the line format)."""
+    return bool(key) and _CONTROL.search(key) is None

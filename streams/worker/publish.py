@@ -86,10 +86,9 @@ class Publisher:
         for table in ("accounts", "users", "clocks"):
             for p in partitions:
                 recovery.revoke(TP(self.tables.changelog(table), p))
-        for p in partitions:
-            d.stream.pop(p, None)
-            d.busy.pop(p, None)
-            self.processed.pop(p, None)
+        for p in partitions:  # read again from the committed offset: what it was told may be ahead of that
+            for kept in (d.stream, d.busy, d.told, d.told_input, self.processed):
+                kept.pop(p, None)
         d.parsed.clear()
         log.info("rolled back partitions %s: %d values dropped", sorted(partitions), dropped)
 
