@@ -16,7 +16,7 @@ import logging
 import os
 import time
 
-from aiokafka.errors import IllegalOperation, ProducerFenced
+from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 from faust.exceptions import ProducerSendError
 from faust.types import TP
 
@@ -39,14 +39,17 @@ INTERNALS = [
     ("aiokafka", "AIOKafkaConsumer.seek_to_beginning"),
     ("faust.transport.drivers.aiokafka", "Producer.begin_transaction"),        # Transactions.on_assigned
     ("faust.transport.drivers.aiokafka", "Producer.stop_transaction"),
-    ("faust.transport.drivers.aiokafka", "Producer.maybe_begin_transaction"),  # Transactions.send
+    ("faust.transport.drivers.aiokafka", "Producer.maybe_begin_transaction"),  # Transactions.send_all
     ("faust.assignor.partition_assignor", "PartitionAssignor.group_for_topic"),  # Transactions.tid, remembered_topic_groups
     ("faust.assignor.partition_assignor", "PartitionAssignor.on_assignment"),    # remembered_topic_groups
     ("faust.transport.consumer", "TransactionManager.on_rebalance"),             # what remembered_topic_groups guards
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread.verify_event_path"),  # quiet_livelock_check
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._ensure_consumer"),
     ("aiokafka.consumer.subscription_state", "TopicPartitionState.has_valid_position"),
-    ("faust.transport.drivers.aiokafka", "Producer._transaction_producers"),  # Transactions.uncommitted
+    ("faust.transport.drivers.aiokafka", "Producer._transaction_producers"),  # Transactions.uncommitted, send_all
+    ("faust.transport.drivers.aiokafka", "Producer._trn_locks"),              # Transactions.send_all
+    ("aiokafka", "AIOKafkaProducer.create_batch"),
+    ("aiokafka", "AIOKafkaProducer.send_batch"),
     ("aiokafka.producer.transaction_manager", "TransactionManager.is_in_transaction"),
     ("faust.tables.recovery", "Recovery.revoke"),                                # publish.Publisher.rollback
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._highwaters"),  # broker_highwaters
@@ -260,34 +263,54 @@ class Transactions:
     def owns(self, partition: int) -> bool:
         return TP(self.source, partition) in self.app.consumer.assignment()
 
-    async def send(self, topic: str, key: str, value: bytes, partition: int, headers: list | None,
-                   source: int, first: bool = False) -> None:
-        """To `partition` of `topic`, in the transaction of source partition `source`, which commits
-        with that partition's input offsets.
+    async def send_all(self, sends: list, source: int) -> None:
+        """An envelope's writes, each (topic, key, value, headers, partition), into the transaction of
+        source partition `source`, as one aiokafka batch per topic partition (`send_batch`; Faust's
+        `send` costs a coroutine, a lock and a log call per message). In order per topic partition.
 
-        Only the first send of an envelope may start a new transaction and retry: later, the lost
-        transaction may hold this envelope's earlier sends.
+        Only the first batch may start a new transaction and retry: later, the lost transaction may
+        hold this envelope's earlier batches. Fenced, or still unusable: restart clean (a restart reads
+        again from the committed offsets, so nothing is lost or sent twice).
         """
+        by_tp: dict[tuple[str, int], list] = {}
+        for topic, key, value, headers, partition in sends:
+            by_tp.setdefault((topic, partition), []).append((key.encode(), value, headers or []))
+        first = True
+        for (topic, partition), msgs in by_tp.items():
+            done = 0
+            while done < len(msgs):
+                done = await self._batch(topic, partition, msgs, done, source, first)
+                first = False
+
+    async def _batch(self, topic: str, partition: int, msgs: list, start: int, source: int, first: bool) -> int:
+        """Send msgs[start:] (as many as one batch holds); returns where the next batch starts."""
         if self.frozen and first:
             raise PartitionMoved()  # a rebalance is under way (on_revoked)
         tid = self.tid(source)
+        faust_producer = self.app.producer
         for attempt in (1, 2) if first else (2,):
             try:
-                await self.app.producer.send(topic, key.encode(), value, partition, None, headers,
-                                             transactional_id=tid)
-                return
+                producer = faust_producer._transaction_producers.get(tid)
+                if producer is None:
+                    raise ProducerSendError(f"no transaction producer for {tid}")
+                batch, end = producer.create_batch(), start
+                while end < len(msgs):  # the first message always fits (aiokafka's BatchBuilder)
+                    key, value, headers = msgs[end]
+                    if batch.append(key=key, value=value, timestamp=None, headers=headers) is None:
+                        break
+                    end += 1
+                async with faust_producer._trn_locks.setdefault(tid, asyncio.Lock()):
+                    await producer.send_batch(batch, topic, partition=partition)
+                return end
             except ProducerFenced as err:
                 fatal = err
                 break
-            except (IllegalOperation, ProducerSendError) as err:
-                # A rebalance ended the transaction (or dropped its producer) under us.
+            except (IllegalOperation, ProducerSendError, KafkaError) as err:
                 fatal = err
                 if not self.owns(source):
                     raise PartitionMoved() from None  # never touch a producer we do not own
                 if attempt == 1:
-                    await self.app.producer.maybe_begin_transaction(tid)
-        # Fenced, or still unusable: part of this envelope may be in a lost transaction. Restart clean;
-        # a restart reads again from the committed offsets, so nothing is lost or sent twice.
+                    await faust_producer.maybe_begin_transaction(tid)
         log.critical("transaction for partition %d lost (%s); exiting for a clean restart", source, fatal)
         os._exit(70)
 

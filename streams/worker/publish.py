@@ -54,8 +54,7 @@ class Publisher:
         (its new owner processes the envelope). The caller holds `tx.lock` and acks on True."""
         out, accounts, users, clocks, waits = self.sends(r, p)
         try:
-            for n, (topic, key, value, headers, to) in enumerate(out):
-                await self.tx.send(topic, key, value, to, headers, source=p, first=n == 0)
+            await self.tx.send_all(out, source=p)
         except PartitionMoved:
             log.info("partition %d moved or is being rebalanced; the envelope is read again by its owner", p)
             return False

@@ -185,7 +185,7 @@ def test_a_rebalance_commits_first_and_rolls_back_what_it_could_not_commit():
 
     async def first_send():
         with pytest.raises(eos.PartitionMoved):  # nothing is published until the assignment
-            await tx.send("t", "k", b"v", 0, None, source=0, first=True)
+            await tx.send_all([("t", "k", b"v", None, 0)], source=0)
     asyncio.run(first_send())
     app.assignor = SimpleNamespace(group_for_topic=lambda t: {}[t])  # before the first assignment
     assert tx.uncommitted() == set()
@@ -219,3 +219,45 @@ def test_topic_groups_of_an_earlier_assignment_are_remembered():
     assert a.group_for_topic("app-accounts") == 1 and a.group_for_topic("app-clocks-changelog") == 0
     with pytest.raises(KeyError):
         a.group_for_topic("never-assigned")
+
+
+def test_an_envelopes_writes_go_out_as_one_batch_per_topic_partition_in_order():
+    """Transactions.send_all: aiokafka batches (send_batch) into the source partition's producer; a
+    value larger than a batch goes alone; only the first batch may begin a new transaction."""
+    from types import SimpleNamespace
+
+    from aiokafka.errors import IllegalOperation
+    from aiokafka.producer.message_accumulator import BatchBuilder
+
+    from streams.worker import eos
+
+    class Producer:
+        def __init__(self):
+            self.batches, self.refuse = [], 0
+
+        def create_batch(self):
+            return BatchBuilder(1024, 0, is_transactional=1)
+
+        async def send_batch(self, batch, topic, *, partition):
+            if self.refuse:
+                self.refuse -= 1
+                raise IllegalOperation("Can't send messages while not in transaction")
+            self.batches.append((topic, partition, batch.record_count()))
+
+    producer, begun = Producer(), []
+
+    async def begin(tid):
+        begun.append(tid)
+
+    app = SimpleNamespace(conf=SimpleNamespace(id="app"), assignor=SimpleNamespace(group_for_topic=lambda t: 1),
+                          consumer=SimpleNamespace(assignment=lambda: {eos.TP("accounts", 0)}),
+                          producer=SimpleNamespace(_transaction_producers={"app-1-0": producer}, _trn_locks={},
+                                                   maybe_begin_transaction=begin))
+    tx = eos.Transactions(app, "accounts")
+    sends = [("out", "k", b"v" * 10, None, 0), ("changelog", "a", b"x" * 2000, None, 0),
+             ("out", "k2", b"v", [("content-type", b"x")], 0), ("changelog", "b", b"y", None, 0),
+             ("accounts", "", b"line", None, 3)]
+    producer.refuse = 1  # the transaction was ended under us: the first batch begins a new one
+    asyncio.run(tx.send_all(sends, source=0))
+    assert begun == ["app-1-0"]
+    assert producer.batches == [("out", 0, 2), ("changelog", 0, 1), ("changelog", 0, 1), ("accounts", 3, 1)]
