@@ -42,9 +42,9 @@ class TopicError(RuntimeError):
     pass
 
 
-def ensure_topics(s: Settings, topics: Topics) -> int:
+def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
     """Create missing topics; refuse to start when a co-partitioned topic has the wrong count.
-    Returns how many partitions product.events has."""
+    Returns how many partitions product.events and sales.responses have."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient(s.confluent())
@@ -65,12 +65,12 @@ def ensure_topics(s: Settings, topics: Topics) -> int:
     while True:  # a topic just created can show 0 partitions until the metadata catches up
         meta = admin.list_topics(timeout=15).topics
         counts = {name: len(meta[name].partitions) if name in meta else 0 for name in topics.copartitioned}
-        inputs = len(meta[topics.events].partitions) if topics.events in meta else 0
-        if (all(counts.values()) and inputs) or time.monotonic() > deadline:
+        inputs = tuple(len(meta[t].partitions) if t in meta else 0 for t in (topics.events, topics.responses))
+        if (all(counts.values()) and all(inputs)) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     for name, n in counts.items():
         if n != s.partitions:
             raise TopicError(f"topic {name} has {n} partitions but PQL_PARTITIONS is {s.partitions}; "
                              "outputs are co-partitioned with the state, so these must match")
-    return inputs
+    return inputs[0], inputs[1]

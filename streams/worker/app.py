@@ -54,15 +54,19 @@ def make_app(s: Settings) -> faust.App:
         web_bind=s.web_host,
         web_host=s.web_host,
         stream_wait_empty=False,
+        # Faust buffers up to this many fetched messages per partition (default 4096). An envelope
+        # holds up to 512 KB and a hot account's changelog value ~450 KB: 4096 of them was the
+        # chaos run's 1.5 GB worker. 32 envelopes are thousands of events, plenty to stay busy.
+        stream_buffer_maxsize=32,
         broker_session_timeout=s.session_timeout,
         broker_heartbeat_interval=s.session_timeout / 5,
         consumer_group_instance_id=s.instance_id,  # None: dynamic membership
     )
 
 
-def build(settings: Settings, rules: Rules, inputs: int | None = None) -> faust.App:
-    """`inputs`: product.events partitions, each of which every partition hears from before deciding
-    (the barrier, streams/worker/detect.py)."""
+def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = None) -> faust.App:
+    """`inputs`: the partitions of product.events and sales.responses, each of which every partition
+    hears from before deciding and before an SLA clock breaches (the barrier, streams/worker/detect.py)."""
     s, topics, engine = settings, Topics.of(settings), Engine(rules, alert_max_age_ms(settings.alert_max_age))
     app = make_app(s)
     raw = dict(key_serializer="raw", value_serializer="raw")
@@ -77,7 +81,7 @@ def build(settings: Settings, rules: Rules, inputs: int | None = None) -> faust.
     tx = eos.Transactions(app, topics.accounts)
     detector = detect.Detect(engine, topics, tables.accounts.data, tables.clocks.data, mql,
                              users=tables.users.data, partitions=s.partitions, slack=int(2000 * s.sla_tick),
-                             inputs=inputs)
+                             inputs=inputs[0] if inputs else None, answers=inputs[1] if inputs else None)
     publisher = Publisher(tx, topics, tables, detector)
     app.agent(envelopes, name="detect", concurrency=1)(detect.Agent(detector, publisher, tx, dead).run)
     app.agent(app.topic(topics.crm, **raw), name="crm", concurrency=1)(crm.Agent(mql, dead).run)

@@ -29,6 +29,12 @@ its own (a report read on another partition may be ahead of lines still unread o
 in memory; with `inputs` set (the worker), a partition decides nothing until it has heard from
 every other partition and every product.events partition (a restarted worker waits for the next
 ticks). The barrier changes when a decision is made, never what it is.
+
+SLA clocks run on the wall clock of the ticks, and an answer timed before its handoff's due time
+must stop the clock even when it reaches the partition after the tick that passed the due time (its
+sales.responses partition was behind): each ingest tier also tells every partition how far it has
+routed each of its sales.responses partitions (ANSWERS lines), and a clock breaches only once
+every sales.responses partition is past its due time (idle ones count as their tick).
 """
 from __future__ import annotations
 
@@ -92,7 +98,7 @@ class Detect:
     def __init__(self, engine: Engine, topics: Topics, accounts: Mapping[str, bytes], clocks: Mapping[str, bytes],
                  mql: AsyncMqlStore, now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
                  cache_size: int = 20_000, users: Mapping[str, bytes] | None = None, partitions: int = 1,
-                 slack: int = 2000, inputs: int | None = None):
+                 slack: int = 2000, inputs: int | None = None, answers: int | None = None):
         self.engine, self.topics, self.accounts, self.clocks, self.mql = engine, topics, accounts, clocks, mql
         self.users = users if users is not None else {}
         self.partitions = partitions
@@ -108,6 +114,9 @@ class Detect:
         self.told_input: dict[int, dict[int, tuple[int, int]]] = {}
         self.slack = slack  # ms of event time a partition may have moved since it told us (the barrier)
         self.inputs = inputs  # product.events partitions to hear from before deciding (None: don't wait)
+        # per receiving partition: sales.responses partition -> (tick ms, answers routed up to or IDLE)
+        self.told_answers: dict[int, dict[int, tuple[int, int]]] = {}
+        self.answers = answers  # sales.responses partitions to hear from before a clock breaches
         # parsed states of recently active accounts (parsing was the largest cost per envelope)
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
         self.cache_size = cache_size
@@ -161,9 +170,9 @@ class Detect:
         of held ones), before any response or tick that follows them."""
         r, pending = Result(), {}
         for kind, key, raw in envelope.unpack(body):
-            if kind in (envelope.WATERMARK, envelope.INPUT):
-                self._told((self.told if kind == envelope.WATERMARK else self.told_input).setdefault(partition, {}),
-                           key, raw)
+            if kind in (envelope.WATERMARK, envelope.INPUT, envelope.ANSWERS):
+                into = {envelope.WATERMARK: self.told, envelope.INPUT: self.told_input}.get(kind, self.told_answers)
+                self._told(into.setdefault(partition, {}), key, raw)
                 r.barrier = None
                 continue
             if kind in (envelope.RESPONSE, envelope.TICK):
@@ -211,7 +220,15 @@ class Detect:
         inputs = self.told_input.get(partition, {})
         if self.inputs is not None and (len(told) < self.partitions - 1 or len(inputs) < self.inputs):
             return NOTHING
-        return min((tick if v >= IDLE else v for tick, v in [*told.values(), *inputs.values()]), default=IDLE)
+        return _lowest([*told.values(), *inputs.values()])
+
+    def _answered(self, partition: int) -> int:
+        """How far every sales.responses partition has been routed to this partition (NOTHING while
+        one has not been heard from)."""
+        told = self.told_answers.get(partition, {})
+        if self.answers is not None and len(told) < self.answers:
+            return NOTHING
+        return _lowest(told.values())
 
     async def _release(self, r: Result, partition: int, cut: int | None) -> None:
         """Decide what waits at or before `cut` (all when None) on this partition."""
@@ -342,6 +359,7 @@ class Detect:
         if not stored:
             return
         clocks = self._clocks(r, partition)
+        now = min(now, self._answered(partition))  # an answer timed before the due time may be on its way
         for handoff_id, account in sales.due(clocks, now):
             del clocks[handoff_id]
             r.clocks_changed = True
@@ -377,3 +395,8 @@ class Agent:
             if await self.publisher.publish(r, m.partition, m.offset):
                 acking.add((m.tp, m.offset))  # the one ack eos.guard_skips lets through
                 ev.ack()
+
+
+def _lowest(told) -> int:
+    """The lowest (tick, time) report: an idle one counts as its tick."""
+    return min((tick if v >= IDLE else v for tick, v in told), default=IDLE)

@@ -12,6 +12,7 @@ once per batch, not once per event. A line is one of:
     \\x1et\\t<ms>                        a tick: the wall clock, for SLA clocks (sent every second)
     \\x1ew<partition>\\t<tick ms>\\t<ms>   that partition's stream time at its tick (a barrier, see detect.py)
     \\x1ei<partition>\\t<tick ms>\\t<ms>   how far the ingest tier has routed that product.events partition
+    \\x1es<partition>\\t<tick ms>\\t<ms>   how far it has routed that sales.responses partition (answer times)
 
 Account lines go to the account's partition, user lines to the user key's: `detect` forwards what a
 user line leads to (an attributed event, a moved held event) to the partition that owns it.
@@ -29,7 +30,7 @@ from typing import Iterator
 from detectors.identity import EVENT, JOIN, LINK, USER
 from schemas.events import parse_event
 
-RESPONSE, TICK, WATERMARK, INPUT = "r", "t", "w", "i"
+RESPONSE, TICK, WATERMARK, INPUT, ANSWERS = "r", "t", "w", "i", "s"
 IDLE = 2**62  # a partition with nothing pending: no constraint
 _MARK = "\x1e"
 

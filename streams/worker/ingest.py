@@ -49,6 +49,7 @@ class Ingest:
         self.merge = Merge(merge_wait)
         self.read: dict[tuple[str, int], int] = {}  # input partition -> last offset consumed
         self.routed: dict[int, int] = {}  # product.events partition -> newest event time routed from it
+        self.answered: dict[int, int] = {}  # sales.responses partition -> newest answer time routed from it
 
         self.router, self.topics, self.batch_size, self.linger_s = router, topics, batch_size, linger_s
         self.linger_max_s = max(linger_s, linger_max_s)
@@ -72,9 +73,9 @@ class Ingest:
 
     def _assigned(self, consumer, partitions) -> None:
         metrics.rebalances.inc()
-        events = [tp for tp in partitions if tp.topic == self.topics.events]
+        inputs = [tp for tp in partitions if tp.topic in (self.topics.events, self.topics.responses)]
         try:  # where each new input partition starts, so `_behind` knows it before its first message
-            for tp in consumer.committed(events, timeout=10):
+            for tp in consumer.committed(inputs, timeout=10):
                 start = tp.offset if tp.offset >= 0 else consumer.get_watermark_offsets(tp, timeout=10)[0]
                 self.read[(tp.topic, tp.partition)] = start - 1
         except Exception as err:  # the merge then starts with what it reads
@@ -85,7 +86,7 @@ class Ingest:
         self.merge.drop(gone)
         for tp in gone:
             self.read.pop(tp, None)
-            self.routed.pop(tp[1], None)
+            (self.routed if tp[0] == self.topics.events else self.answered).pop(tp[1], None)
 
     def _behind(self, tp: tuple[str, int]) -> bool:
         """Has the broker more of this partition than we have read (as of the last fetch)? Yes while
@@ -170,7 +171,8 @@ class Ingest:
             touched.add(tp)
             raw = m.value() or b""
             if m.topic() == self.topics.responses:
-                self.router.route_response(raw, batch, m)
+                if (r := self.router.route_response(raw, batch, m)) is not None and r.ms > self.answered.get(tp[1], 0):
+                    self.answered[tp[1]] = r.ms
             elif (event := self.router.parse(raw, batch, m)) is not None and self.router.wanted(event):
                 self.merge.add(tp, event.ms, event.messageId, m.offset(), (event, raw, m))
         assigned = [tp for tp in self.read if tp[0] == self.topics.events]
@@ -205,15 +207,19 @@ class Ingest:
         """A tick line (wall clock, ms) to each of these accounts partitions: SLA clocks advance. And
         to each of the `every` accounts partitions, where our product.events partitions are (the
         barrier, streams/worker/detect.py): the newest event time routed from each, or idle when
-        nothing of it is held or unread."""
+        nothing of it is held or unread; the same for our sales.responses partitions (answer times),
+        which SLA clocks wait for."""
         for p in partitions:
             self._produce(self.topics.accounts, envelope.tick(ms), partition=p)
         marks = []
         for (topic, partition) in self.read:
+            idle = not self._behind((topic, partition)) and self.merge.first_offset((topic, partition)) is None
             if topic == self.topics.events:
-                idle = not self._behind((topic, partition)) and self.merge.first_offset((topic, partition)) is None
-                routed = envelope.IDLE if idle else self.routed.get(partition, 0)
-                marks.append(envelope.told(envelope.INPUT, partition, ms, routed))
+                marks.append(envelope.told(envelope.INPUT, partition, ms,
+                                           envelope.IDLE if idle else self.routed.get(partition, 0)))
+            elif topic == self.topics.responses:
+                marks.append(envelope.told(envelope.ANSWERS, partition, ms,
+                                           envelope.IDLE if idle else self.answered.get(partition, 0)))
         for body in envelope.pack_all(marks):
             for p in range(every):
                 self._produce(self.topics.accounts, body, partition=p)

@@ -86,7 +86,7 @@ class Publisher:
             for p in partitions:
                 recovery.revoke(TP(self.tables.changelog(table), p))
         for p in partitions:  # read again from the committed offset: what it was told may be ahead of that
-            for kept in (d.stream, d.busy, d.told, d.told_input, self.processed):
+            for kept in (d.stream, d.busy, d.told, d.told_input, d.told_answers, self.processed):
                 kept.pop(p, None)
         d.parsed.clear()
         log.info("rolled back partitions %s: %d values dropped", sorted(partitions), dropped)

@@ -110,18 +110,20 @@ class Router:
                                                 f"({self.max_bytes:,})"))
         return True
 
-    def route_response(self, raw: bytes, batch: Batch, msg: object = None) -> None:
+    def route_response(self, raw: bytes, batch: Batch, msg: object = None) -> SalesResponse | None:
+        """The response, routed; or None (and a reject in the batch)."""
         if self._too_large(raw, batch, msg):
-            return
+            return None
         try:
             r = SalesResponse.model_validate_json(raw)
         except ValidationError as err:
             batch.rejects.append((msg, "bad_response", problem(err)))
-            return
+            return None
         if not envelope.safe_key(r.account_id):
             batch.rejects.append((msg, "bad_response", "account_id: a control character in it"))
-            return
+            return None
         if b"\n" in raw:
             raw = json.dumps(json.loads(raw), separators=(",", ":")).encode()
         p = envelope.partition_of(r.account_id, self.partitions)
         batch.envelopes[(self.topics.accounts, p)].append((envelope.marked(envelope.RESPONSE, r.account_id), raw))
+        return r

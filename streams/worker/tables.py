@@ -17,6 +17,10 @@ from typing import Callable
 # well under 1 MB (docs/semantics.md, bounded state); the margin is for a partition's SLA clocks,
 # which grow with its open handoffs (~90 bytes each). The producer's request size matches it.
 MAX_VALUE_BYTES = 8 * 1024 * 1024
+# Compaction only cleans closed segments, and a restarted worker reads its changelogs from the start:
+# with Kafka's 1 GB default, a busy partition's whole history stays in the active segment and every
+# recovery reads all of it. Applies to changelog topics the worker creates (docs/operations.md).
+SEGMENT_BYTES = 64 * 1024 * 1024
 
 @dataclass
 class Tables:
@@ -29,7 +33,8 @@ class Tables:
     def create(cls, app, partitions: int) -> "Tables":
         def table(name: str):
             return app.Table(name, partitions=partitions, value_type=bytes,
-                             extra_topic_configs={"max.message.bytes": str(MAX_VALUE_BYTES)})
+                             extra_topic_configs={"max.message.bytes": str(MAX_VALUE_BYTES),
+                                                  "segment.bytes": str(SEGMENT_BYTES)})
         return cls(table("accounts"), table("users"), table("clocks"), app.conf.id)
 
     def changelog(self, table: str) -> str:

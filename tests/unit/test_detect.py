@@ -276,3 +276,26 @@ def test_a_partition_decides_nothing_until_it_has_heard_from_every_input_partiti
     assert not any(b'"pql.handoff"' in o[2] for o in half.outputs)
     released = run(d, _routed(parse_ms(at(hours=5)), envelope.IDLE, partition=1))
     assert any(b'"pql.handoff"' in o[2] for o in released.outputs)
+
+
+def test_a_clock_breaches_only_once_every_answer_before_its_due_time_is_in():
+    """An answer timed before the due time may still be on its way (its sales.responses partition
+    behind): the tick past the due time waits for the ANSWERS reports to pass it."""
+    table, clocks = {}, {}
+    d = Detect(Engine(RULES), Topics.of(Settings()), table, clocks, NoMql(), partitions=1, answers=1)
+
+    def answered(tick: int, ms: int) -> bytes:
+        return next(envelope.pack_all([envelope.told(envelope.ANSWERS, 0, tick, ms)]))
+
+    def step(b: bytes) -> list[str]:
+        result = run(d, b)
+        _store(d, table, clocks, result)
+        if result.clocks_changed:
+            clocks["0"] = json.dumps(result.clocks).encode()
+        return [json.loads(o[2])["type"] for o in result.outputs]
+
+    assert "pql.handoff" in step(body(*[track("Invite Sent", at(hours=h)) for h in (1, 2, 3)]))
+    (due, _), = json.loads(clocks["0"]).values()
+    assert "pql.sla_breached" not in step(envelope.tick(due + 1))  # not heard from sales.responses yet
+    assert "pql.sla_breached" not in step(answered(due + 2, due - 1000) + b"\n" + envelope.tick(due + 2))
+    assert "pql.sla_breached" in step(answered(due + 3, envelope.IDLE) + b"\n" + envelope.tick(due + 3))
