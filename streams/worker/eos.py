@@ -50,6 +50,7 @@ INTERNALS = [
     ("faust.transport.drivers.aiokafka", "Producer._trn_locks"),              # Transactions.send_all
     ("aiokafka", "AIOKafkaProducer.create_batch"),
     ("aiokafka", "AIOKafkaProducer.send_batch"),
+    ("aiokafka.producer.sender", "Sender._find_coordinator"),  # coordinator_lookup_survives_a_closed_connection
     ("aiokafka.producer.transaction_manager", "TransactionManager.is_in_transaction"),
     ("faust.tables.recovery", "Recovery.revoke"),                                # publish.Publisher.rollback
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._highwaters"),  # broker_highwaters
@@ -72,6 +73,34 @@ def install(app, source: str) -> None:
     exclusive_gaps()
     no_batch_across_seeks(source)
     remembered_topic_groups()
+    coordinator_lookup_survives_a_closed_connection()
+
+
+def coordinator_lookup_survives_a_closed_connection() -> None:
+    """aiokafka's producer sender retries a transaction-coordinator lookup that finds no coordinator,
+    but a connection closed under the lookup (a broker restart) is fatal there: the sender routine
+    dies ("Unexpected error in sender routine"), the transaction with it, and `detect` had to exit
+    for a clean restart (chaos seed 3, session 8). A closed connection is retried like the others."""
+    from aiokafka.errors import KafkaConnectionError
+    from aiokafka.producer.sender import Sender
+
+    lookup = Sender._find_coordinator
+    if getattr(lookup, "_pql", False):
+        return
+
+    async def _find_coordinator(self, coordinator_type, coordinator_key):
+        while True:
+            try:
+                return await lookup(self, coordinator_type, coordinator_key)
+            except KafkaError as err:
+                if not isinstance(err.__cause__, KafkaConnectionError):
+                    raise
+                log.info("transaction coordinator lookup: connection closed (%s); retrying", err.__cause__)
+                await self.client.force_metadata_update()
+                await asyncio.sleep(self._retry_backoff)
+
+    _find_coordinator._pql = True
+    Sender._find_coordinator = _find_coordinator
 
 
 def quiet_livelock_check() -> None:

@@ -212,7 +212,7 @@ class Ingest:
         for p in partitions:
             self._produce(self.topics.accounts, envelope.tick(ms), partition=p)
         marks = []
-        for (topic, partition) in self.read:
+        for (topic, partition) in list(self.read):  # (a copy: rebalance callbacks change it in consume's thread)
             idle = not self._behind((topic, partition)) and self.merge.first_offset((topic, partition)) is None
             if topic == self.topics.events:
                 marks.append(envelope.told(envelope.INPUT, partition, ms,

@@ -261,3 +261,32 @@ def test_an_envelopes_writes_go_out_as_one_batch_per_topic_partition_in_order():
     asyncio.run(tx.send_all(sends, source=0))
     assert begun == ["app-1-0"]
     assert producer.batches == [("out", 0, 2), ("changelog", 0, 1), ("changelog", 0, 1), ("accounts", 3, 1)]
+
+
+def test_a_connection_closed_under_a_coordinator_lookup_is_retried():
+    """aiokafka's sender made it fatal (the transactional producer died after a broker restart)."""
+    from types import SimpleNamespace
+
+    from aiokafka.errors import KafkaConnectionError
+    from aiokafka.producer.sender import Sender
+
+    from streams.worker import eos
+
+    eos.coordinator_lookup_survives_a_closed_connection()
+    answers = [KafkaConnectionError("Connection at 127.0.0.1:9092 closed"), 1]
+
+    async def lookup(kind, key):
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def ready(node, group=None):
+        return True
+
+    async def refresh():
+        return True
+
+    sender = SimpleNamespace(_txn_manager=object(), _coordinators={}, _retry_backoff=0,
+                             client=SimpleNamespace(coordinator_lookup=lookup, ready=ready, force_metadata_update=refresh))
+    assert asyncio.run(Sender._find_coordinator(sender, 1, "tid")) == 1 and answers == []
