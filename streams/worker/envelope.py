@@ -13,6 +13,7 @@ once per batch, not once per event. A line is one of:
     \\x1ew<partition>\\t<tick ms>\\t<ms>   that partition's stream time at its tick (a barrier, see detect.py)
     \\x1ei<partition>\\t<tick ms>\\t<ms>   how far the ingest tier has routed that product.events partition
     \\x1es<partition>\\t<tick ms>\\t<ms>   how far it has routed that sales.responses partition (answer times)
+                                      (in these three, <ms> IDLE: nothing pending, which counts as <tick ms>)
 
 Account lines go to the account's partition, user lines to the user key's: `detect` forwards what a
 user line leads to (an attributed event, a moved held event) to the partition that owns it.
