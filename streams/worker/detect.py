@@ -117,6 +117,7 @@ class Detect:
         # per receiving partition: sales.responses partition -> (tick ms, answers routed up to or IDLE)
         self.told_answers: dict[int, dict[int, tuple[int, int]]] = {}
         self.answers = answers  # sales.responses partitions to hear from before a clock breaches
+        self.reports = {envelope.WATERMARK: self.told, envelope.INPUT: self.told_input, envelope.ANSWERS: self.told_answers}
         # parsed states of recently active accounts (parsing was the largest cost per envelope)
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
         self.cache_size = cache_size
@@ -170,9 +171,8 @@ class Detect:
         of held ones), before any response or tick that follows them."""
         r, pending = Result(), {}
         for kind, key, raw in envelope.unpack(body):
-            if kind in (envelope.WATERMARK, envelope.INPUT, envelope.ANSWERS):
-                into = {envelope.WATERMARK: self.told, envelope.INPUT: self.told_input}.get(kind, self.told_answers)
-                self._told(into.setdefault(partition, {}), key, raw)
+            if kind in self.reports:
+                self._told(self.reports[kind].setdefault(partition, {}), key, raw)
                 r.barrier = None
                 continue
             if kind in (envelope.RESPONSE, envelope.TICK):
