@@ -22,7 +22,7 @@ from schemas.rules import Rules
 from streams.config import Settings, alert_max_age_ms
 from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics, ensure_topics
-from streams.worker import alerts, crm, detect, eos, ingest, metrics
+from streams.worker import alerts, crm, detect, eos, ingest, metrics, restore
 from streams.worker.dlq import DeadLetters
 from streams.worker.kafka import faust_credentials
 from streams.worker.monitor import Monitor
@@ -61,6 +61,10 @@ def make_app(s: Settings) -> faust.App:
         broker_session_timeout=s.session_timeout,
         broker_heartbeat_interval=s.session_timeout / 5,
         consumer_group_instance_id=s.instance_id,  # None: dynamic membership
+        # Faust's memory store drops a standby partition's keys whenever a recovery completes, and
+        # a standby that becomes active is read from its start anyway: standbys only cost CPU and
+        # memory there (streams/worker/restore.py reads an active partition's changelog quickly).
+        table_standby_replicas=0 if s.store == "memory://" else 1,
     )
 
 
@@ -73,6 +77,7 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
     envelopes = app.topic(topics.accounts, key_type=bytes, value_type=bytes, partitions=s.partitions, **raw)
     tables = Tables.create(app, s.partitions)
     eos.install(app, topics.accounts)
+    restore.Restore(app, s.confluent(), [tables.accounts, tables.users, tables.clocks]).install()
     mql = AsyncMqlStore(s.redis_url, s.redis_prefix, s.redis_retry_max, on_error=metrics.redis_errors.inc)
     metrics.rules_info.labels(rules.version).set(1)
     metrics.build_info.labels(_version()).set(1)

@@ -53,6 +53,8 @@ stale_batches = Counter("pql_stale_batches", "Fetched batches dropped because a 
                         "(streams/worker/eos.py)", registry=REGISTRY)
 rebalances = Counter("pql_rebalances", "Partition assignments received", registry=REGISTRY)
 table_recovery = Gauge("pql_table_recovery_seconds", "Duration of the last table recovery", registry=REGISTRY)
+changelog_bulk = Counter("pql_changelog_bulk_records", "Changelog records read into the tables by the bulk read "
+                         "before Faust's recovery (streams/worker/restore.py)", registry=REGISTRY)
 # the sales side (streams/worker/alerts.py, and `detect` for responses and SLA clocks)
 MINUTES = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
 stage_transitions = Counter("pql_stage_transitions", "Stage events published (the funnel)", ["stage", "lane"],

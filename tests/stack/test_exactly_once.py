@@ -117,6 +117,8 @@ def test_sigkill_at_random_instants_loses_and_duplicates_nothing(eo, tmp_path, s
     assert not duplicated, f"duplicated handoffs after {kills} SIGKILLs: {list(duplicated.items())[:5]}"
     assert busy_kills >= 3, "most kills should hit a worker in the middle of its work"
     assert set(counts) == set(expected)
+    if store == "memory://":  # the last restart read its changelogs in bulk (streams/worker/restore.py)
+        assert _metric(eo, worker, "pql_changelog_bulk_records_total") > 0
 
 
 def test_two_workers_share_partitions_and_hand_over(eo, tmp_path):
