@@ -51,6 +51,7 @@ INTERNALS = [
     ("aiokafka", "AIOKafkaProducer.create_batch"),
     ("aiokafka", "AIOKafkaProducer.send_batch"),
     ("aiokafka.producer.sender", "Sender._find_coordinator"),  # coordinator_lookup_survives_a_closed_connection
+    ("aiokafka.client", "AIOKafkaClient.bootstrap"),           # bootstrap_waits_for_the_broker
     ("aiokafka.producer.transaction_manager", "TransactionManager.is_in_transaction"),
     ("faust.tables.recovery", "Recovery.revoke"),                                # publish.Publisher.rollback
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._highwaters"),  # broker_highwaters
@@ -63,6 +64,7 @@ INTERNALS = [
 CONSUMER_ATTRIBUTES = ["_gap", "_read_offset"]
 HANDOFF_COMMIT_DELAY = 0.005  # handoffs close together share one early commit
 RECOVERY_IDLE = 1.0  # seconds without a changelog record before table recovery looks for its end
+BOOTSTRAP_PATIENCE = 120.0  # seconds a starting client waits for a broker that was there a moment ago
 
 
 def install(app, source: str) -> None:
@@ -77,6 +79,44 @@ def install(app, source: str) -> None:
     remembered_topic_groups()
     coordinator_lookup_survives_a_closed_connection()
     recovery_sees_its_end_sooner()
+    bootstrap_waits_for_the_broker()
+
+
+def bootstrap_waits_for_the_broker() -> None:
+    """A starting Faust client waits for a broker that is restarting instead of exiting.
+
+    `pql worker` checks the brokers and credentials before it starts (streams/connect.py), so a
+    wrong address or password still fails fast. But aiokafka (0.14, `AIOKafkaClient.bootstrap`)
+    gives up at the first refused connection, and a worker restarted while the broker restarts
+    exited with "Unable to bootstrap" (chaos seed 2, session 9: a SIGKILL and the broker restart
+    in the same second). Bootstrap is retried for BOOTSTRAP_PATIENCE seconds.
+    """
+    from aiokafka.client import AIOKafkaClient
+
+    bootstrap = AIOKafkaClient.bootstrap
+    if getattr(bootstrap, "_pql", False):
+        return
+
+    async def patient_bootstrap(self):
+        return await patiently(lambda: bootstrap(self), BOOTSTRAP_PATIENCE)
+
+    patient_bootstrap._pql = True
+    AIOKafkaClient.bootstrap = patient_bootstrap
+
+
+async def patiently(call, patience: float, pause: float = 1.0):
+    """`await call()`, again after `pause` s while it fails to connect, for up to `patience` s."""
+    from aiokafka.errors import KafkaConnectionError
+
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return await call()
+        except KafkaConnectionError as err:
+            if time.monotonic() + pause > deadline:
+                raise
+            log.warning("Kafka bootstrap failed (%s); retrying in %.0f s", err, pause)
+            await asyncio.sleep(pause)
 
 
 def recovery_sees_its_end_sooner() -> None:

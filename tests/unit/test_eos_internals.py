@@ -314,3 +314,29 @@ def test_table_recovery_looks_for_its_end_after_a_short_wait():
 
     assert asyncio.run(wait()) < 5.0 * 0.5
     assert recovery.asyncio.sleep is asyncio.sleep  # everything else is asyncio's own
+
+
+def test_a_starting_client_waits_for_a_restarting_broker_then_gives_up():
+    """aiokafka gave up at the first refused connection: a worker started during a broker restart exited."""
+    from aiokafka.client import AIOKafkaClient
+    from aiokafka.errors import KafkaConnectionError
+
+    from streams.worker import eos
+
+    eos.bootstrap_waits_for_the_broker()
+    assert getattr(AIOKafkaClient.bootstrap, "_pql", False)
+    tries = []
+
+    async def bootstrap():
+        tries.append(1)
+        if len(tries) < 3:
+            raise KafkaConnectionError("Unable to bootstrap from [('127.0.0.1', 9092)]")
+        return "metadata"
+
+    assert asyncio.run(eos.patiently(bootstrap, patience=5, pause=0.01)) == "metadata" and len(tries) == 3
+
+    async def never():
+        raise KafkaConnectionError("Unable to bootstrap")
+
+    with pytest.raises(KafkaConnectionError):
+        asyncio.run(eos.patiently(never, patience=0.05, pause=0.01))
