@@ -40,7 +40,7 @@ class Restore:
         """`conf`: confluent-kafka settings (Settings.confluent()); `tables`: the Faust tables."""
         self.app = app
         self.conf = {**conf, "group.id": f"{app.conf.id}-restore", "enable.auto.commit": False,
-                     "isolation.level": "read_committed", "enable.partition.eof": True,
+                     "isolation.level": "read_committed", "enable.partition.eof": True, "fetch.wait.max.ms": 50,
                      "fetch.max.bytes": 64 * 1024 * 1024, "max.partition.fetch.bytes": 16 * 1024 * 1024}
         self.tables = {t.changelog_topic.get_topic_name(): t for t in tables}
         self.held: set[TP] = set()        # active changelog partitions in memory (bulk read, then Faust's recovery)
@@ -84,7 +84,7 @@ class Restore:
             c.assign([TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in tps])
             heard = time.perf_counter()
             while pending and time.perf_counter() - heard < STALL:
-                msgs = c.consume(10_000, timeout=1.0)
+                msgs = c.consume(10_000, timeout=0.1)  # returns at 10,000 messages or after 0.1 s
                 if msgs:
                     heard = time.perf_counter()
                 for m in msgs:
