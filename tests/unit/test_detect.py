@@ -299,3 +299,30 @@ def test_a_clock_breaches_only_once_every_answer_before_its_due_time_is_in():
     assert "pql.sla_breached" not in step(envelope.tick(due + 1))  # not heard from sales.responses yet
     assert "pql.sla_breached" not in step(answered(due + 2, due - 1000) + b"\n" + envelope.tick(due + 2))
     assert "pql.sla_breached" in step(answered(due + 3, envelope.IDLE) + b"\n" + envelope.tick(due + 3))
+
+
+def test_a_partition_reports_no_further_than_the_input_it_has_read():
+    """Its stream time is not a promise about events routed to it but not read yet (chaos seed 2,
+    session 9: a user's event sat unread when its worker was killed, the account decided on the
+    report, and the event was forwarded after). The report is bounded by the INPUT reports read."""
+    d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=1)
+    me = envelope.partition_of("acme", 2)
+
+    def tick(ms: int) -> bytes:
+        return next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())]))
+
+    asyncio.run(d.process(_routed(parse_ms(at(hours=1)), parse_ms(at(hours=1)), partition=0), me))
+    busy = asyncio.run(d.process(body(track("Feature Used", at(hours=3))) + b"\n" + tick(parse_ms(at(hours=3))), me))
+    assert busy.forward[1 - me] == [envelope.told(envelope.WATERMARK, me, parse_ms(at(hours=3)), parse_ms(at(hours=1)))]
+    caught_up = asyncio.run(d.process(_routed(parse_ms(at(hours=4)), envelope.IDLE, partition=0) + b"\n"
+                                      + tick(parse_ms(at(hours=4))), me))
+    assert caught_up.forward[1 - me] == [envelope.told(envelope.WATERMARK, me, parse_ms(at(hours=4)), envelope.IDLE)]
+
+
+def test_a_restarted_partition_reports_nothing_until_it_has_read_every_input_report():
+    d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=2)
+    me = envelope.partition_of("acme", 2)
+    tick = next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(parse_ms(at(hours=3))).encode())]))
+    out = asyncio.run(d.process(_routed(parse_ms(at(hours=2)), envelope.IDLE, partition=0) + b"\n" + tick, me))
+    (line,) = out.forward[1 - me]
+    assert line == envelope.told(envelope.WATERMARK, me, parse_ms(at(hours=3)), -envelope.IDLE)
