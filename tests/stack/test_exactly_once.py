@@ -118,6 +118,10 @@ def test_sigkill_at_random_instants_loses_and_duplicates_nothing(eo, tmp_path, s
     assert busy_kills >= 3, "most kills should hit a worker in the middle of its work"
     assert set(counts) == set(expected)
     if store == "memory://":  # the last restart read its changelogs in bulk (streams/worker/restore.py)
+        eo.wait_ready(worker)  # it may still be starting: the handoffs were out before the last kill
+        deadline = time.time() + 60
+        while _metric(eo, worker, "pql_changelog_bulk_records_total") == 0 and time.time() < deadline:
+            time.sleep(0.5)  # until the assignment that gives it partitions (the killed member times out)
         assert _metric(eo, worker, "pql_changelog_bulk_records_total") > 0
 
 
