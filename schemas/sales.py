@@ -7,12 +7,11 @@ A response: ``{"handoff_id", "account_id", "status", "reason", "note", "by", "ti
 from __future__ import annotations
 
 from datetime import datetime
-from functools import cached_property
 from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from schemas.events import EPOCH, LATEST, to_ms
+from schemas.events import EPOCH, LATEST, once, to_ms
 
 Reason = Literal["not_icp", "duplicate", "bad_data", "student_or_research", "competitor", "no_budget",
                  "bad_timing", "other"]
@@ -21,7 +20,7 @@ Text = Annotated[str, Field(min_length=1, max_length=200)]
 
 
 class SalesResponse(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, ignored_types=(once,))
 
     handoff_id: Text
     account_id: Text
@@ -39,7 +38,7 @@ class SalesResponse(BaseModel):
             raise ValueError("note: reason 'other' needs a note")
         return self
 
-    @cached_property
+    @once
     def ms(self) -> int:
         return to_ms(self.timestamp)
 

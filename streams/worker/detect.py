@@ -99,7 +99,7 @@ class Waits:
 class Detect:
     def __init__(self, engine: Engine, topics: Topics, accounts: Mapping[str, bytes], clocks: Mapping[str, bytes],
                  mql: AsyncMqlStore, now_ms: Callable[[], int] = lambda: int(time.time() * 1000),
-                 cache_size: int = 20_000, users: Mapping[str, bytes] | None = None, partitions: int = 1,
+                 cache_bytes: int = 4 << 20, cache_min: int = 1024, users: Mapping[str, bytes] | None = None, partitions: int = 1,
                  slack: int = 2000, inputs: int | None = None, answers: int | None = None):
         self.engine, self.topics, self.accounts, self.clocks, self.mql = engine, topics, accounts, clocks, mql
         self.users = users if users is not None else {}
@@ -120,9 +120,12 @@ class Detect:
         self.told_answers: dict[int, dict[int, tuple[int, int]]] = {}
         self.answers = answers  # sales.responses partitions to hear from before a clock breaches
         self.reports = {envelope.WATERMARK: self.told, envelope.INPUT: self.told_input, envelope.ANSWERS: self.told_answers}
-        # parsed states of recently active accounts (parsing was the largest cost per envelope)
+        # Parsed states of recently active accounts whose JSON is at least `cache_min` bytes, up to
+        # `cache_bytes` of JSON, least recently kept out first. A big state is an active account's
+        # and costs the most to parse; a small one parses in a few microseconds, and kept parsed it
+        # would take ~9 times its JSON in memory for an account that may not come back soon.
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
-        self.cache_size = cache_size
+        self.parsed_bytes, self.cache_bytes, self.cache_min = 0, cache_bytes, cache_min
 
     def _state(self, r: Result, account: str) -> AccountState | None:
         state = r.states.get(account)
@@ -132,7 +135,7 @@ class Detect:
                 return None
             # A parsed copy is used only if it is exactly what the table holds. It leaves the cache
             # while in use (the core changes it in place) and comes back only when published (`keep`).
-            hit = self.parsed.pop(account, None)
+            hit = self.unkeep(account)
             state = hit[1] if hit is not None and hit[0] == stored else AccountState.model_validate_json(stored)
         return state
 
@@ -145,9 +148,24 @@ class Detect:
 
     def keep(self, account: str, body: bytes, state: AccountState) -> None:
         """`state`, serialized as `body`, is now in the table: keep it parsed for the next envelope."""
+        self.unkeep(account)
+        if len(body) < self.cache_min:
+            return
         self.parsed[account] = (body, state)
-        if len(self.parsed) > self.cache_size:
-            self.parsed.popitem(last=False)
+        self.parsed_bytes += len(body)
+        while self.parsed_bytes > self.cache_bytes and len(self.parsed) > 1:
+            self.parsed_bytes -= len(self.parsed.popitem(last=False)[1][0])
+
+    def unkeep(self, account: str | None = None) -> tuple[bytes, AccountState] | None:
+        """Take an account's parsed state out of the cache (all of them when None)."""
+        if account is None:
+            self.parsed.clear()
+            self.parsed_bytes = 0
+            return None
+        hit = self.parsed.pop(account, None)
+        if hit is not None:
+            self.parsed_bytes -= len(hit[0])
+        return hit
 
     def _clocks(self, r: Result, partition: int) -> sales.Clocks:
         if r.clocks is None:

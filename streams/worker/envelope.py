@@ -34,6 +34,7 @@ from schemas.events import parse_event
 RESPONSE, TICK, WATERMARK, INPUT, ANSWERS = "r", "t", "w", "i", "s"
 IDLE = 2**62  # a partition with nothing pending: no constraint
 _MARK = "\x1e"
+_q = json.encoder.encode_basestring_ascii  # a JSON string, as json.dumps writes it
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -51,8 +52,13 @@ def encode(kind: str, key: str, arg) -> tuple[str, bytes]:
         payload = arg.model_dump_json(by_alias=True).encode()
     elif kind == JOIN:  # (user key, ms)
         payload = f"{arg[0]}\t{arg[1]}".encode()
-    else:  # LINK (account, ms, call), MARK (call, slot, ms)
-        payload = json.dumps(arg, separators=(",", ":")).encode()
+    elif kind == LINK:  # (account, ms, call): the bytes of json.dumps(arg, separators=(",", ":")), built faster
+        account, ms, call = arg
+        at = "null" if call is None else f"[{_q(call[0])},{_q(call[1])}]"
+        payload = f"[{_q(account)},{int(ms)},{at}]".encode()
+    else:  # MARK (call, slot, ms), likewise
+        call, slot, ms = arg
+        payload = f"[{_q(call)},{_q(slot)},{int(ms)}]".encode()
     return marked(kind, key), payload
 
 

@@ -60,7 +60,7 @@ class Ingest:
         self.consumer = Consumer({
             **conf, "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky", "fetch.wait.max.ms": 20,
-            "queued.max.messages.kbytes": 65536, "statistics.interval.ms": 5000,
+            "queued.max.messages.kbytes": 16384, "statistics.interval.ms": 5000,
         })
         self.lag_at = 0.0
         consumer_only = ("session.timeout.ms", "heartbeat.interval.ms")

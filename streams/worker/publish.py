@@ -33,9 +33,10 @@ class Publisher:
         self.open_clocks: dict[int, int] = {}  # partition -> handoffs awaiting a response
 
     def sends(self, r: "Result", p: int) -> tuple[list, dict, dict, bytes | None, bytes | None]:
-        """Every write of the result, as (topic, key, value, headers, partition), and the table values."""
-        accounts = {a: state.model_dump_json().encode() for a, state in r.states.items()}
-        users = {key: u.model_dump_json().encode() for key, u in r.users.items()}
+        """Every write of the result, as (topic, key, value, headers, partition), and the table values.
+        States are JSON without the fields at their defaults (read back as those defaults)."""
+        accounts = {a: state.model_dump_json(exclude_defaults=True).encode() for a, state in r.states.items()}
+        users = {key: u.model_dump_json(exclude_defaults=True).encode() for key, u in r.users.items()}
         out = [(topic, key, value, CE_HEADERS, p) for topic, key, value in r.outputs]
         out += [(self.tables.changelog("accounts"), json.dumps(a), body, None, p) for a, body in accounts.items()]
         out += [(self.tables.changelog("users"), json.dumps(k), body, None, p) for k, body in users.items()]
@@ -88,7 +89,7 @@ class Publisher:
         for p in partitions:  # read again from the committed offset: what it was told may be ahead of that
             for kept in (d.stream, d.busy, d.told, d.told_input, d.told_answers, self.processed):
                 kept.pop(p, None)
-        d.parsed.clear()
+        d.unkeep()
         log.info("rolled back partitions %s: %d values dropped", sorted(partitions), dropped)
 
     def unpublished(self) -> dict[int, int]:

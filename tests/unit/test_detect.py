@@ -27,7 +27,7 @@ def body(*docs) -> bytes:
 
 
 def detect(table: dict) -> Detect:
-    return Detect(Engine(RULES), Topics.of(Settings()), table, {}, NoMql())
+    return Detect(Engine(RULES), Topics.of(Settings()), table, {}, NoMql(), cache_min=0)
 
 
 def publish(d: Detect, table: dict, result) -> None:
@@ -70,11 +70,19 @@ def test_the_table_wins_over_a_kept_copy():
 def test_kept_copies_are_bounded():
     table: dict = {}
     d = detect(table)
-    d.cache_size = 3
     for i in range(5):
         (b,) = envelope.pack_all([(f"a{i}", json.dumps(track("Invite Sent", at(hours=i), account=f"a{i}")).encode())])
         publish(d, table, run(d, b))
-    assert list(d.parsed) == ["a2", "a3", "a4"]
+    assert list(d.parsed) == ["a0", "a1", "a2", "a3", "a4"]
+    d.cache_bytes = len(table["a3"]) + len(table["a4"])  # room for two of these states
+    d.keep("a4", table["a4"], d.parsed["a4"][1])
+    assert list(d.parsed) == ["a3", "a4"] and d.parsed_bytes == sum(len(table[a]) for a in ("a3", "a4"))
+    d.cache_min = 10**6  # states smaller than this are not kept
+    (b,) = envelope.pack_all([("a0", json.dumps(track("Invite Sent", at(hours=9), account="a0")).encode())])
+    publish(d, table, run(d, b))
+    assert "a0" not in d.parsed and list(d.parsed) == ["a3", "a4"]
+    d.unkeep()
+    assert d.parsed == {} and d.parsed_bytes == 0
 
 
 def test_identity_across_partitions_gives_what_replay_gives():

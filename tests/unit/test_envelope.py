@@ -1,4 +1,7 @@
 """Envelopes: round trip, size limit, stable partitioning."""
+import json
+
+from detectors.identity import LINK, MARK
 from streams.worker import envelope
 
 
@@ -31,3 +34,17 @@ def test_lines_of_every_kind_round_trip():
     body += b"\n" + envelope.tick(1795428000000)
     assert list(envelope.unpack(body)) == [("e", "acme", b'{"e":1}'), ("r", "acme", b'{"r":1}'),
                                            ("t", "", b"1795428000000")]
+
+
+def test_link_and_mark_payloads_are_compact_json():
+    """Built by hand for speed: the bytes json.dumps writes, and decode reads them back."""
+    for account, call, slot, ms in [("acct-1", "m-1", "u", 1794795640588), ('a"b\\c', "é\u2028\x7f☃", "a", 0),
+                                    ("x\ty", "\U0001f600", "u", -5)]:
+        _, link = envelope.encode(LINK, "u:k", (account, ms, [call, slot]))
+        assert link == json.dumps([account, ms, [call, slot]], separators=(",", ":")).encode()
+        assert envelope.decode(LINK, link) == (account, ms, [call, slot])
+        _, moved = envelope.encode(LINK, "u:k", (account, ms, None))
+        assert moved == json.dumps([account, ms, None], separators=(",", ":")).encode()
+        _, mark = envelope.encode(MARK, account, (call, slot, ms))
+        assert mark == json.dumps([call, slot, ms], separators=(",", ":")).encode()
+        assert envelope.decode(MARK, mark) == (call, slot, ms)
