@@ -208,9 +208,8 @@ class Ingest:
         to each of the `every` accounts partitions, where our product.events partitions are (the
         barrier, streams/worker/detect.py): the newest event time routed from each, or idle when
         nothing of it is held or unread; the same for our sales.responses partitions (answer times),
-        which SLA clocks wait for."""
-        for p in partitions:
-            self._produce(self.topics.accounts, envelope.tick(ms), partition=p)
+        which SLA clocks wait for. The reports go first: a partition's tick then passes on this
+        tick's report of the input it has read (its WATERMARK), not the one a tick before."""
         marks = []
         for (topic, partition) in list(self.read):  # (a copy: rebalance callbacks change it in consume's thread)
             idle = not self._behind((topic, partition)) and self.merge.first_offset((topic, partition)) is None
@@ -223,6 +222,8 @@ class Ingest:
         for body in envelope.pack_all(marks):
             for p in range(every):
                 self._produce(self.topics.accounts, body, partition=p)
+        for p in partitions:
+            self._produce(self.topics.accounts, envelope.tick(ms), partition=p)
         self.producer.poll(0)
 
     def _produce(self, topic: str, value: bytes, **kw) -> None:
