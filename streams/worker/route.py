@@ -5,6 +5,7 @@ goes to its account's partition; what fails validation becomes a reject (dead le
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -49,13 +50,14 @@ class Router:
     def __init__(self, engine: Engine, topics: Topics, partitions: int, max_bytes: int = 65536):
         self.engine, self.topics, self.partitions, self.max_bytes = engine, topics, partitions, max_bytes
         self.hold = engine.rules.hold
-        self.links: dict[str, list] = {}
+        self.links: dict[str, tuple] = {}  # user key -> ((ms, account), ...) by time
 
     def _shortcut(self, kind: str, key: str, arg) -> tuple[str, str, object]:
         if kind == identity.LINK and key.startswith("u:"):
-            links = self.links.pop(key, [])  # re-inserted last: the dict's order is least recently linked first
-            if [arg[1], arg[0]] not in links:
-                links = sorted([*links, [arg[1], arg[0]]])[-identity.MAX_LINKS:]
+            links = self.links.pop(key, ())  # re-inserted last: the dict's order is least recently linked first
+            link = (arg[1], sys.intern(arg[0]))  # (tuples, one string per account: ~1/3 less memory than lists)
+            if link not in links:
+                links = tuple(sorted((*links, link)))[-identity.MAX_LINKS:]
             self.links[key] = links
             if len(self.links) > self.MAX_USERS:
                 del self.links[next(iter(self.links))]
