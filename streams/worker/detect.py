@@ -275,6 +275,10 @@ class Detect:
     def _line(self, r: Result, pending: dict, kind: str, key: str, arg, partition: int) -> None:
         """Run one line, and the lines it leads to: those whose key is ours here, the others are
         forwarded to their partition (in this envelope's transaction)."""
+        if kind in (identity.EVENT, identity.MARK) and envelope.partition_of(key, self.partitions) == partition:
+            pending.setdefault(key, ([], []))[kind == identity.MARK].append(arg)  # what run_all does with it
+            return
+
         def away(key: str) -> bool:
             return envelope.partition_of(key, self.partitions) != partition
 
