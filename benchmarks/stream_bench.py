@@ -114,18 +114,26 @@ def drain(port: int, topics: list[str], n: int, expected: int) -> tuple[float, i
 
 
 def peak_rss(pid: int) -> None:
-    """The worker's peak resident memory (VmHWM), printed."""
+    """The worker's peak resident memory (VmHWM; with its ingest process, the sum of both), printed."""
     kb = rss_kb(pid, "VmHWM")
     if kb:
         print(f"worker peak RSS: {kb / 1024:.0f} MiB")
 
 
 def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    """Of the process and its children (the ingest process, with PQL_INGEST_PROCESS)."""
     try:
         with open(f"/proc/{pid}/status") as f:
-            return next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
+            own = next(int(ln.split()[1]) for ln in f if ln.startswith(field + ":"))
     except (OSError, StopIteration):
         return 0
+    kids = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids += [int(c) for c in task.read_text().split()]
+        except OSError:
+            pass
+    return own + sum(rss_kb(c, field) for c in kids)
 
 
 def changelog_bytes(topic: str) -> tuple[int, int, int]:
@@ -171,10 +179,10 @@ def worker_log(prefix: str) -> Path:
     return ROOT / "benchmarks" / "out" / f"{prefix}worker.log"
 
 
-def start_worker(prefix: str, port: int) -> subprocess.Popen:
+def start_worker(prefix: str, port: int, **extra: str) -> subprocess.Popen:
     """A `pql worker` on the bench topics, its log in benchmarks/out/."""
     log = open(worker_log(prefix), "w")
-    return subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], env=worker_env(prefix, port),
+    return subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], env={**worker_env(prefix, port), **extra},
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -186,9 +194,9 @@ def wait_consuming(w: subprocess.Popen, port: int, prefix: str) -> None:
         time.sleep(0.02)
 
 
-def our_worker(prefix: str, n: int, expected: int) -> tuple[float, int, list[str]]:
+def our_worker(prefix: str, n: int, expected: int, **extra: str) -> tuple[float, int, list[str]]:
     port = 6190
-    w = start_worker(prefix, port)
+    w = start_worker(prefix, port, **extra)
     try:
         wait_consuming(w, port, prefix)
         t0, rss0 = time.perf_counter(), rss_kb(w.pid)
@@ -239,7 +247,7 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
             if time.time() >= next_scrape:  # which tier falls behind, if one does
                 next_scrape += 5
                 lag.append((round(time.time() - measure_from), metric(port, "pql_consumer_lag", prefix + "product.events"),
-                            metric(port, "pql_consumer_lag", accounts_topic(prefix))))
+                            metric(port, "pql_consumer_lag", accounts_topic(prefix)), rss_kb(w.pid) / 1024))
             # poll, not consume(n, timeout): a batch call waits for n messages or for the whole
             # timeout, which added up to 200 ms to each measured latency until session 3
             m = c.poll(0.2)
@@ -258,7 +266,9 @@ def latency(prefix: str, seconds: float, rate: float, accounts: int) -> tuple[li
         peak_rss(w.pid)
         w.send_signal(signal.SIGTERM)
         w.wait(60)
-    print("lag (s since measuring, product.events, <app>-accounts): " + " ".join(f"{t}:{a:.0f}/{b:.0f}" for t, a, b in lag))
+    print("lag (s since measuring, product.events, <app>-accounts): " + " ".join(f"{t}:{a:.0f}/{b:.0f}" for t, a, b, _ in lag))
+    minutes = [max(m for t, _, _, m in lag if t // 60 == k) for k in sorted({t // 60 for t, _, _, _ in lag if t >= 0})]
+    print("worker RSS, max per minute of measuring (MiB): " + ", ".join(f"{m:.0f}" for m in minutes))
     return seen, consumed
 
 
@@ -299,6 +309,7 @@ def main() -> None:
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--only-latency", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--skip-process", action="store_true", help="no (d) run (PQL_INGEST_PROCESS=true)")
     ap.add_argument("--latency-accounts", type=int, default=5000)
     ap.add_argument("--latency-runs", type=int, default=5, help="consecutive latency runs (the goal: p99 in each)")
     a = ap.parse_args()
@@ -332,6 +343,14 @@ def main() -> None:
           f"handoff id sets {'EQUAL' if sorted(handoffs) == want else 'DIFFER'}")
     ratios = f"ratios: worker / raw client = {ta / tc:.2f} (target >= 0.35, and >= 50,000 events/s)"
     print(ratios + (f"; worker / naive Faust = {tb / tc:.1f}x" if tb else ""))
+    if not a.skip_process:  # the same, with the ingest tier in its own process
+        prefix = prefix[:-1] + "p."
+        backlog(prefix + "product.events", lines)
+        td, outputs, handoffs = our_worker(prefix, n, expected, PQL_INGEST_PROCESS="true")
+        print(f"(d) (c) with PQL_INGEST_PROCESS  : {n / td:>9,.0f} events/s ({td:.1f}s), {tc / td:.2f}x (c), "
+              f"{ta / td:.2f} of raw")
+        print(f"live == replay: {outputs} outputs (replay {expected}); {len(handoffs)} handoffs (replay {len(want)}); "
+              f"handoff id sets {'EQUAL' if sorted(handoffs) == want else 'DIFFER'}")
     if not a.skip_latency:
         report_latency(a)
 

@@ -1,6 +1,7 @@
 """The live worker (`pql worker`): assembles one Faust app from the parts in this package.
 
-    product.events ──┐  ingest.py (task; route.py validates, merge.py orders by event time)
+    product.events ──┐  ingest.py (task, or its own process: ingest_process.py; route.py validates,
+                     │  merge.py orders by event time)
     sales.responses ─┴─> <app>-accounts envelopes (envelope.py)
     <app>-accounts ────> detect.py (agent) ──> publish.py: pql.handoffs, pql.signals, table
                          changelogs and the input offset, in one transaction (eos.py)
@@ -22,7 +23,7 @@ from schemas.rules import Rules
 from streams.config import Settings, alert_max_age_ms
 from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics, ensure_topics
-from streams.worker import alerts, crm, detect, eos, ingest, metrics, restore
+from streams.worker import alerts, crm, detect, eos, ingest, ingest_process, metrics, restore
 from streams.worker.dlq import DeadLetters
 from streams.worker.kafka import faust_credentials
 from streams.worker.monitor import Monitor
@@ -95,7 +96,8 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
     app.on_partitions_assigned.connect(tx.on_assigned)
     app.timer(0.2, name="pql.reread")(eos.reread_skipped)
 
-    feed = ingest.Task(s, engine, topics, publisher.unpublished)
+    feed = (ingest_process.Task(s, rules, topics, publisher.unpublished) if s.ingest_process
+            else ingest.Task(s, engine, topics, publisher.unpublished))
     app.task(feed.run)
     app.timer(s.sla_tick, name="pql.sla_tick")(Ticker(app, topics.accounts, feed, publisher, s.partitions).tick)
     app.task(alerts.Task(s, topics, rules, mql).run)

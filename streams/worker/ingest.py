@@ -246,11 +246,15 @@ class Task:
         self.loop: Ingest | None = None
 
     async def run(self) -> None:
-        s = self.settings
-        conf = {**s.confluent(), "session.timeout.ms": int(s.session_timeout * 1000),
-                "heartbeat.interval.ms": int(s.session_timeout * 200)}
-        if s.instance_id:  # static membership: a restarted worker gets its input partitions back at once
-            conf["group.instance.id"] = f"{s.instance_id}-ingest"
-        self.loop = Ingest(conf, f"{s.app_id}-ingest", Router(self.engine, self.topics, s.partitions, s.max_event_bytes), self.topics,
-                           s.ingest_batch, s.ingest_linger, s.ingest_linger_max, self.unpublished, s.ingest_merge_wait)
+        self.loop = make(self.settings, self.engine, self.topics, self.unpublished)
         await self.loop.run()
+
+
+def make(s, engine, topics: Topics, unpublished: Callable[[], dict[int, int]]) -> Ingest:
+    """The ingest loop for these settings (in the worker's process, or in its own: ingest_process.py)."""
+    conf = {**s.confluent(), "session.timeout.ms": int(s.session_timeout * 1000),
+            "heartbeat.interval.ms": int(s.session_timeout * 200)}
+    if s.instance_id:  # static membership: a restarted worker gets its input partitions back at once
+        conf["group.instance.id"] = f"{s.instance_id}-ingest"
+    return Ingest(conf, f"{s.app_id}-ingest", Router(engine, topics, s.partitions, s.max_event_bytes), topics,
+                  s.ingest_batch, s.ingest_linger, s.ingest_linger_max, unpublished, s.ingest_merge_wait)

@@ -6,6 +6,7 @@ import pytest
 import redis
 
 from live import Env, publish, read, replay
+from schemas.events import InvalidEvent, parse_event
 from streams.tools.simulate import Simulator
 
 
@@ -16,9 +17,10 @@ def env(kafka, redis_url, unique, tmp_path):
     e.stop_all()
 
 
-@pytest.mark.parametrize("store", ["memory://", "rocksdb://"])
-def test_live_equals_replay(env, tmp_path, store):
-    """Same events, same MQL state: the worker publishes exactly what `pql replay` prints."""
+@pytest.mark.parametrize("store,own_process", [("memory://", False), ("rocksdb://", False), ("memory://", True)])
+def test_live_equals_replay(env, tmp_path, store, own_process):
+    """Same events, same MQL state: the worker publishes exactly what `pql replay` prints (also with
+    the ingest tier in its own process, PQL_INGEST_PROCESS)."""
     env.vars["PQL_ALERT_MAX_AGE"] = "0"  # this old week is not treated as a backlog (test_sales.py tests that)
     lines = list(Simulator(accounts=150, seed=3).events(8000))
     events = tmp_path / "events.jsonl"
@@ -33,7 +35,7 @@ def test_live_equals_replay(env, tmp_path, store):
     assert any('"pql.handoff"' in x for x in expected) and any('"pql_supersedes_mql"' in x for x in expected)
     assert sum('"pql.sla_breached"' in x for x in expected) == sum('"pql.handoff"' in x for x in expected)
     env.create_topic("product.events", 1)  # one input partition: the worker sees the file's order
-    env.start_worker(PQL_STORE=store)
+    worker = env.start_worker(PQL_STORE=store, PQL_INGEST_PROCESS=str(own_process).lower())
     sent = env.pql("publish", str(events))  # the CLI a user runs for backfills
     assert sent.returncode == 0 and f"published {len(lines)} events" in sent.stderr, sent.stderr
     got = read(env.kafka, [env.topic("pql.handoffs"), env.topic("pql.signals")],
@@ -42,6 +44,20 @@ def test_live_equals_replay(env, tmp_path, store):
     handoffs = read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: True, idle=0.5)
     assert {json.loads(m.value())["subject"] for m in handoffs} == {m.key().decode() for m in handoffs}
     assert all(dict(m.headers())["content-type"] == b"application/cloudevents+json" for m in handoffs)
+    # the ingest tier's counts reach /metrics, from either process (relayed every second)
+    want, deadline = sum(map(valid, lines)), time.time() + 15
+    while (consumed := sum(float(ln.rsplit(" ", 1)[1]) for ln in env.metrics(worker).splitlines()
+                           if ln.startswith("pql_events_consumed_total{"))) != want and time.time() < deadline:
+        time.sleep(0.2)
+    assert consumed == want
+
+
+def valid(line: bytes) -> bool:
+    try:
+        parse_event(line)
+    except InvalidEvent:
+        return False
+    return True
 
 
 BAD = [
