@@ -90,6 +90,11 @@ def resolve(links: list[list[Any]], ms: int, hold: int) -> str | None:
     return best
 
 
+def collect(into: dict, kind: str, key: str, arg: Any) -> None:
+    """An EVENT or MARK line into `into`, {account: ([events], [marks])}: what the account runs together."""
+    into.setdefault(key, ([], []))[kind == MARK].append(arg)
+
+
 class Users:
     """Runs USER, LINK and JOIN lines on user states; returns the lines they lead to.
 
@@ -114,7 +119,7 @@ class Users:
             if away is not None and away(key):
                 forward(line)
             elif kind in (EVENT, MARK):
-                into.setdefault(key, ([], []))[kind == MARK].append(arg)
+                collect(into, kind, key, arg)
             else:
                 more, lost = self.run(user(key), kind, arg)
                 held += kind == USER and not more

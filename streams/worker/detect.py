@@ -276,7 +276,7 @@ class Detect:
         """Run one line, and the lines it leads to: those whose key is ours here, the others are
         forwarded to their partition (in this envelope's transaction)."""
         if kind in (identity.EVENT, identity.MARK) and envelope.partition_of(key, self.partitions) == partition:
-            pending.setdefault(key, ([], []))[kind == identity.MARK].append(arg)  # what run_all does with it
+            identity.collect(pending, kind, key, arg)  # an account's own line: no identity loop needed
             return
 
         def away(key: str) -> bool:
