@@ -339,8 +339,7 @@ def main() -> None:
         print(f"(b) naive Faust, table per event : {n / tb:>9,.0f} events/s ({tb:.1f}s)")
     tc, outputs, handoffs = our_worker(prefix, n, expected)
     print(f"(c) pql worker end to end        : {n / tc:>9,.0f} events/s ({tc:.1f}s)")
-    print(f"live == replay: {outputs} outputs (replay {expected}); {len(handoffs)} handoffs (replay {len(want)}); "
-          f"handoff id sets {'EQUAL' if sorted(handoffs) == want else 'DIFFER'}")
+    same_as_replay(outputs, expected, handoffs, want)
     ratios = f"ratios: worker / raw client = {ta / tc:.2f} (target >= 0.35, and >= 50,000 events/s)"
     print(ratios + (f"; worker / naive Faust = {tb / tc:.1f}x" if tb else ""))
     if not a.skip_process:  # the same, with the ingest tier in its own process
@@ -349,10 +348,14 @@ def main() -> None:
         td, outputs, handoffs = our_worker(prefix, n, expected, PQL_INGEST_PROCESS="true")
         print(f"(d) (c) with PQL_INGEST_PROCESS  : {n / td:>9,.0f} events/s ({td:.1f}s), {tc / td:.2f}x (c), "
               f"{ta / td:.2f} of raw")
-        print(f"live == replay: {outputs} outputs (replay {expected}); {len(handoffs)} handoffs (replay {len(want)}); "
-              f"handoff id sets {'EQUAL' if sorted(handoffs) == want else 'DIFFER'}")
+        same_as_replay(outputs, expected, handoffs, want)
     if not a.skip_latency:
         report_latency(a)
+
+
+def same_as_replay(outputs: int, expected: int, handoffs: list[str], want: list[str]) -> None:
+    print(f"live == replay: {outputs} outputs (replay {expected}); {len(handoffs)} handoffs (replay {len(want)}); "
+          f"handoff id sets {'EQUAL' if sorted(handoffs) == want else 'DIFFER'}")
 
 
 def report_latency(a) -> None:
