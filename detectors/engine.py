@@ -123,13 +123,14 @@ class Engine:
         for event in events:
             if isinstance(event, Group):  # (repeats too: each comes with its LINK lines)
                 self._expect(state, event.messageId, event.ms, "".join(k[0] for k in user_keys(event)))
-            new += self._apply(state, event, account_id, obs)
+            found = self._apply(state, event, account_id, obs)
+            for pos, mid in found:  # a pql.milestone waits like a decision: an earlier reach may still come;
+                insort(state.waiting, [pos[0], pos[1], mid])  # waiting at once, so that a later event of
+            new += found  # the batch, far ahead, cannot expire what its qualification is scored on
         for call, slot, ms in marks:
             self._expect(state, call, ms, None, slot)
         if new:
             new.sort()
-            for pos, mid in new:  # a pql.milestone waits like a decision: an earlier reach may still come
-                insort(state.waiting, [pos[0], pos[1], mid])
             self._qualify(state, account_id, new, obs)
         for p in obs.qualified:
             insort(state.waiting, [p.ms, p.message_id])
