@@ -200,15 +200,18 @@ def worker() -> None:
 @click.option("--topic", help="Topic to publish to (default: product.events with PQL_TOPIC_PREFIX).")
 @click.option("--rate", type=float, help="Events per second (default: as fast as possible).")
 def publish(file: str, topic: str | None, rate: float | None) -> None:
-    """Publish a JSONL FILE of Segment events to Kafka, keyed by account."""
+    """Publish a JSONL FILE of Segment events to Kafka, keyed by account (a line without one: by the
+    account of its user's group call in the file)."""
     from pathlib import Path
 
-    from streams.tools.publish import Publisher, publish as run
+    from streams.tools.publish import Publisher, publish as run, user_accounts
     from streams.topics import Topics
 
     s = _settings()
     _checked(s, kafka=True)
-    pub = Publisher(s.confluent(), topic or Topics.of(s).events)
+    with open(file, "rb") as f:
+        users = user_accounts(f)
+    pub = Publisher(s.confluent(), topic or Topics.of(s).events, users)
     with open(file, "rb") as f:
         if sys.stderr.isatty():
             with click.progressbar(length=Path(file).stat().st_size, label="publish", file=sys.stderr) as bar:
