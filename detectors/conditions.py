@@ -1,11 +1,15 @@
 """Conditions (`where`, `fit.traits`) compiled once into plain predicates.
 
 A condition is a bare scalar (equals) or a mapping of operators that must all hold. A missing
-value fails every operator except ``exists: false``. Comparisons never raise: a number is only
-compared with a number, a string with a string (booleans are not numbers).
+value fails every operator except ``exists: false``. Comparisons never raise. A number in the rule
+is compared with numbers and with numeric strings ("4500"); a boolean in the rule matches booleans
+and the strings "true"/"false"; a string in the rule, strings only (booleans are never numbers).
+See docs/rules.md, "Values as payloads carry them".
 """
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Callable
 
 MISSING = object()
@@ -37,6 +41,33 @@ def getter(path: str) -> Getter:
     return get
 
 
+_DECIMAL = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*", re.ASCII)
+
+
+def number(v: Any) -> float | None:
+    """`v` as a finite number: a number, or a string written as a plain decimal number ("4500",
+    " 12.5", "-3", "1e3"), as Segment's spec types `employees` (a String) and SDKs and warehouse
+    exports often send numbers. Not booleans, not "1,000", "0x10", "NaN", "inf" or "51-200"."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, (int, float)):
+        f = float(v)
+    elif isinstance(v, str) and len(v) <= 64 and _DECIMAL.fullmatch(v):
+        f = float(v)
+    else:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _boolean(v: Any) -> bool | None:
+    """A boolean, or the string "true"/"false" in any case (a stringified boolean)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    return None
+
+
 def _kind(v: Any) -> type | None:
     if isinstance(v, bool):
         return bool
@@ -47,15 +78,28 @@ def _kind(v: Any) -> type | None:
     return None
 
 
-def _same(a: Any, b: Any) -> bool:
-    return _kind(a) is _kind(b) and a == b if _kind(a) or _kind(b) else a == b
+def _same(a: Any, arg: Any) -> bool:
+    """Does value `a` equal the rule's `arg`? A number arg also equals a numeric string, a boolean
+    arg the string "true"/"false"; otherwise kinds must match."""
+    kind = _kind(arg)
+    if kind is float:
+        n = number(a)
+        return n is not None and n == arg
+    if kind is bool:
+        return _boolean(a) is arg
+    return _kind(a) is kind and a == arg if kind or _kind(a) else a == arg
 
 
 def _ordered(op: str, arg: Any) -> Callable[[Any], bool]:
+    numeric = _kind(arg) is float
     kind = _kind(arg)
 
     def test(v: Any) -> bool:
-        if _kind(v) is not kind:
+        if numeric:
+            v = number(v)
+            if v is None:
+                return False
+        elif _kind(v) is not kind:
             return False
         if op == "gt":
             return v > arg

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from bisect import bisect_left, bisect_right
 from typing import Any
 
-from detectors.conditions import MISSING, compile_conditions, getter
+from detectors.conditions import MISSING, compile_conditions, getter, number
 from detectors.timefmt import iso
 from schemas.rules import Milestone
 from schemas.state import Evidence
@@ -28,10 +27,9 @@ PROP_MAX = 256  # characters of an evidence value kept per row
 
 
 def _number(v: Any) -> float | None:
-    """A finite number, else None (NaN compares false with everything: it would pass `at_least`)."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-        return float(v)
-    return None
+    """A finite number or numeric string ("80"), else None (NaN compares false with everything: it
+    would pass `at_least`)."""
+    return number(v)
 
 
 def distinct_key(value: Any) -> str:

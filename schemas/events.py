@@ -1,7 +1,10 @@
 """Input contract: Segment-spec events (also what RudderStack sends).
 
 Unknown fields are kept (``extra="allow"``). Event time is ``timestamp``; a timestamp without a zone
-is read as UTC. Parsing never raises anything but :class:`InvalidEvent`.
+is read as UTC. A call without ``timestamp`` (as SDKs and collectors write it, before Segment's
+server fills it in) gets Segment's: ``receivedAt - (sentAt - originalTimestamp)`` when all three are
+there, else ``originalTimestamp``, else ``receivedAt`` (``event_time``). Parsing never raises
+anything but :class:`InvalidEvent`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,9 @@ LATEST = datetime(2200, 1, 1, tzinfo=UTC)  # event times past this (or before 19
 ID_MAX = 256  # characters in an id (messageId, userId, anonymousId, groupId): ids are kept in state
 Id = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX)]
 OptionalId = Annotated[str, StringConstraints(max_length=ID_MAX)] | None
+Time = Annotated[datetime, Field(ge=EPOCH, lt=LATEST)]  # checked in pydantic-core
+TIME = TypeAdapter(Time)
+CLOCK_FIELDS = ("originalTimestamp", "sentAt", "receivedAt")  # Segment's other times (kept as extra fields)
 
 
 class once:
@@ -45,7 +51,7 @@ class _Event(BaseModel):
     model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True, ignored_types=(once,))
 
     messageId: Id
-    timestamp: Annotated[datetime, Field(ge=EPOCH, lt=LATEST)]  # checked in pydantic-core
+    timestamp: Time | None = None  # (set by parse_event when the call has none: see event_time)
     userId: OptionalId = None
     anonymousId: OptionalId = None
     context: dict[str, Any] = Field(default_factory=dict)
@@ -118,7 +124,8 @@ Event = Annotated[Union[Track, Page, Screen, Identify, Group, Alias], Field(disc
 EVENT = TypeAdapter(Event)
 
 # Bounded set of reasons (they are metric label values and DLQ reasons).
-REASONS = ("not_json", "not_object", "unknown_type", "missing_field", "bad_timestamp", "invalid_field", "too_large")
+REASONS = ("not_json", "not_object", "unknown_type", "missing_field", "bad_timestamp", "invalid_field", "too_large",
+           "future")
 
 
 class InvalidEvent(ValueError):
@@ -146,10 +153,48 @@ def _explain(err: ValidationError) -> InvalidEvent:
         return InvalidEvent("missing_field", f"missing field {field!r}")
     if kind == "value_error" and len(loc) <= 1:  # a check across fields (_Event._short_group_id)
         return InvalidEvent("invalid_field", first["msg"].removeprefix("Value error, "))
-    if field == "timestamp":
-        why = "out of range (1970..2199)" if kind in ("greater_than_equal", "less_than") else "unparsable"
-        return InvalidEvent("bad_timestamp", f"{why} timestamp {first.get('input')!r}")
+    if field in ("timestamp", *CLOCK_FIELDS):
+        return _bad_time(field, kind, first.get("input"))
     return InvalidEvent("invalid_field", f"field {field!r}: {first['msg']}")
+
+
+def _bad_time(field: str, kind: str, value: Any) -> InvalidEvent:
+    why = "out of range (1970..2199)" if kind in ("greater_than_equal", "less_than") else "unparsable"
+    return InvalidEvent("bad_timestamp", f"{why} {field} {value!r}")
+
+
+def clock(event: Any, name: str) -> datetime | None:
+    """One of Segment's other times (`originalTimestamp`, `sentAt`, `receivedAt`), or None; a bad
+    one raises bad_timestamp naming it."""
+    value = (event.model_extra or {}).get(name)
+    if value is None:
+        return None
+    try:
+        return TIME.validate_python(value)
+    except ValidationError as err:
+        raise _bad_time(name, err.errors(include_url=False)[0]["type"], value) from None
+
+
+def event_time(event: Any) -> datetime:
+    """Segment's `timestamp` for a call that has none (its spec, "Timestamps"): the device's
+    `originalTimestamp` corrected by the device clock's skew, `sentAt - receivedAt`, when all three
+    are there; else `originalTimestamp`; else `receivedAt`; else missing_field."""
+    original, sent, received = (clock(event, n) for n in CLOCK_FIELDS)
+    if original is not None and sent is not None and received is not None:
+        t = _utc(received) - (_utc(sent) - _utc(original))
+        if not EPOCH <= t < LATEST:
+            raise InvalidEvent("bad_timestamp", f"out of range (1970..2199) timestamp {t.isoformat()!r} "
+                                                "(receivedAt - (sentAt - originalTimestamp))")
+        return t
+    if original is not None:
+        return original
+    if received is not None:
+        return received
+    raise InvalidEvent("missing_field", "missing field 'timestamp' (and no originalTimestamp or receivedAt)")
+
+
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def parse_event(raw: bytes | str) -> Event:
@@ -159,6 +204,8 @@ def parse_event(raw: bytes | str) -> Event:
     except ValidationError as err:
         raise _explain(err) from None
     _no_inf_nan(raw)
+    if event.timestamp is None:
+        event.timestamp = event_time(event)
     return event
 
 

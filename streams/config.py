@@ -36,6 +36,8 @@ class Settings(BaseSettings):
                                      description="s a partition with unread data but nothing held may hold the time-order merge")
     max_event_bytes: int = Field(default=65536, ge=1024, le=1_000_000,
                                  description="larger input records go to the DLQ as too_large")
+    max_future: float = Field(default=3600.0, gt=0, description="s an event may be dated ahead of when it was received "
+                              "(its receivedAt, else the ingest clock); beyond: corrected by sentAt, or DLQ `future`")
     session_timeout: float = Field(default=10.0, ge=6, description="s before a silent worker's partitions move")
     instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,200}$",
                                     description="static group membership (KIP-345): unique per worker, kept across restarts")

@@ -56,9 +56,15 @@ def rules_check(file: str) -> None:
                    "no SLA clock), as in the worker. 0: never.")
 @click.option("--processed-at", metavar="TIME",
               help="Decide as a worker started at TIME (ISO 8601, or 'now') over this history would (backfill "
-                   "flags); default: each event as it happened (the stream time).")
+                   "flags, and the clock events without receivedAt are checked against for --max-future); "
+                   "default: each event as it happened (the stream time).")
+@click.option("--max-future", type=click.FloatRange(min=0, min_open=True), default=3600.0, show_default=True,
+              envvar="PQL_MAX_FUTURE", metavar="SECONDS",
+              help="An event dated more than this ahead of its receivedAt (else --processed-at) is corrected by "
+                   "its sentAt, or refused as `future`, as in the worker.")
 def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool, stages: bool,
-           now: str | None, responses_path: str | None, alert_max_age: float, processed_at: str | None) -> None:
+           now: str | None, responses_path: str | None, alert_max_age: float, processed_at: str | None,
+           max_future: float) -> None:
     """Run the detection engine over an EVENTS.jsonl file (the backtest).
 
     Handoffs and suppressions (CloudEvents, one per line) go to stdout; rejected lines and a
@@ -76,7 +82,7 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
         sys.exit(2)
     now_ms, processed_ms = _time("--now", now), _time("--processed-at", processed_at)
     responses = rp.load_responses(responses_path, sys.stderr) if responses_path else []
-    summary = rp.run(events, engine, mql, milestones, stages, now_ms, responses, processed_ms)
+    summary = rp.run(events, engine, mql, milestones, stages, now_ms, responses, processed_ms, int(max_future * 1000))
     click.echo(summary.render(), err=True)
 
 

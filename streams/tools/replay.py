@@ -12,6 +12,10 @@ Backfill (PQL_ALERT_MAX_AGE, docs/sales.md): a handoff is decided at the stream 
 had been processed when it happened, unless `processed_at` (`--processed-at`) says when a worker
 started over this history; one whose qualifying event is older than the max age then is flagged
 `backfill` and gets no SLA clock.
+
+Wrong clocks (detectors/clock.py): an event dated more than `max_future` (`--max-future`,
+PQL_MAX_FUTURE) ahead of its `receivedAt`, else of `processed_at`, is corrected by its `sentAt` or
+refused `future`, as the worker does with its wall clock.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import IO, Any, Callable, Iterable
 from pydantic import ValidationError
 
 from detectors import identity, sales
+from detectors.clock import check_future
 from detectors.engine import Engine, Observation
 from detectors.settle import Waiting
 from schemas.cloudevents import HANDOFF, SLA_BREACHED, SUPPRESSED
@@ -44,6 +49,7 @@ class Summary:
     unattributed: int = 0
     held: int = 0
     duplicates: int = 0
+    clock_corrected: int = 0
     too_late: int = 0
     diverged: Counter = field(default_factory=Counter)
     milestones: Counter = field(default_factory=Counter)
@@ -71,6 +77,8 @@ class Summary:
             f"unattributed:    {self.unattributed}",
             f"held at end:     {self.held} (no group call for their user yet)",
             f"duplicates:      {self.duplicates}",
+            *([f"clock corrected: {self.clock_corrected} (device clock ahead; sentAt showed the skew)"]
+              if self.clock_corrected else []),
             f"too late:        {self.too_late}",
             *(["diverged:        " + _counts(self.diverged)] if self.diverged else []),
             "milestones:      " + _counts(self.milestones),
@@ -129,8 +137,9 @@ class Replay:
 
     def __init__(self, engine: Engine, mql: dict[str, MqlRecord], milestones: bool = False, stages: bool = False,
                  responses: list[tuple[int, SalesResponse]] = (), now: int | None = None,
-                 processed_at: int | None = None):
+                 processed_at: int | None = None, max_future: int = 3_600_000):
         self.engine = engine
+        self.max_future = max_future
         self.mql = mql
         self.milestones = milestones
         self.stages = stages
@@ -149,6 +158,7 @@ class Replay:
         s.lines += 1
         try:
             event = parse_event(raw)
+            s.clock_corrected += check_future(event, self.processed_at, self.max_future)
         except InvalidEvent as bad:
             s.invalid.setdefault(bad.reason, []).append(lineno)
             err.write(f"line {lineno}: {bad.reason}: {bad.detail}\n")
@@ -268,8 +278,9 @@ class Replay:
 
 def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], out: IO[str], err: IO[str],
            milestones: bool = False, progress=None, stages: bool = False, now: int | None = None,
-           responses: list[tuple[int, SalesResponse]] = (), processed_at: int | None = None) -> Summary:
-    r = Replay(engine, mql, milestones, stages, responses, now, processed_at)
+           responses: list[tuple[int, SalesResponse]] = (), processed_at: int | None = None,
+           max_future: int = 3_600_000) -> Summary:
+    r = Replay(engine, mql, milestones, stages, responses, now, processed_at, max_future)
     started = time.perf_counter()
     for n, raw in enumerate(lines, 1):
         if raw.strip():
@@ -287,12 +298,12 @@ def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], ou
 
 
 def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool, stages: bool = False,
-        now: int | None = None, responses: list[tuple[int, SalesResponse]] = (), processed_at: int | None = None
-        ) -> Summary:
+        now: int | None = None, responses: list[tuple[int, SalesResponse]] = (), processed_at: int | None = None,
+        max_future: int = 3_600_000) -> Summary:
     """Replay a file to stdout/stderr, with a progress bar when stderr is a terminal."""
     out, err = sys.stdout, sys.stderr
     return over_file(events, "replay", err.isatty(), lambda f, progress: replay(
-        f, engine, mql, out, err, milestones, progress, stages, now, responses, processed_at))
+        f, engine, mql, out, err, milestones, progress, stages, now, responses, processed_at, max_future))
 
 
 def over_file(path: str, label: str, bar: bool, work: Callable[[IO[bytes], Callable[[int], None] | None], Any]) -> Any:

@@ -173,8 +173,8 @@ class Ingest:
             if m.topic() == self.topics.responses:
                 if (r := self.router.route_response(raw, batch, m)) is not None and r.ms > self.answered.get(tp[1], 0):
                     self.answered[tp[1]] = r.ms
-            elif (event := self.router.parse(raw, batch, m)) is not None and self.router.wanted(event):
-                self.merge.add(tp, event.ms, event.messageId, m.offset(), (event, raw, m))
+            elif (parsed := self.router.parse(raw, batch, m)) is not None and self.router.wanted(event := parsed[0]):
+                self.merge.add(tp, event.ms, event.messageId, m.offset(), (event, parsed[1], m))
         assigned = [tp for tp in self.read if tp[0] == self.topics.events]
         for event, raw, m in self.merge.ready(assigned, self._behind, time.monotonic()):
             self.router.route_event(event, raw, batch, m)
@@ -256,5 +256,5 @@ def make(s, engine, topics: Topics, unpublished: Callable[[], dict[int, int]]) -
             "heartbeat.interval.ms": int(s.session_timeout * 200)}
     if s.instance_id:  # static membership: a restarted worker gets its input partitions back at once
         conf["group.instance.id"] = f"{s.instance_id}-ingest"
-    return Ingest(conf, f"{s.app_id}-ingest", Router(engine, topics, s.partitions, s.max_event_bytes), topics,
+    return Ingest(conf, f"{s.app_id}-ingest", Router(engine, topics, s.partitions, s.max_event_bytes, int(s.max_future * 1000)), topics,
                   s.ingest_batch, s.ingest_linger, s.ingest_linger_max, unpublished, s.ingest_merge_wait)

@@ -34,7 +34,8 @@ from streams.worker import metrics
 log = logging.getLogger("pql.ingest")
 REFRESH = 0.005  # s between copies of where `detect` is
 RELAYED = {"events_consumed": metrics.events_consumed, "events_invalid": metrics.events_invalid,
-           "events_unattributed": metrics.events_unattributed, "rebalances": metrics.rebalances,
+           "events_unattributed": metrics.events_unattributed,
+           "events_clock_corrected": metrics.events_clock_corrected, "rebalances": metrics.rebalances,
            "consumer_lag": metrics.consumer_lag}
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
 from detectors import identity
+from detectors.clock import check_future
 from detectors.engine import Engine
 from schemas.events import InvalidEvent, parse_event
 from schemas.sales import SalesResponse, problem
@@ -47,8 +49,10 @@ class Router:
 
     MAX_USERS = 200_000
 
-    def __init__(self, engine: Engine, topics: Topics, partitions: int, max_bytes: int = 65536):
+    def __init__(self, engine: Engine, topics: Topics, partitions: int, max_bytes: int = 65536,
+                 max_future: int = 3_600_000, clock=lambda: int(time.time() * 1000)):
         self.engine, self.topics, self.partitions, self.max_bytes = engine, topics, partitions, max_bytes
+        self.max_future, self.clock = max_future, clock  # wrong device clocks (detectors/clock.py)
         self.hold = engine.rules.hold
         self.links: dict[str, tuple] = {}  # user key -> ((ms, account), ...) by time
 
@@ -68,21 +72,25 @@ class Router:
         return kind, key, arg
 
     def route(self, raw: bytes, batch: Batch, msg: object = None) -> None:
-        event = self.parse(raw, batch, msg)
-        if event is not None:
-            self.route_event(event, raw, batch, msg)
+        parsed = self.parse(raw, batch, msg)
+        if parsed is not None:
+            self.route_event(*parsed, batch, msg)
 
-    def parse(self, raw: bytes, batch: Batch, msg: object = None):
-        """The event, or None (and a reject in the batch)."""
+    def parse(self, raw: bytes, batch: Batch, msg: object = None) -> tuple[object, bytes] | None:
+        """(The event, the bytes it travels as), or None (and a reject in the batch). An event whose
+        device clock was ahead (detectors/clock.py) travels with its corrected timestamp."""
         if self._too_large(raw, batch, msg):
             return None
         try:
             event = parse_event(raw)
+            if check_future(event, self.clock(), self.max_future):
+                metrics.events_clock_corrected.inc()
+                raw = event.model_dump_json(by_alias=True).encode()
         except InvalidEvent as bad:
             batch.rejects.append((msg, bad.reason, bad.detail))
             return None
         batch.consumed[event.type] += 1
-        return event
+        return event, raw
 
     def wanted(self, event) -> bool:
         """Can the event lead to a line (detectors/identity.dispatch)? Others are dropped here."""

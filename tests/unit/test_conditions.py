@@ -23,8 +23,34 @@ CASES = [
     ({"lt": 10}, 10, False),
     ({"lte": 10}, 10, True),
     ({"lte": 10}, 10.5, False),
-    ({"gt": 10}, "11", False),             # a string is never compared with a number
+    # numbers as payloads carry them (issue 23): Segment types `employees` as a String
+    ({"gt": 10}, "11", True),
+    ({"gte": 10}, "4500", True),
+    ({"gte": 10}, " 9.5 ", False),
+    ({"lt": 10}, "-3", True),
+    ({"lte": 1000}, "1e3", True),
+    ({"gte": 10}, "1,000", False),          # thousands separators are not numbers (locale)
+    ({"gte": 10}, "51-200", False),         # a range is a string
+    ({"gte": 10}, "NaN", False),
+    ({"lt": 10}, "-inf", False),
+    ({"gte": 10}, "0x10", False),
+    ({"gte": 10}, "٤٥", False),   # other scripts' digits: not read as numbers
+    ({"gte": 10}, True, False),             # booleans are not numbers
+    ({"gte": 10}, "", False),
+    (10, "10", True),
+    ({"in": [5, 10]}, "10.0", True),
+    ({"not_in": [5, 10]}, "5", False),
+    ({"eq": "10"}, 10, False),              # a string in the rule compares strings only
     ({"gte": "b"}, "c", True),
+    ({"gte": "2026-01-01"}, "2026-03-01", True),
+    # booleans as strings: "true"/"false" in any case, nothing else
+    (True, "true", True),
+    (True, "TRUE", True),
+    (False, "false", True),
+    (True, "false", False),
+    (True, "yes", False),
+    (True, "1", False),
+    ({"in": [True]}, "True", True),
     ({"gte": 10, "lt": 50}, 20, True),     # several operators: all must hold
     ({"gte": 10, "lt": 50}, 50, False),
     ({"exists": True}, "x", True),

@@ -101,9 +101,13 @@ def test_ratio_looks_at_one_event():
     assert out == []
     out, _, _ = run(r, below + [track("Usage Recorded", at(hours=6), used=80, limit=100)])
     assert kinds(out) == ["pql.handoff"]
-    for bad in ({"used": "80", "limit": 100}, {"used": 90, "limit": 0}, {"used": 90}):
+    for bad in ({"used": "80%", "limit": 100}, {"used": 90, "limit": 0}, {"used": 90}, {"used": "79", "limit": "100"},
+                {"used": True, "limit": 1}, {"used": "NaN", "limit": "100"}):
         out, _, _ = run(r, [track("Usage Recorded", at(), **bad)])
         assert out == [], bad
+    for good in ({"used": "80", "limit": 100}, {"used": "4500", "limit": "5000"}, {"used": 9.5, "limit": " 10 "}):
+        out, _, _ = run(r, [track("Usage Recorded", at(), **good)])  # numbers as payloads carry them
+        assert kinds(out) == ["pql.handoff"], good
 
 
 SEQ = {"sequence": ["Source Connected", "Job Run", "Results Viewed"], "within": "14d", "points": 60}
