@@ -245,13 +245,18 @@ def publish(file: str, topic: str | None, rate: float | None) -> None:
 @click.option("--late-group", type=click.FloatRange(0, 1), default=0.0, show_default=True,
               help="Share of accounts whose users act (without context.groupId) before the app sends `group`.")
 @click.option("--days", type=click.FloatRange(min=0.001), default=7.0, show_default=True,
-              help="Event time the simulated history spans (e.g. 56 for eight weeks, to backtest by week).")
+              help="Event time the simulated history spans (e.g. 56 for eight weeks, to backtest by week); it "
+                   "starts on 2026-11-16, or ends at the start of today (UTC) when that would be in the future.")
 def simulate(accounts: int, count: int, rate: float | None, seed: int, now: bool, out: str | None,
              late_group: float, days: float) -> None:
     """Synthetic product-usage traffic, to Kafka (product.events) or to a JSONL file."""
     from streams.tools.simulate import Simulator
 
-    sim = Simulator(accounts=accounts, seed=seed, live=now, late_group=late_group, span_ms=int(days * 86_400_000))
+    from streams.tools.simulate import start_by_now
+
+    span = int(days * 86_400_000)
+    sim = Simulator(accounts=accounts, seed=seed, live=now, late_group=late_group, span_ms=span,
+                    start=start_by_now(span))
     lines = sim.events(count)
     if out:
         with open(out, "wb") as f:

@@ -36,6 +36,19 @@ def _persona(rng: random.Random) -> str:
     return PERSONAS[0][0]
 
 
+START = datetime(2026, 11, 16, tzinfo=timezone.utc)  # the default history's first day
+
+
+def start_by_now(span_ms: int, now: datetime | None = None) -> datetime:
+    """START, or, when a history of `span_ms` from START would reach past now, the start that ends it
+    at the start of today (UTC): a history in the future waits for the wall clock (issue 23)."""
+    now = now or datetime.now(timezone.utc)
+    if START.timestamp() * 1000 + span_ms <= now.timestamp() * 1000:
+        return START
+    today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    return datetime.fromtimestamp((today.timestamp() * 1000 - span_ms) // 1000, timezone.utc)
+
+
 class Simulator:
     def __init__(self, accounts: int = 1000, seed: int = 7, start: datetime | None = None,
                  span_ms: int = 7 * 86_400_000, dup_rate: float = 0.01, bad_rate: float = 0.005,
@@ -44,7 +57,7 @@ class Simulator:
         late = random.Random(seed + 1)  # its own stream: late_group=0 leaves the events as they were
         self.late = [late.random() < late_group for _ in range(accounts)]
         self.n = accounts
-        self.start = int((start or datetime(2026, 11, 16, tzinfo=timezone.utc)).timestamp() * 1000)
+        self.start = int((start or START).timestamp() * 1000)
         self.span = span_ms
         self.dup_rate, self.bad_rate = dup_rate, bad_rate
         self.personas = [_persona(self.rng) for _ in range(accounts)]

@@ -147,3 +147,26 @@ def test_the_live_router_and_replay_read_payloads_the_same_way():
     assert rp.summary.invalid == {"future": [3, 5]} and rp.summary.clock_corrected == 1
     assert live == {corrected["messageId"]: parse_ms(at(hours=5)), no_ts["messageId"]: parse_ms(at(hours=7)),
                     docs[0]["messageId"]: parse_ms(at())}
+
+
+def test_simulated_histories_end_by_now(tmp_path):
+    """`pql simulate --days 56` on 2026-12-06 would run into January from its default start."""
+    from datetime import datetime, timezone
+
+    from streams.tools.simulate import START, start_by_now
+
+    day = 86_400_000
+    now = datetime(2026, 12, 6, 11, 0, tzinfo=timezone.utc)
+    assert start_by_now(7 * day, now) == START  # ends 2026-11-23: as before
+    start = start_by_now(56 * day, now)
+    assert start.timestamp() * 1000 + 56 * day == datetime(2026, 12, 6, tzinfo=timezone.utc).timestamp() * 1000
+    from click.testing import CliRunner
+
+    from streams.tools.cli import main
+
+    out = tmp_path / "e.jsonl"
+    res = CliRunner().invoke(main, ["simulate", "--days", "56", "--events", "500", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    times = [json.loads(x)["timestamp"] for x in out.read_text().splitlines() if '"timestamp":"' in x
+             and x.startswith("{") and x.endswith("}")]
+    assert max(parse_ms(t) for t in times if t[:2] == "20") <= datetime.now(timezone.utc).timestamp() * 1000
