@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RULES = ROOT / "examples" / "rules.yaml"
+TOPIC_LIST = r"^\s*[A-Za-z0-9._-]{1,249}\s*(,\s*[A-Za-z0-9._-]{1,249}\s*)*$"  # Kafka topic names, comma-separated
 
 
 class Settings(BaseSettings):
@@ -20,6 +21,11 @@ class Settings(BaseSettings):
     rules: Path = DEFAULT_RULES
     app_id: str = Field(default="pql-pipeline", pattern=r"^[A-Za-z0-9._-]+$")
     topic_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
+    # the input topics: unset, ours (product.events, crm.lifecycle, sales.responses with PQL_TOPIC_PREFIX,
+    # created when missing); set, your own existing topics, comma-separated, read as they are, never created
+    events_topics: str | None = Field(default=None, pattern=TOPIC_LIST)
+    crm_topics: str | None = Field(default=None, pattern=TOPIC_LIST)
+    responses_topics: str | None = Field(default=None, pattern=TOPIC_LIST)
     partitions: int = Field(default=4, ge=1, le=1024)
     replication: int = Field(default=1, ge=1)
     web_port: int = Field(default=6066, ge=1, le=65535)

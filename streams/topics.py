@@ -1,6 +1,8 @@
-"""Topic names and creation. All names get PQL_TOPIC_PREFIX.
+"""Topic names and creation. All our names get PQL_TOPIC_PREFIX.
 
-in:  product.events (Segment JSON), crm.lifecycle (MQL state changes), sales.responses (accept/reject)
+in:  product.events (Segment JSON), crm.lifecycle (MQL state changes), sales.responses (accept/reject);
+     or the team's own existing topics (PQL_EVENTS_TOPICS, PQL_CRM_TOPICS, PQL_RESPONSES_TOPICS, one
+     or several each): read as they are, never created or altered; a missing one stops startup
 out: pql.handoffs, pql.signals, pql.events.dlq, pql.alerts.retry (alerts that failed, retried later)
 internal (per app id): <app>-accounts (envelopes, see streams/worker/envelope.py); Faust adds the changelogs
 of the tables: <app>-accounts-changelog, <app>-users-changelog, <app>-clocks-changelog.
@@ -13,24 +15,43 @@ from dataclasses import dataclass
 from streams.config import Settings
 
 
+INPUT_SETTINGS = {"events": "PQL_EVENTS_TOPICS", "crm": "PQL_CRM_TOPICS", "responses": "PQL_RESPONSES_TOPICS"}
+TOPIC_SPAN = 100_000  # input report keys: topic k of a list, partition p -> k * TOPIC_SPAN + p
+
+
+def names(value: str | None) -> tuple[str, ...]:
+    """'a, b' -> ('a', 'b'), in order, each once."""
+    return tuple(dict.fromkeys(n.strip() for n in (value or "").split(",") if n.strip()))
+
+
 @dataclass(frozen=True)
 class Topics:
-    events: str
-    crm: str
+    events: tuple[str, ...]      # input topics (one or several)
+    crm: tuple[str, ...]
+    responses: tuple[str, ...]
     handoffs: str
     signals: str
     dlq: str
-    responses: str
     alerts_retry: str
     accounts: str
+    theirs: frozenset = frozenset()  # input topics set by the user: never created
 
     @classmethod
     def of(cls, s: Settings) -> "Topics":
         t = s.topic
-        return cls(events=t("product.events"), crm=t("crm.lifecycle"), handoffs=t("pql.handoffs"),
-                   signals=t("pql.signals"), dlq=t("pql.events.dlq"),
-                   responses=t("sales.responses"), alerts_retry=t("pql.alerts.retry"),
-                   accounts=t(f"{s.app_id}-accounts"))
+        inputs, theirs = {}, set()
+        for kind, default in (("events", "product.events"), ("crm", "crm.lifecycle"), ("responses", "sales.responses")):
+            own = names(getattr(s, f"{kind}_topics"))
+            inputs[kind] = own or (t(default),)
+            theirs.update(own)
+        return cls(**inputs, handoffs=t("pql.handoffs"), signals=t("pql.signals"), dlq=t("pql.events.dlq"),
+                   alerts_retry=t("pql.alerts.retry"), accounts=t(f"{s.app_id}-accounts"), theirs=frozenset(theirs))
+
+    def index(self, topic: str, partition: int) -> int:
+        """The key an input partition is reported under (the barrier, streams/worker/detect.py): the
+        partition number for the first topic of its list, as with one topic."""
+        of = self.events if topic in self.events else self.responses
+        return of.index(topic) * TOPIC_SPAN + partition
 
     @property
     def copartitioned(self) -> tuple[str, ...]:
@@ -43,8 +64,9 @@ class TopicError(RuntimeError):
 
 
 def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
-    """Create missing topics; refuse to start when a co-partitioned topic has the wrong count.
-    Returns how many partitions product.events and sales.responses have."""
+    """Create our missing topics; refuse to start when an input topic of the user's is missing, or a
+    co-partitioned topic has the wrong count. Returns how many partitions the event topics and the
+    response topics have (each list summed)."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient(s.confluent())
@@ -52,8 +74,15 @@ def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
         existing = admin.list_topics(timeout=15).topics
     except Exception as err:  # KafkaException: broker unreachable
         raise TopicError(f"cannot reach Kafka at {s.kafka_bootstrap} (PQL_KAFKA_BOOTSTRAP): {err}") from None
-    wanted = [topics.events, topics.crm, topics.dlq, topics.responses, topics.alerts_retry, *topics.copartitioned]
-    missing = [NewTopic(name, s.partitions, s.replication) for name in wanted if name not in existing]
+    absent = [name for name in sorted(topics.theirs) if name not in existing]
+    if absent:
+        kind = next(k for k in INPUT_SETTINGS if absent[0] in getattr(topics, k))
+        raise TopicError(f"{INPUT_SETTINGS[kind]}: topic {absent[0]!r} does not exist on {s.kafka_bootstrap}; "
+                         "the worker reads your input topics as they are and never creates one: create it, or "
+                         "fix the name")
+    ours = [*topics.events, *topics.crm, topics.dlq, *topics.responses, topics.alerts_retry, *topics.copartitioned]
+    missing = [NewTopic(name, s.partitions, s.replication) for name in dict.fromkeys(ours)
+               if name not in existing and name not in topics.theirs]
     if missing:
         for name, fut in admin.create_topics(missing, operation_timeout=30).items():
             try:
@@ -65,8 +94,9 @@ def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
     while True:  # a topic just created can show 0 partitions until the metadata catches up
         meta = admin.list_topics(timeout=15).topics
         counts = {name: len(meta[name].partitions) if name in meta else 0 for name in topics.copartitioned}
-        inputs = tuple(len(meta[t].partitions) if t in meta else 0 for t in (topics.events, topics.responses))
-        if (all(counts.values()) and all(inputs)) or time.monotonic() > deadline:
+        each = [len(meta[t].partitions) if t in meta else 0 for t in (*topics.events, *topics.responses)]
+        inputs = (sum(each[:len(topics.events)]), sum(each[len(topics.events):]))
+        if (all(counts.values()) and all(each)) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     for name, n in counts.items():

@@ -203,7 +203,8 @@ def worker() -> None:
 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
-@click.option("--topic", help="Topic to publish to (default: product.events with PQL_TOPIC_PREFIX).")
+@click.option("--topic", help="Topic to publish to (default: the first of PQL_EVENTS_TOPICS, else product.events "
+                              "with PQL_TOPIC_PREFIX).")
 @click.option("--rate", type=float, help="Events per second (default: as fast as possible).")
 def publish(file: str, topic: str | None, rate: float | None) -> None:
     """Publish a JSONL FILE of Segment events to Kafka, keyed by account (a line without one: by the
@@ -217,7 +218,7 @@ def publish(file: str, topic: str | None, rate: float | None) -> None:
     _checked(s, kafka=True)
     with open(file, "rb") as f:
         users = user_accounts(f)
-    pub = Publisher(s.confluent(), topic or Topics.of(s).events, users)
+    pub = Publisher(s.confluent(), topic or Topics.of(s).events[0], users)
     with open(file, "rb") as f:
         if sys.stderr.isatty():
             with click.progressbar(length=Path(file).stat().st_size, label="publish", file=sys.stderr) as bar:
@@ -269,7 +270,7 @@ def simulate(accounts: int, count: int, rate: float | None, seed: int, now: bool
 
     s = _settings()
     _checked(s, kafka=True)
-    pub = Publisher(s.confluent(), Topics.of(s).events)
+    pub = Publisher(s.confluent(), Topics.of(s).events[0])
     took = run(lines, pub, rate)
     click.echo(f"simulated {pub.sent} events for {accounts} accounts to {pub.topic} in {took:.2f}s", err=True)
 
@@ -313,7 +314,7 @@ def respond(handoff_id: str, status: str | None, reason: str | None, note: str |
         sys.exit(2)
     from confluent_kafka import Producer
 
-    topic = Topics.of(s).responses
+    topic = Topics.of(s).responses[0]
     _checked(s, kafka=True)
     producer = Producer({**s.confluent(), "enable.idempotence": True})
     failed = []

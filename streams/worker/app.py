@@ -90,7 +90,7 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
                              inputs=inputs[0] if inputs else None, answers=inputs[1] if inputs else None)
     publisher = Publisher(tx, topics, tables, detector)
     app.agent(envelopes, name="detect", concurrency=1)(detect.Agent(detector, publisher, tx, dead).run)
-    app.agent(app.topic(topics.crm, **raw), name="crm", concurrency=1)(crm.Agent(mql, dead).run)
+    app.agent(app.topic(*topics.crm, **raw), name="crm", concurrency=1)(crm.Agent(mql, dead).run)
     tx.rollback = publisher.rollback
     app.on_partitions_revoked.connect(tx.on_revoked)
     app.on_partitions_assigned.connect(tx.on_assigned)
@@ -101,7 +101,7 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
     app.task(feed.run)
     app.timer(s.sla_tick, name="pql.sla_tick")(Ticker(app, topics.accounts, feed, publisher, s.partitions).tick)
     app.task(alerts.Task(s, topics, rules, mql).run)
-    Monitor(app, (topics.accounts, topics.crm), rules.version, publisher.processed).install()
+    Monitor(app, (topics.accounts, *topics.crm), rules.version, publisher.processed).install()
     return app
 
 

@@ -73,7 +73,7 @@ class Ingest:
 
     def _assigned(self, consumer, partitions) -> None:
         metrics.rebalances.inc()
-        inputs = [tp for tp in partitions if tp.topic in (self.topics.events, self.topics.responses)]
+        inputs = [tp for tp in partitions if tp.topic in self.topics.events or tp.topic in self.topics.responses]
         try:  # where each new input partition starts, so `_behind` knows it before its first message
             for tp in consumer.committed(inputs, timeout=10):
                 start = tp.offset if tp.offset >= 0 else consumer.get_watermark_offsets(tp, timeout=10)[0]
@@ -86,7 +86,7 @@ class Ingest:
         self.merge.drop(gone)
         for tp in gone:
             self.read.pop(tp, None)
-            (self.routed if tp[0] == self.topics.events else self.answered).pop(tp[1], None)
+            (self.routed if tp[0] in self.topics.events else self.answered).pop(self.topics.index(*tp), None)
 
     def _behind(self, tp: tuple[str, int]) -> bool:
         """Has the broker more of this partition than we have read (as of the last fetch)? Yes while
@@ -125,7 +125,7 @@ class Ingest:
         return any(p in done and done[p] <= offset for p, offset in self.sent.items())
 
     async def run(self) -> None:
-        self.consumer.subscribe([self.topics.events, self.topics.responses], on_assign=self._assigned,
+        self.consumer.subscribe([*self.topics.events, *self.topics.responses], on_assign=self._assigned,
                                 on_revoke=self._revoked, on_lost=self._revoked)
         try:
             while self.running:
@@ -170,17 +170,19 @@ class Ingest:
             self.read[tp] = m.offset()
             touched.add(tp)
             raw = m.value() or b""
-            if m.topic() == self.topics.responses:
-                if (r := self.router.route_response(raw, batch, m)) is not None and r.ms > self.answered.get(tp[1], 0):
-                    self.answered[tp[1]] = r.ms
+            if m.topic() in self.topics.responses:
+                at = self.topics.index(*tp)
+                if (r := self.router.route_response(raw, batch, m)) is not None and r.ms > self.answered.get(at, 0):
+                    self.answered[at] = r.ms
             elif (parsed := self.router.parse(raw, batch, m)) is not None and self.router.wanted(event := parsed[0]):
                 self.merge.add(tp, event.ms, event.messageId, m.offset(), (event, parsed[1], m))
-        assigned = [tp for tp in self.read if tp[0] == self.topics.events]
+        assigned = [tp for tp in self.read if tp[0] in self.topics.events]
         for event, raw, m in self.merge.ready(assigned, self._behind, time.monotonic()):
             self.router.route_event(event, raw, batch, m)
             touched.add((m.topic(), m.partition()))
-            if event.ms > self.routed.get(m.partition(), 0):
-                self.routed[m.partition()] = event.ms
+            at = self.topics.index(m.topic(), m.partition())
+            if event.ms > self.routed.get(at, 0):
+                self.routed[at] = event.ms
         for (topic, partition), items in batch.envelopes.items():
             for body in envelope.pack_all(items):
                 self._produce(topic, body, partition=partition)
@@ -213,12 +215,11 @@ class Ingest:
         marks = []
         for (topic, partition) in list(self.read):  # (a copy: rebalance callbacks change it in consume's thread)
             idle = not self._behind((topic, partition)) and self.merge.first_offset((topic, partition)) is None
-            if topic == self.topics.events:
-                marks.append(envelope.told(envelope.INPUT, partition, ms,
-                                           envelope.IDLE if idle else self.routed.get(partition, 0)))
-            elif topic == self.topics.responses:
-                marks.append(envelope.told(envelope.ANSWERS, partition, ms,
-                                           envelope.IDLE if idle else self.answered.get(partition, 0)))
+            at = self.topics.index(topic, partition)
+            if topic in self.topics.events:
+                marks.append(envelope.told(envelope.INPUT, at, ms, envelope.IDLE if idle else self.routed.get(at, 0)))
+            elif topic in self.topics.responses:
+                marks.append(envelope.told(envelope.ANSWERS, at, ms, envelope.IDLE if idle else self.answered.get(at, 0)))
         for body in envelope.pack_all(marks):
             for p in range(every):
                 self._produce(self.topics.accounts, body, partition=p)
