@@ -159,3 +159,17 @@ def replay(env: Env, events: Path, rules: Path | None = None, mql: Path | None =
     res = env.pql(*args)
     assert res.returncode == 0, res.stderr
     return res.stdout.splitlines()
+
+
+def eight_weeks(accounts: int = 300, count: int = 24_000, seed: int = 23) -> list[bytes]:
+    """Eight weeks of simulated history that ended yesterday (more than the rules' lateness, so a
+    backlog of it arrives far ahead of decisions still waiting); a third of the accounts act before
+    their group call."""
+    from datetime import datetime, timedelta, timezone
+
+    from streams.tools.simulate import Simulator
+
+    end = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
+    sim = Simulator(accounts=accounts, seed=seed, start=end - timedelta(days=56), span_ms=56 * 86_400_000,
+                    late_group=0.3)
+    return list(sim.events(count))

@@ -3,23 +3,9 @@ worker starts (in time order, and sorted by account then time as a warehouse exp
 while it runs. The worker publishes replay's handoffs, each once."""
 import json
 from collections import Counter
-from datetime import datetime, timedelta, timezone
-
 import pytest
 
-from live import Env, publish, read, replay
-from streams.tools.simulate import Simulator
-
-DAYS = 56
-
-
-def history(accounts: int = 300, count: int = 24_000) -> list[bytes]:
-    """Eight weeks that ended yesterday; a third of the accounts act before their group call."""
-    end = datetime.now(timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
-    sim = Simulator(accounts=accounts, seed=23, start=end - timedelta(days=DAYS), span_ms=DAYS * 86_400_000,
-                    late_group=0.3)
-    return list(sim.events(count))
-
+from live import Env, eight_weeks, publish, read, replay
 
 def by_account(lines: list[bytes]) -> list[bytes]:
     """Sorted by account, then time: what an export from a warehouse table looks like."""
@@ -36,7 +22,7 @@ def by_account(lines: list[bytes]) -> list[bytes]:
 
 @pytest.mark.parametrize("order,before", [("time", True), ("account", True), ("time", False), ("account", False)])
 def test_a_backlog_of_eight_weeks_gives_replays_handoffs(kafka, redis_url, unique, tmp_path, order, before):
-    lines = history()
+    lines = eight_weeks()
     if order == "account":
         lines = by_account(lines)
     events = tmp_path / "events.jsonl"
