@@ -120,10 +120,15 @@ class Engine:
             state = AccountState(account_id=account_id, newest=first, pruned_at=first)
         obs = Observation()
         new: list[tuple[Pos, str]] = []
+        # held events released by a group call come with its MARK lines, after their user key's
+        # partition forwarded them: behind a backlog, weeks of the account's own events may have come
+        # first. They count as they would have right after the call (its state is kept for them).
+        released = [state.expect[m[0]][0] for m in marks if m[0] in state.expect and state.expect[m[0]][1]]
+        floor = min(released) - self.rules.hold if released else None
         for event in events:
             if isinstance(event, Group):  # (repeats too: each comes with its LINK lines)
                 self._expect(state, event.messageId, event.ms, "".join(k[0] for k in user_keys(event)))
-            found = self._apply(state, event, account_id, obs)
+            found = self._apply(state, event, account_id, obs, floor)
             for pos, mid in found:  # a pql.milestone waits like a decision: an earlier reach may still come;
                 insort(state.waiting, [pos[0], pos[1], mid])  # waiting at once, so that a later event of
             new += found  # the batch, far ahead, cannot expire what its qualification is scored on
@@ -151,6 +156,8 @@ class Engine:
             pending = "".join(x for x in slots if e is None or x not in e[2])
             if pending:
                 state.expect[call] = [ms, pending, ""]
+                if len(state.expect) > MAX_EXPECT:  # (apps send `group` every session: the oldest goes)
+                    del state.expect[min(state.expect, key=lambda c: state.expect[c][0])]
             elif e is not None:
                 del state.expect[call]
         elif e is None or not e[1]:  # a MARK before its call: remember it
@@ -182,10 +189,12 @@ class Engine:
                 pending.append(Pending(account_id, w[0], w[1], *self._score(state, (w[0], w[1]))))
         return pending
 
-    def _apply(self, state: AccountState, event: Any, account_id: str, obs: Observation) -> list[tuple[Pos, str]]:
-        """Insert one event; the positions where a milestone now holds and did not before."""
+    def _apply(self, state: AccountState, event: Any, account_id: str, obs: Observation,
+               floor: int | None = None) -> list[tuple[Pos, str]]:
+        """Insert one event; the positions where a milestone now holds and did not before. `floor`:
+        held events released by a group call still expected count from `hold` before it."""
         ms = event.ms
-        if ms < state.newest - self.bound:
+        if ms < state.newest - self.bound and (floor is None or ms < floor):
             obs.too_late.append(event)
             return []
         if ms > state.newest:
@@ -293,6 +302,9 @@ class Engine:
         cut = state.newest - self.bound
         if state.waiting:  # a waiting position is scored later: keep what it needs
             cut = min(cut, state.waiting[0][0])
+        pending = [e[0] for e in state.expect.values() if e[1]]
+        if pending:  # a group call's held events still to come count from `hold` before it
+            cut = min(cut, min(pending) - self.rules.hold)
         for mid in list(state.hits):
             d = self.by_id.get(mid)
             if d is None:  # a milestone the rules no longer have
@@ -312,7 +324,9 @@ class Engine:
             if not state.hits[mid]:
                 del state.hits[mid]
         state.unfit = [u for u in state.unfit if u[0] >= cut]
-        state.expect = {c: e for c, e in state.expect.items() if e[0] >= cut}  # (a lost MARK cannot stall for ever)
+        # a call's entry waits for its MARKs however far the account's own events run ahead (behind a
+        # backlog they come late in event time); MARKs whose call never came are forgotten
+        state.expect = {c: e for c, e in state.expect.items() if e[1] or e[0] >= cut}
         while state.calls and state.calls[0][0] < cut:
             state.traits.update(state.calls.pop(0)[2])
         state.pruned_at = state.newest

@@ -128,3 +128,68 @@ def test_a_whole_history_in_one_envelope_keeps_every_decision():
     rest = engine.decide_all(state, engine.due(state, "acme", None, obs), lambda a: None, obs)
     assert [json.loads(o.to_json()) for o in rest if o.type != "pql.stage"] == [
         o for o in want if o["type"] != "pql.stage"]
+
+
+def _through_detect(lines: list[bytes], rules, partitions: int = 4) -> list[str]:
+    """The worker's parts without Kafka: the router makes envelopes for all of `lines` first (an
+    ingest tier racing through a backlog), then four `detect` partitions run them in order, and the
+    lines they forward (held events released by a group call) queue behind all of that."""
+    import asyncio
+    from collections import deque
+
+    from streams.config import Settings
+    from streams.topics import Topics
+    from streams.worker import envelope
+    from streams.worker.detect import Detect
+    from streams.worker.route import Batch, Router
+
+    class NoMql:
+        async def get(self, account):
+            return None, 0.0
+
+    topics = Topics.of(Settings())
+    parts = [Detect(Engine(rules), topics, {}, {}, NoMql(), users={}, partitions=partitions, cache_min=0)
+             for _ in range(partitions)]
+    batch, queue, out = Batch(), deque(), []
+    router = Router(Engine(rules), topics, partitions)
+    for raw in lines:
+        router.route(raw, batch)
+    queue += [(p, b) for (_, p), items in batch.envelopes.items() for b in envelope.pack_all(items)]
+    for ticks in range(3):
+        while queue:
+            p, b = queue.popleft()
+            result = asyncio.run(parts[p].process(b, p))
+            out += [o[2].decode() for o in result.outputs]
+            for account, state in result.states.items():
+                parts[p].accounts[account] = state.model_dump_json(exclude_defaults=True).encode()
+            for key, u in result.users.items():
+                parts[p].users[key] = u.model_dump_json().encode()
+            queue += [(q, b2) for q, items in result.forward.items() for b2 in envelope.pack_all(items)]
+        queue += [(p, envelope.tick(2_000_000_000_000 + ticks)) for p in range(partitions)]  # idle ticks
+    return out
+
+
+def test_held_events_released_behind_weeks_of_their_accounts_own_events_still_count():
+    """A user invites two teammates before the app sends `group` (held on the user's partition), then
+    the account's own events run weeks ahead; the released invites reach the account after all of
+    them. They count as they would have right after the call (issue 23: they were too_late)."""
+    r = rules({"inv": {"event": "Invite Sent", "distinct": "properties.email", "count": 3, "within": "7d",
+                       "points": 60},
+               "crm": {"event": "Integration Connected", "points": 20}}, cooldown="30d")
+    docs = [track("Invite Sent", at(hours=1), account=None, user="ada", email="a@x.io"),
+            track("Invite Sent", at(hours=2), account=None, user="ada", email="b@x.io"),
+            {"type": "group", "groupId": "acme", "userId": "ada", "messageId": "g1", "timestamp": at(hours=3),
+             "traits": {"name": "Acme"}},
+            track("Invite Sent", at(hours=4), user="ada", email="c@x.io")]
+    docs += [track("Integration Connected", at(days=d), user="bob") for d in range(2, 40, 3)]
+    lines = [json.dumps(d).encode() for d in docs]
+    from streams.worker.envelope import partition_of
+
+    assert partition_of("u:ada", 4) != partition_of("acme", 4)  # the held invites are forwarded
+    out = io.StringIO()
+    replay(lines, Engine(r), {}, out, io.StringIO())
+    want = sorted(out.getvalue().splitlines())
+    (handoff,) = [json.loads(x) for x in want if '"pql.handoff"' in x]
+    assert handoff["time"] == at(hours=4).replace("Z", ".000Z")  # at the third invite
+    got = sorted(x for x in _through_detect(lines, r) if '"pql.handoff"' in x or '"pql.suppressed"' in x)
+    assert got == want
