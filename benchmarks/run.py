@@ -5,7 +5,7 @@ import os
 import platform
 import sys
 
-from benchmarks import backtest_bench, disorder, replay_bench, stream_bench
+from benchmarks import backlog, backtest_bench, disorder, replay_bench, stream_bench
 
 
 def machine() -> str:
@@ -25,6 +25,8 @@ def main() -> None:
     disorder.main()
     print("\n## streaming: raw client vs naive Faust vs pql worker, and latency (needs `make stack`)")
     stream_bench.main()
+    print("\n## backlog: eight weeks on the topic before the worker starts, time order and sorted by account")
+    backlog.main()
 
 
 if __name__ == "__main__":
