@@ -223,11 +223,14 @@ def test_alerts_responses_and_sla_breaches(kafka, redis_url, unique, tmp_path, e
 
         events, answers = export("product.events", 12), export("sales.responses", 6)
         kinds = ("pql.handoff", "pql.stage", "pql.sla_breached")
-        live = [m.value().decode() for m in read(env.kafka, [env.topic("pql.handoffs"), env.topic("pql.signals")],
-                                                 idle=0.5) if json.loads(m.value())["type"] in kinds]
+        wanted = 6 + 12 + 5 + 3  # handoffs; qualified and handed_off; the 5 answers; breaches
+        live = [m.value().decode() for m in read(
+            env.kafka, [env.topic("pql.handoffs"), env.topic("pql.signals")], idle=1.0,
+            until=lambda m: sum(json.loads(x.value())["type"] in kinds for x in m) >= wanted)
+            if json.loads(m.value())["type"] in kinds]
         backtest = [x for x in replay(env, events, rules=tmp_path / "rules.yaml", milestones=True, now=now_iso(),
                                       responses=answers) if json.loads(x)["type"] in kinds]
-        assert len(live) == 6 + 12 + 5 + 3 and sorted(live) == sorted(backtest)
+        assert len(live) == wanted and sorted(live) == sorted(backtest)
     finally:
         env.stop_all()
 
