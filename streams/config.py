@@ -1,6 +1,7 @@
 """Configuration: every setting is a `PQL_*` environment variable (pydantic-settings)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -23,9 +24,9 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9._-]*$")
     # the input topics: unset, ours (product.events, crm.lifecycle, sales.responses with PQL_TOPIC_PREFIX,
     # created when missing); set, your own existing topics, comma-separated, read as they are, never created
-    events_topics: str | None = Field(default=None, pattern=TOPIC_LIST)
-    crm_topics: str | None = Field(default=None, pattern=TOPIC_LIST)
-    responses_topics: str | None = Field(default=None, pattern=TOPIC_LIST)
+    events_topics: str | None = None
+    crm_topics: str | None = None
+    responses_topics: str | None = None
     partitions: int = Field(default=4, ge=1, le=1024)
     replication: int = Field(default=1, ge=1)
     web_port: int = Field(default=6066, ge=1, le=65535)
@@ -67,6 +68,13 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = None
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
+
+    @field_validator("events_topics", "crm_topics", "responses_topics")
+    @classmethod
+    def _topic_list(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(TOPIC_LIST, v):
+            raise ValueError("comma-separated Kafka topic names (letters, digits, '.', '_', '-'; at most 249 each)")
+        return v
 
     @field_validator("store")
     @classmethod

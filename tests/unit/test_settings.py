@@ -40,3 +40,19 @@ def test_an_instance_id_gives_both_tiers_static_membership(monkeypatch, tmp_path
     monkeypatch.setenv("PQL_INSTANCE_ID", "two words")
     with pytest.raises(SettingsError, match="PQL_INSTANCE_ID"):
         load_settings()
+
+
+def test_input_topics_are_lists_of_existing_topic_names(monkeypatch):
+    from streams.topics import Topics
+
+    monkeypatch.setenv("PQL_TOPIC_PREFIX", "dev.")
+    monkeypatch.setenv("PQL_EVENTS_TOPICS", " rs.track, rs.identify ,rs.group,rs.track")
+    monkeypatch.setenv("PQL_RESPONSES_TOPICS", "crm.answers")
+    t = Topics.of(load_settings())
+    assert t.events == ("rs.track", "rs.identify", "rs.group")  # as written, no prefix, each once
+    assert t.crm == ("dev.crm.lifecycle",) and t.responses == ("crm.answers",)  # unset: ours
+    assert t.theirs == {"rs.track", "rs.identify", "rs.group", "crm.answers"}
+    assert t.index("rs.track", 3) == 3 and t.index("rs.group", 1) == 200_001 and t.index("crm.answers", 2) == 2
+    monkeypatch.setenv("PQL_CRM_TOPICS", "hubspot lifecycle")
+    with pytest.raises(SettingsError, match=r"PQL_CRM_TOPICS: comma-separated Kafka topic names"):
+        load_settings()
