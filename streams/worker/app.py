@@ -99,6 +99,7 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
     feed = (ingest_process.Task(s, rules, topics, publisher.unpublished) if s.ingest_process
             else ingest.Task(s, engine, topics, publisher.unpublished))
     app.task(feed.run)
+    app.pql_feed = feed  # (/ready: the ingest tier is polling)
     app.timer(s.sla_tick, name="pql.sla_tick")(Ticker(app, topics.accounts, feed, publisher, s.partitions).tick)
     app.task(alerts.Task(s, topics, rules, mql).run)
     Monitor(app, (topics.accounts, *topics.crm), rules.version, publisher.processed).install()

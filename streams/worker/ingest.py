@@ -36,6 +36,21 @@ from streams.worker.merge import Merge
 from streams.worker.route import Batch, Router
 
 log = logging.getLogger("pql.ingest")
+QUIET = 30.0  # seconds without a poll after which the loop counts as stopped (/ready says 503)
+
+
+def fatal(err) -> bool:
+    """A librdkafka error the client cannot recover from. (A fenced static consumer's error comes as
+    a message error with code _FATAL whose fatal() is False: seen with confluent-kafka 2.x.)"""
+    from confluent_kafka import KafkaError
+
+    return err.fatal() or err.code() == KafkaError._FATAL
+
+
+class FatalClientError(RuntimeError):
+    """A Kafka client of the ingest tier can no longer work (librdkafka's fatal errors: a static
+    member fenced by another with the same group.instance.id, a fenced or failed idempotent producer).
+    The worker stops with a non-zero exit instead of staying alive without input (issue 24)."""
 
 
 class Ingest:
@@ -57,19 +72,38 @@ class Ingest:
         # the next envelope offset it has yet to publish; `sent` holds the last offset we wrote to
         # each partition. While one is behind the other, we keep gathering (see `linger`).
         self.processed, self.sent = processed, {}
+        self.fatal: str | None = None  # librdkafka's word that a client is done for
+        self.polled_at = time.monotonic()
         self.consumer = Consumer({
-            **conf, "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            **conf, "error_cb": self._client_error, "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky", "fetch.wait.max.ms": 20,
             "queued.max.messages.kbytes": 16384, "statistics.interval.ms": 5000,
         })
         self.lag_at = 0.0
         consumer_only = ("session.timeout.ms", "heartbeat.interval.ms")
         self.producer = Producer({
-            **{k: v for k, v in conf.items() if k not in consumer_only}, "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4",
+            **{k: v for k, v in conf.items() if k not in consumer_only}, "error_cb": self._client_error,
+            "enable.idempotence": True, "linger.ms": 2, "compression.type": "lz4",
             "batch.size": 1_000_000, "queue.buffering.max.messages": 500_000,
         })
         self.failed: list[str] = []
         self.running = True
+
+    def _client_error(self, err) -> None:
+        """librdkafka's global errors: most are transient (a broker down: it reconnects); a fatal one
+        ends the loop."""
+        if fatal(err):
+            self.fatal = self.fatal or str(err)
+        else:
+            log.debug("kafka client: %s", err)
+
+    def alive(self) -> bool:
+        """Still polling (for /ready)."""
+        return self.running and self.fatal is None and time.monotonic() - self.polled_at < QUIET
+
+    def _check(self) -> None:
+        if self.fatal is not None:
+            raise FatalClientError(f"ingest tier: fatal Kafka client error: {self.fatal}")
 
     def _assigned(self, consumer, partitions) -> None:
         metrics.rebalances.inc()
@@ -129,6 +163,8 @@ class Ingest:
                                 on_revoke=self._revoked, on_lost=self._revoked)
         try:
             while self.running:
+                self._check()
+                self.polled_at = time.monotonic()
                 self._lag()
                 msgs = await poll(self.consumer, self.batch_size, 0.05)
                 if msgs:
@@ -164,6 +200,9 @@ class Ingest:
         batch, touched = Batch(), set()
         for m in msgs:
             if m.error() is not None:
+                if fatal(m.error()):
+                    self.fatal = self.fatal or str(m.error())
+                    self._check()
                 log.warning("consume error: %s", m.error())
                 continue
             tp = (m.topic(), m.partition())
@@ -248,7 +287,14 @@ class Task:
 
     async def run(self) -> None:
         self.loop = make(self.settings, self.engine, self.topics, self.unpublished)
-        await self.loop.run()
+        try:
+            await self.loop.run()
+        except FatalClientError as err:
+            log.critical("%s; the worker stops (exit code 1): restart it (a supervisor does)", err)
+            raise
+
+    def alive(self) -> bool:
+        return self.loop is not None and self.loop.alive()
 
 
 def make(s, engine, topics: Topics, unpublished: Callable[[], dict[int, int]]) -> Ingest:

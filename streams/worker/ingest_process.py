@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import threading
 from typing import Callable
 
@@ -91,6 +92,11 @@ class Task:
     def __init__(self, settings, rules, topics: Topics, unpublished: Callable[[], dict[int, int]]):
         self.settings, self.rules, self.topics, self.unpublished = settings, rules, topics, unpublished
         self.loop: Remote | None = None
+        self.proc = None
+
+    def alive(self) -> bool:
+        """The ingest process runs (for /ready)."""
+        return self.proc is not None and self.proc.is_alive()
 
     async def run(self) -> None:
         ctx = mp.get_context("spawn")  # (a fork would copy the Faust process, its threads and sockets)
@@ -100,6 +106,7 @@ class Task:
         proc = ctx.Process(target=child, args=(self.settings, self.rules, published, ticks, counts, os.getpid()),
                            name="pql-ingest", daemon=True)
         proc.start()
+        self.proc = proc
         self.loop = Remote(ticks)
         try:
             while proc.is_alive():
@@ -154,7 +161,11 @@ def child(settings, rules, published, ticks, counts, parent: int) -> None:
             await asyncio.wait([run], timeout=1.0)
         run.result()
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ingest.FatalClientError as err:  # the worker sees us exit and stops too (Task.run)
+        logging.getLogger("pql.ingest").critical("%s; the ingest process exits (1)", err)
+        sys.exit(1)
 
 
 def _die_with(parent: int) -> None:

@@ -79,8 +79,10 @@ async def metrics_page(web, request):
 
 
 def ready(app) -> bool:
-    """Partitions assigned and their tables recovered: the worker is processing."""
-    return bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()
+    """Partitions assigned, their tables recovered, and the ingest tier polling: the worker is processing."""
+    feed = getattr(app, "pql_feed", None)
+    return (bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()
+            and (feed is None or feed.alive()))
 
 
 async def health_page(web, request):

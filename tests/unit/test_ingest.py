@@ -85,3 +85,42 @@ def test_partitions_another_worker_owns_never_hold_a_batch():
     loop = ingest(lambda: {})         # not ours: nothing to wait for
     loop._delivered(None, Delivered(2, 500))
     assert not loop.detect_busy()
+
+
+def test_a_fatal_client_error_ends_the_loop_and_readiness():
+    """librdkafka's fatal errors (a fenced static member comes as a message error with code _FATAL
+    whose fatal() is False) stop the loop with FatalClientError; /ready then says 503."""
+    import pytest
+    from confluent_kafka import KafkaError
+
+    from streams.worker.ingest import FatalClientError, fatal
+    from streams.worker.monitor import ready
+
+    assert fatal(KafkaError(KafkaError._FATAL)) and not fatal(KafkaError(KafkaError._TRANSPORT))
+    loop = ingest({})
+    assert loop.alive()
+    loop._client_error(KafkaError(KafkaError._TRANSPORT))  # a broker down: transient
+    assert loop.alive()
+    loop._client_error(KafkaError(KafkaError._FATAL, "Static consumer fenced"))
+    assert not loop.alive()
+    with pytest.raises(FatalClientError, match="fatal Kafka client error"):
+        loop._check()
+
+    class App:  # what ready() reads of the Faust app
+        class consumer:
+            @staticmethod
+            def assignment():
+                return {("t", 0)}
+        rebalancing = False
+
+        class tables:
+            class recovery:
+                class completed:
+                    @staticmethod
+                    def is_set():
+                        return True
+
+    app = App()
+    assert ready(app)
+    app.pql_feed = type("Feed", (), {"alive": lambda self: loop.alive()})()
+    assert not ready(app)
