@@ -45,6 +45,7 @@ class Settings(BaseSettings):
                                  description="larger input records go to the DLQ as too_large")
     max_future: float = Field(default=3600.0, gt=0, description="s an event may be dated ahead of when it was received "
                               "(its receivedAt, else the ingest clock); beyond: corrected by sentAt, or DLQ `future`")
+    shutdown_timeout: float = Field(default=30.0, gt=0, description="s a SIGTERM/SIGINT stop may take; then exit 1")
     session_timeout: float = Field(default=10.0, ge=6, description="s before a silent worker's partitions move")
     instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,200}$",
                                     description="static group membership (KIP-345): unique per worker, kept across restarts")

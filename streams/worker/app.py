@@ -136,11 +136,12 @@ def run_worker(settings: Settings, rules: Rules) -> None:
         discard_local_state(settings.data_dir / settings.app_id)
     app = build(settings, rules, inputs)
     level = settings.log_level.upper() if settings.log_level != "warn" else "WARNING"
-    make_worker(app, level).execute_from_commandline()
+    make_worker(app, level, settings.shutdown_timeout).execute_from_commandline()
 
 
-def make_worker(app: faust.App, level: str) -> faust.Worker:
+def make_worker(app: faust.App, level: str, shutdown_timeout: float = 30.0) -> faust.Worker:
     worker = faust.Worker(app, loglevel=level, quiet=True)
+    eos.stop_within(worker, shutdown_timeout)  # a stop is bounded, even with Kafka gone
     # Faust's terminal spinner (at warn and error) sets the root logger to DEBUG: every debug call
     # in aiokafka (one per send) then builds a record for nothing (5 % of a loaded worker's CPU).
     worker.spinner = None

@@ -340,3 +340,28 @@ def test_a_starting_client_waits_for_a_restarting_broker_then_gives_up():
 
     with pytest.raises(KafkaConnectionError):
         asyncio.run(eos.patiently(never, patience=0.05, pause=0.01))
+
+
+def test_a_stop_that_hangs_ends_after_the_shutdown_timeout():
+    """eos.stop_within: the first SIGTERM/SIGINT handler call starts the clock; a stop still hanging
+    then (here: Faust's own handler replaced by one that does nothing) exits with code 1."""
+    import subprocess
+    import sys
+    import time
+
+    script = """
+import faust, logging, time
+from streams.worker import eos
+logging.basicConfig()
+w = faust.Worker(faust.App("pql-stop-test"), loglevel="WARNING", quiet=True)
+w._on_sigterm = lambda: None  # a graceful stop that never ends
+eos.stop_within(w, 0.5)
+w._on_sigterm()
+w._on_sigterm()  # (a second signal does not restart the clock)
+time.sleep(30)
+"""
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert res.returncode == 1 and "did not stop within PQL_SHUTDOWN_TIMEOUT" in res.stderr
+    assert took < 20
