@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     crm_topics: str | None = None
     responses_topics: str | None = None
     partitions: int = Field(default=4, ge=1, le=1024)
-    replication: int = Field(default=1, ge=1)
+    replication: int | None = Field(default=None, ge=1, description="replication of the topics the worker creates; "
+                                    "unset: the broker's default.replication.factor (KIP-464)")
     web_port: int = Field(default=6066, ge=1, le=65535)
     web_host: str = "127.0.0.1"
     store: str = "memory://"
@@ -90,6 +91,11 @@ class Settings(BaseSettings):
         if self.webhook_url and not self.webhook_secret:
             raise ValueError("PQL_WEBHOOK_SECRET: required when PQL_WEBHOOK_URL is set (requests are signed)")
         return self
+
+    @property
+    def replication_factor(self) -> int:
+        """For topic creation: PQL_REPLICATION, else -1 (the broker's default, KIP-464)."""
+        return self.replication if self.replication is not None else -1
 
     def topic(self, name: str) -> str:
         return self.topic_prefix + name

@@ -63,6 +63,24 @@ class TopicError(RuntimeError):
     pass
 
 
+def broker_replication(s: Settings) -> int:
+    """The replication factor for topics Faust creates (its changelogs: Faust's setting takes no -1):
+    PQL_REPLICATION, else the broker's `default.replication.factor`."""
+    if s.replication is not None:
+        return s.replication
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    admin = AdminClient(s.confluent())
+    try:
+        broker = next(iter(admin.list_topics(timeout=15).brokers))
+        res = ConfigResource(ConfigResource.Type.BROKER, str(broker))
+        configs = admin.describe_configs([res])[res].result(timeout=15)
+        return int(configs["default.replication.factor"].value)
+    except Exception as err:  # e.g. a managed service that does not show broker configs
+        raise TopicError(f"cannot read the broker's default.replication.factor ({err}); set PQL_REPLICATION "
+                         "(3 on a production cluster)") from None
+
+
 def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
     """Create our missing topics; refuse to start when an input topic of the user's is missing, or a
     co-partitioned topic has the wrong count. Returns how many partitions the event topics and the
@@ -81,7 +99,7 @@ def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
                          "the worker reads your input topics as they are and never creates one: create it, or "
                          "fix the name")
     ours = [*topics.events, *topics.crm, topics.dlq, *topics.responses, topics.alerts_retry, *topics.copartitioned]
-    missing = [NewTopic(name, s.partitions, s.replication) for name in dict.fromkeys(ours)
+    missing = [NewTopic(name, s.partitions, s.replication_factor) for name in dict.fromkeys(ours)
                if name not in existing and name not in topics.theirs]
     if missing:
         for name, fut in admin.create_topics(missing, operation_timeout=30).items():

@@ -22,7 +22,7 @@ from detectors.engine import Engine
 from schemas.rules import Rules
 from streams.config import Settings, alert_max_age_ms
 from streams.mqlstore import AsyncMqlStore
-from streams.topics import Topics, ensure_topics
+from streams.topics import Topics, broker_replication, ensure_topics
 from streams.worker import alerts, crm, detect, eos, ingest, ingest_process, metrics, restore
 from streams.worker.dlq import DeadLetters
 from streams.worker.kafka import faust_credentials
@@ -46,7 +46,7 @@ def make_app(s: Settings) -> faust.App:
         processing_guarantee="exactly_once",
         producer_acks=-1,
         producer_max_request_size=MAX_VALUE_BYTES,  # a large changelog value (streams/worker/tables.py)
-        topic_replication_factor=s.replication,
+        topic_replication_factor=s.replication or 1,
         topic_partitions=s.partitions,
         broker_commit_interval=s.commit_interval,
         broker_commit_every=100_000,
@@ -132,6 +132,7 @@ def discard_local_state(datadir: Path) -> None:
 def run_worker(settings: Settings, rules: Rules) -> None:
     """Create topics, then run the Faust worker until stopped (SIGTERM/SIGINT)."""
     inputs = ensure_topics(settings, Topics.of(settings))
+    settings = settings.model_copy(update={"replication": broker_replication(settings)})  # (for Faust's topics)
     if settings.store != "memory://":
         discard_local_state(settings.data_dir / settings.app_id)
     app = build(settings, rules, inputs)

@@ -56,3 +56,12 @@ def test_input_topics_are_lists_of_existing_topic_names(monkeypatch):
     monkeypatch.setenv("PQL_CRM_TOPICS", "hubspot lifecycle")
     with pytest.raises(SettingsError, match=r"PQL_CRM_TOPICS: comma-separated Kafka topic names"):
         load_settings()
+
+
+def test_replication_is_the_brokers_default_unless_set(monkeypatch):
+    assert load_settings().replication is None and load_settings().replication_factor == -1  # KIP-464
+    monkeypatch.setenv("PQL_REPLICATION", "3")
+    assert load_settings().replication_factor == 3
+    monkeypatch.setenv("PQL_REPLICATION", "0")
+    with pytest.raises(SettingsError, match="PQL_REPLICATION"):
+        load_settings()
