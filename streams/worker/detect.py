@@ -425,8 +425,8 @@ class Agent:
     async def envelope(self, ev, acking: set) -> None:
         m = ev.message
         r = await self.detector.process(ev.value, m.partition)  # phase 1: no sends; may wait for Redis
-        for key, raw, reason, detail in r.dead:  # at-least-once, like every dead letter
-            await self.dead.send(key.encode(), raw, m, reason, detail)
+        for nth, (key, raw, reason, detail) in enumerate(r.dead):  # at-least-once, like every dead letter
+            await self.dead.send(key.encode(), raw, m, reason, detail, nth)  # (a repeat has the same id)
         # Phase 2: outputs, state and the ack go into the partition's transaction as one unit; a
         # commit cannot slip in between (eos.guard_commits).
         async with self.tx.lock:

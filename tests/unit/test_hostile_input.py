@@ -87,3 +87,14 @@ def test_a_long_evidence_value_is_kept_short_in_state():
     state, _ = Engine(r).observe(None, event(track("Invite Sent", at(), note="n" * 50_000)), "acme")
     assert len(state.model_dump_json()) < 1_000
     assert state.hits["inv"][0][4]["properties.note"].startswith("nnn")
+
+
+def test_every_copy_of_one_rejection_has_the_same_id():
+    """At-least-once: a rejection written again after a crash carries the same pql.error.id, so a
+    DLQ consumer drops repeats; two rejections never share one."""
+    first = dict(dlq.record(b"x", "product.events", 2, 41, "not_json", "a")[1])["pql.error.id"]
+    again = dict(dlq.record(b"x", "product.events", 2, 41, "not_json", "a")[1])["pql.error.id"]
+    assert first == again == b"product.events/2/41"
+    ids = {dict(dlq.record(b"x", "app-accounts", 0, 7, "too_late", "", n)[1])["pql.error.id"] for n in range(3)}
+    ids |= {dict(dlq.record(b"x", "product.events", 2, 42, "not_json", "")[1])["pql.error.id"]}
+    assert len(ids) == 4 and b"app-accounts/0/7/2" in ids
