@@ -37,6 +37,7 @@ from streams.worker.route import Batch, Router
 
 log = logging.getLogger("pql.ingest")
 QUIET = 30.0  # seconds without a poll after which the loop counts as stopped (/ready says 503)
+RECREATE = 3  # times a minute the consumer may be made anew after a fatal error before the worker stops
 
 
 def fatal(err) -> bool:
@@ -72,13 +73,16 @@ class Ingest:
         # the next envelope offset it has yet to publish; `sent` holds the last offset we wrote to
         # each partition. While one is behind the other, we keep gathering (see `linger`).
         self.processed, self.sent = processed, {}
-        self.fatal: str | None = None  # librdkafka's word that a client is done for
+        self.fatal: str | None = None  # librdkafka's word that the producer is done for
+        self.consumer_fatal: str | None = None  # ... that the consumer is (it is made anew)
+        self.recreated: list[float] = []  # when the consumer was made anew
         self.polled_at = time.monotonic()
-        self.consumer = Consumer({
-            **conf, "error_cb": self._client_error, "group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky", "fetch.wait.max.ms": 20,
-            "queued.max.messages.kbytes": 16384, "statistics.interval.ms": 5000,
-        })
+        self.consumer_conf = {
+            **conf, "error_cb": self._consumer_error, "group.id": group_id, "enable.auto.commit": False,
+            "auto.offset.reset": "earliest", "partition.assignment.strategy": "cooperative-sticky",
+            "fetch.wait.max.ms": 20, "queued.max.messages.kbytes": 16384, "statistics.interval.ms": 5000,
+        }
+        self.consumer = Consumer(self.consumer_conf)
         self.lag_at = 0.0
         consumer_only = ("session.timeout.ms", "heartbeat.interval.ms")
         self.producer = Producer({
@@ -91,19 +95,51 @@ class Ingest:
 
     def _client_error(self, err) -> None:
         """librdkafka's global errors: most are transient (a broker down: it reconnects); a fatal one
-        ends the loop."""
+        of the producer ends the loop."""
         if fatal(err):
             self.fatal = self.fatal or str(err)
         else:
             log.debug("kafka client: %s", err)
 
+    def _consumer_error(self, err) -> None:
+        if fatal(err):
+            self.consumer_fatal = self.consumer_fatal or str(err)
+        else:
+            log.debug("kafka consumer: %s", err)
+
     def alive(self) -> bool:
         """Still polling (for /ready)."""
         return self.running and self.fatal is None and time.monotonic() - self.polled_at < QUIET
 
-    def _check(self) -> None:
+    async def _check(self) -> None:
+        """A fatal producer error ends the loop; a fatal consumer error (a static member fenced after
+        its group's coordinator moved: issue 24) makes the consumer anew, at most RECREATE times a
+        minute, then ends the loop too."""
         if self.fatal is not None:
             raise FatalClientError(f"ingest tier: fatal Kafka client error: {self.fatal}")
+        if self.consumer_fatal is None:
+            return
+        now = time.monotonic()
+        self.recreated = [t for t in self.recreated if now - t < 60] + [now]
+        if len(self.recreated) > RECREATE:
+            raise FatalClientError(f"ingest tier: fatal Kafka client error: {self.consumer_fatal} "
+                                   f"({RECREATE} times within a minute)")
+        log.error("ingest tier: fatal Kafka consumer error: %s; making the consumer anew", self.consumer_fatal)
+        metrics.clients_recreated.inc()
+        from confluent_kafka import Consumer, TopicPartition
+
+        self._revoked(None, [TopicPartition(*tp) for tp in list(self.read)])  # what is held is read again
+        old, self.consumer_fatal = self.consumer, None
+        try:
+            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, old.close), 10)
+        except Exception as err:  # a fenced consumer may refuse to close cleanly: it is dropped anyway
+            log.warning("closing the old consumer: %r", err)
+        self.consumer = Consumer(self.consumer_conf)
+        self._subscribe()
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe([*self.topics.events, *self.topics.responses], on_assign=self._assigned,
+                                on_revoke=self._revoked, on_lost=self._revoked)
 
     def _assigned(self, consumer, partitions) -> None:
         metrics.rebalances.inc()
@@ -159,11 +195,10 @@ class Ingest:
         return any(p in done and done[p] <= offset for p, offset in self.sent.items())
 
     async def run(self) -> None:
-        self.consumer.subscribe([*self.topics.events, *self.topics.responses], on_assign=self._assigned,
-                                on_revoke=self._revoked, on_lost=self._revoked)
+        self._subscribe()
         try:
             while self.running:
-                self._check()
+                await self._check()
                 self.polled_at = time.monotonic()
                 self._lag()
                 msgs = await poll(self.consumer, self.batch_size, 0.05)
@@ -200,9 +235,8 @@ class Ingest:
         batch, touched = Batch(), set()
         for m in msgs:
             if m.error() is not None:
-                if fatal(m.error()):
-                    self.fatal = self.fatal or str(m.error())
-                    self._check()
+                if fatal(m.error()):  # the consumer is made anew before the next poll (_check)
+                    self.consumer_fatal = self.consumer_fatal or str(m.error())
                 log.warning("consume error: %s", m.error())
                 continue
             tp = (m.topic(), m.partition())

@@ -37,6 +37,7 @@ REFRESH = 0.005  # s between copies of where `detect` is
 RELAYED = {"events_consumed": metrics.events_consumed, "events_invalid": metrics.events_invalid,
            "events_unattributed": metrics.events_unattributed,
            "events_clock_corrected": metrics.events_clock_corrected, "rebalances": metrics.rebalances,
+           "clients_recreated": metrics.clients_recreated,
            "consumer_lag": metrics.consumer_lag}
 
 

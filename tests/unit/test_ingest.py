@@ -88,23 +88,33 @@ def test_partitions_another_worker_owns_never_hold_a_batch():
 
 
 def test_a_fatal_client_error_ends_the_loop_and_readiness():
-    """librdkafka's fatal errors (a fenced static member comes as a message error with code _FATAL
-    whose fatal() is False) stop the loop with FatalClientError; /ready then says 503."""
+    """librdkafka's fatal errors: the producer's end the loop with FatalClientError (/ready then says
+    503); the consumer's (a fenced static member comes as a message error with code _FATAL whose
+    fatal() is False) make the consumer anew, up to RECREATE times a minute, then end the loop."""
     import pytest
     from confluent_kafka import KafkaError
 
-    from streams.worker.ingest import FatalClientError, fatal
+    from streams.worker.ingest import RECREATE, FatalClientError, fatal
     from streams.worker.monitor import ready
 
     assert fatal(KafkaError(KafkaError._FATAL)) and not fatal(KafkaError(KafkaError._TRANSPORT))
     loop = ingest({})
+    first = loop.consumer
+    for n in range(RECREATE):
+        loop._consumer_error(KafkaError(KafkaError._FATAL, "Static consumer fenced"))
+        asyncio.run(loop._check())
+        assert loop.consumer is not first and loop.consumer_fatal is None and loop.alive()
+    loop._consumer_error(KafkaError(KafkaError._FATAL, "Static consumer fenced"))
+    with pytest.raises(FatalClientError, match="3 times within a minute"):
+        asyncio.run(loop._check())
+    loop = ingest({})
     assert loop.alive()
     loop._client_error(KafkaError(KafkaError._TRANSPORT))  # a broker down: transient
     assert loop.alive()
-    loop._client_error(KafkaError(KafkaError._FATAL, "Static consumer fenced"))
+    loop._client_error(KafkaError(KafkaError._FATAL, "producer fenced"))
     assert not loop.alive()
     with pytest.raises(FatalClientError, match="fatal Kafka client error"):
-        loop._check()
+        asyncio.run(loop._check())
 
     class App:  # what ready() reads of the Faust app
         class consumer:
