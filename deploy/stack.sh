@@ -2,6 +2,10 @@
 # Local stack of real services: Apache Kafka (KRaft, from Maven Central jars) and redis-server.
 #   deploy/stack.sh up | down | status | tools (installs prometheus/promtool for the tests)
 #   deploy/stack.sh down-kafka | down-redis: stop one service (the chaos run's faults; `up` restarts it)
+#   deploy/stack.sh cluster up | down | status | kill N | start N: a three-node KRaft cluster (each node
+#                   broker + controller; replication 3, min.insync.replicas 2) on PQL_CLUSTER_PORT
+#                   (39092): node N listens on PQL_CLUSTER_PORT + 2(N-1), its controller on the next port;
+#                   `kill N` SIGKILLs node N, `start N` starts it again
 # Settings (env): PQL_KAFKA_PORT (9092), PQL_KAFKA_CONTROLLER_PORT (Kafka port + 1),
 #                 PQL_REDIS_PORT (6379), PQL_STACK_DIR (.stack), PQL_KAFKA_HEAP (1g),
 #                 PQL_KAFKA_SASL_PORT (unset: none): a second listener, SASL_PLAINTEXT with SCRAM-SHA-512
@@ -135,8 +139,66 @@ chromium_bin() {
     >"$dir/apt-chromium.log" 2>&1 || die "could not install chromium; read $dir/apt-chromium.log"
 }
 
+cluster_port=${PQL_CLUSTER_PORT:-39092}
+cdir=$dir/cluster
+
+node_port() { echo $((cluster_port + 2 * ($1 - 1))); }
+
+cluster_node_up() { # cluster_node_up N
+  local n=$1 k=$cdir/node$1 pidfile=$cdir/node$1/kafka.pid port cport voters=""
+  port=$(node_port "$n"); cport=$((port + 1))
+  if alive "$pidfile"; then say "cluster node $n already running (pid $(cat "$pidfile"))"; return; fi
+  for i in 1 2 3; do voters+="${voters:+,}$i@127.0.0.1:$(( $(node_port $i) + 1 ))"; done
+  mkdir -p "$k/logs" "$k/data"
+  sed -e "s|@NODE@|$n|g" -e "s|@PORT@|$port|g" -e "s|@CONTROLLER_PORT@|$cport|g" -e "s|@VOTERS@|$voters|g" \
+    -e "s|@DATA@|$k/data|g" "$root/deploy/kafka/cluster.properties.in" >"$k/server.properties"
+  local log4j="-Dlog4j2.configurationFile=$root/deploy/kafka/log4j2.properties -Dkafka.logs.dir=$k/logs"
+  if [ ! -f "$k/data/meta.properties" ]; then
+    java -Xmx256m $log4j -cp "$libs/*" kafka.tools.StorageTool format --ignore-formatted \
+      -t "$(cat "$cdir/cluster.id")" -c "$k/server.properties" >"$k/logs/format.log" 2>&1 \
+      || die "formatting cluster node $n failed; read $k/logs/format.log"
+  fi
+  : >"$k/logs/kafka.log"
+  nohup java -Xms128m -Xmx"${PQL_KAFKA_HEAP:-512m}" -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -Djava.awt.headless=true $log4j -cp "$libs/*" kafka.Kafka "$k/server.properties" >"$k/logs/stdout.log" 2>&1 &
+  echo $! >"$pidfile"
+}
+
+cluster_wait() { # cluster_wait N
+  local k=$cdir/node$1
+  wait_for 120 "cluster node $1" "$k/kafka.pid" "$k/logs/kafka.log" \
+    bash -c "(exec 3<>/dev/tcp/127.0.0.1/$(node_port "$1")) 2>/dev/null && grep -q 'Kafka Server started' '$k/logs/kafka.log'"
+}
+
+cluster() {
+  case "${1:-up}" in
+    up)
+      command -v java >/dev/null || die "Java 17+ is needed for Kafka"
+      kafka_jars
+      mkdir -p "$cdir"
+      [ -f "$cdir/cluster.id" ] || java -cp "$libs/*" kafka.tools.StorageTool random-uuid 2>/dev/null | tail -n1 >"$cdir/cluster.id"
+      for n in 1 2 3; do cluster_node_up "$n"; done
+      for n in 1 2 3; do cluster_wait "$n"; done
+      say "kafka cluster up: 127.0.0.1:$(node_port 1),127.0.0.1:$(node_port 2),127.0.0.1:$(node_port 3)" ;;
+    down) for n in 1 2 3; do stop "cluster node $n" "$cdir/node$n/kafka.pid"; done ;;
+    kill)
+      [ -n "${2:-}" ] || die "usage: deploy/stack.sh cluster kill N"
+      if alive "$cdir/node$2/kafka.pid"; then kill -9 "$(cat "$cdir/node$2/kafka.pid")"; fi
+      rm -f "$cdir/node$2/kafka.pid"; say "cluster node $2 killed" ;;
+    start)
+      [ -n "${2:-}" ] || die "usage: deploy/stack.sh cluster start N"
+      cluster_node_up "$2"; cluster_wait "$2"; say "cluster node $2 up on 127.0.0.1:$(node_port "$2")" ;;
+    status)
+      for n in 1 2 3; do
+        alive "$cdir/node$n/kafka.pid" && echo "node $n: running on 127.0.0.1:$(node_port "$n")" || echo "node $n: stopped"
+      done ;;
+    *) die "usage: deploy/stack.sh cluster up|down|status|kill N|start N" ;;
+  esac
+}
+
 mkdir -p "$dir"
 case "${1:-up}" in
+  cluster) shift; cluster "$@" ;;
   tools) prometheus_bin ;;
   browser) chromium_bin ;;
   up) redis_up; kafka_up ;;
@@ -146,5 +208,5 @@ case "${1:-up}" in
   status)
     alive "$dir/kafka/kafka.pid" && echo "kafka: running on 127.0.0.1:$kafka_port" || echo "kafka: stopped"
     alive "$dir/redis/redis.pid" && echo "redis: running on 127.0.0.1:$redis_port" || echo "redis: stopped" ;;
-  *) die "usage: deploy/stack.sh up|down|down-kafka|down-redis|status|tools|browser" ;;
+  *) die "usage: deploy/stack.sh up|down|down-kafka|down-redis|status|tools|browser|cluster ..." ;;
 esac
