@@ -162,10 +162,16 @@ class Alerts:
         common = {**conf, "enable.auto.commit": False, "auto.offset.reset": "earliest",
                   "isolation.level": "read_committed", "partition.assignment.strategy": "cooperative-sticky",
                   "session.timeout.ms": int(s.session_timeout * 1000), "fetch.wait.max.ms": 50}
-        self.consumer = Consumer({**common, "group.id": f"{s.app_id}-alerts"})
-        self.retries = Consumer({**common, "group.id": f"{s.app_id}-alerts-retry", "max.poll.interval.ms": 600_000})
+
+        def member(group: str) -> dict:  # static membership with PQL_INSTANCE_ID: a restarted worker
+            # takes its partitions back, and the others' deliveries do not stop for a rebalance
+            return {"group.id": f"{s.app_id}-{group}",
+                    **({"group.instance.id": f"{s.instance_id}-{group}"} if s.instance_id else {})}
+
+        self.consumer = Consumer({**common, **member("alerts")})
+        self.retries = Consumer({**common, **member("alerts-retry"), "max.poll.interval.ms": 600_000})
         # the handoff index for `pql respond`, kept apart so that slow deliveries never delay it
-        self.handoffs = Consumer({**common, "group.id": f"{s.app_id}-index"})
+        self.handoffs = Consumer({**common, **member("index")})
         self.producer = Producer({**conf, "enable.idempotence": True, "linger.ms": 5})
         self.running = True
         self.session = None
@@ -222,26 +228,47 @@ class Alerts:
             self._dead(m, channel.name, detail)
 
     async def _retry_loop(self) -> None:
-        by_name = {c.name: c for c in self.channels}
+        """Parked alerts, each when its due time comes; those due together are sent together (after an
+        outage, hundreds are due within seconds of each other: one by one, they took minutes)."""
         while self.running:
-            msgs = await self._poll(self.retries, 1)
+            msgs = await self._poll(self.retries, 100)
+            due: list = []
             for m in msgs:
-                h = {k: v.decode() for k, v in (m.headers() or [])}
-                wait = int(h.get("pql.alert.due", "0")) / 1000 - time.time()
+                wait = _due(m) / 1000 - time.time()
+                if wait > 0 and due:  # send what is due before waiting for the next
+                    await self._retry(due)
+                    due = []
                 while wait > 0 and self.running:
                     await asyncio.sleep(min(wait, 0.5))
-                    wait = int(h.get("pql.alert.due", "0")) / 1000 - time.time()
-                channel = by_name.get(h.get("pql.alert.channel", ""))
-                if channel is None:  # that channel is no longer configured: say so, keep the record
-                    self._dead(m, h.get("pql.alert.channel", "?"), "channel not configured any more")
-                else:
-                    outcome, detail = await self.deliver(channel, m.value())
-                    if outcome == PARKED:
-                        self._park(m.value(), channel.name, int(h.get("pql.alert.round", "1")) + 1)
-                    elif outcome == REFUSED:
-                        self._dead(m, channel.name, detail)
-                await self._flush()
-                await self._commit(self.retries, message=m)
+                    wait = _due(m) / 1000 - time.time()
+                if not self.running:
+                    return
+                due.append(m)
+            if due:
+                await self._retry(due)
+
+    async def _retry(self, msgs: list) -> None:
+        """Deliver these parked alerts together; then their offsets are committed."""
+        by_name = {c.name: c for c in self.channels}
+
+        async def one(m) -> None:
+            h = {k: v.decode() for k, v in (m.headers() or [])}
+            channel = by_name.get(h.get("pql.alert.channel", ""))
+            if channel is None:  # that channel is no longer configured: say so, keep the record
+                self._dead(m, h.get("pql.alert.channel", "?"), "channel not configured any more")
+                return
+            outcome, detail = await self.deliver(channel, m.value())
+            if outcome == PARKED:
+                self._park(m.value(), channel.name, int(h.get("pql.alert.round", "1")) + 1)
+            elif outcome == REFUSED:
+                self._dead(m, channel.name, detail)
+
+        from confluent_kafka import TopicPartition
+
+        await asyncio.gather(*(one(m) for m in msgs))
+        await self._flush()
+        last = {(m.topic(), m.partition()): m.offset() for m in msgs}  # (in offset order per partition)
+        await self._commit(self.retries, offsets=[TopicPartition(t, p, o + 1) for (t, p), o in last.items()])
 
     async def deliver(self, channel: Channel, raw: bytes) -> tuple[str, str]:
         """Up to PQL_ALERT_ATTEMPTS attempts with backoff. (outcome, detail of the last failure)."""
@@ -287,7 +314,7 @@ class Alerts:
         except KafkaException as err:  # e.g. a rebalance moved the partitions: their new owner resends
             log.info("alerts: offsets not committed (%s); those alerts may be sent again (X-PQL-Event-Id)", err)
 
-    def _park(self, raw: bytes, channel: str, rnd: int) -> None:
+    def _park(self, raw: bytes, channel: str, rnd: int) -> None:  # (due: _due)
         metrics.alerts_deferred.labels(channel).inc()
         due = int((time.time() + self.s.alert_retry_delay) * 1000)
         key = json.loads(raw)["id"].encode()
@@ -327,3 +354,11 @@ class Task:
             except Exception:
                 log.exception("alerts task failed; restarting it in 5 s")
                 await asyncio.sleep(5)
+
+
+def _due(m) -> int:
+    """When a parked alert is due (ms), from its `pql.alert.due` header."""
+    for k, v in m.headers() or []:
+        if k == "pql.alert.due":
+            return int(v.decode())
+    return 0

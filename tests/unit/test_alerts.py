@@ -136,3 +136,66 @@ def test_backfill_handoffs_are_indexed_not_alerted():
     stage = Msg("s", {"id": "4", "subject": "a", "type": "pql.stage", "data": {}})
     handoffs, todo = select([fresh, old, breach, stage], "h")
     assert [h["id"] for h in handoffs] == ["1", "2"] and todo == [fresh, breach]
+
+
+def test_parked_alerts_due_together_are_sent_together_and_committed_per_partition():
+    """After an outage hundreds of parked alerts fall due within seconds: they go out together, each
+    not before its due time, and the retry topic's offsets are committed per partition."""
+    import time as clock
+
+    s = Settings(kafka_bootstrap="127.0.0.1:1", webhook_url="http://127.0.0.1:1/hook", webhook_secret="k")
+    alerts = Alerts(s, Topics.of(s), load_rules(DEFAULT_RULES), index=None)
+    now = int(clock.time() * 1000)
+
+    class Msg:
+        def __init__(self, partition, offset, due):
+            self.p, self.o, self.due = partition, offset, due
+
+        def topic(self):
+            return "pql.alerts.retry"
+
+        def partition(self):
+            return self.p
+
+        def offset(self):
+            return self.o
+
+        def value(self):
+            return json.dumps({**HANDOFF, "id": f"h-{self.p}-{self.o}"}).encode()
+
+        def headers(self):
+            return [("pql.alert.channel", b"webhook"), ("pql.alert.round", b"1"),
+                    ("pql.alert.due", str(self.due).encode())]
+
+        def error(self):
+            return None
+
+    batch = [Msg(p, o, now - 1000) for o in range(20) for p in (0, 1)] + [Msg(0, 20, now + 400)]
+    sent, commits = {}, []
+
+    async def deliver(channel, raw):
+        await asyncio.sleep(0.2)  # a slow endpoint: 41 one by one would take 8 s
+        sent[json.loads(raw)["id"]] = clock.time() * 1000
+        return DELIVERED, ""
+
+    async def poll(consumer, n):
+        alerts.running = bool(polls.pop()) if polls else False
+        return batch if alerts.running else []
+
+    async def flush():
+        pass
+
+    async def commit(consumer, **kw):
+        commits.append(sorted((tp.partition, tp.offset) for tp in kw["offsets"]))
+
+    polls = [1]
+    alerts.deliver, alerts._poll, alerts._flush, alerts._commit = deliver, poll, flush, commit
+    started = clock.time()
+    try:
+        asyncio.run(alerts._retry_loop())
+    finally:
+        for c in (alerts.consumer, alerts.retries, alerts.handoffs):
+            c.close()
+    assert len(sent) == 41 and clock.time() - started < 2.0
+    assert sent["h-0-20"] >= now + 400  # not before its due time
+    assert commits == [[(0, 20), (1, 20)], [(0, 21)]]
