@@ -22,7 +22,7 @@ def by_account(lines: list[bytes]) -> list[bytes]:
 
 @pytest.mark.parametrize("order,before", [("time", True), ("account", True), ("time", False), ("account", False)])
 def test_a_backlog_of_eight_weeks_gives_replays_handoffs(kafka, redis_url, unique, tmp_path, order, before):
-    lines = eight_weeks()
+    lines = eight_weeks(count=16_000)
     if order == "account":
         lines = by_account(lines)
     events = tmp_path / "events.jsonl"
@@ -42,7 +42,7 @@ def test_a_backlog_of_eight_weeks_gives_replays_handoffs(kafka, redis_url, uniqu
         env.wait_ready(worker)
         if not before:
             send()
-        got = read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: len(m) >= len(want), idle=5,
+        got = read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: len(m) >= len(want), idle=2,
                    timeout=180)
         ids = Counter(json.loads(m.value())["id"] for m in got)
         assert [i for i, n in ids.items() if n > 1] == []  # each once
