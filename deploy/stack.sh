@@ -5,7 +5,8 @@
 #   deploy/stack.sh cluster up | down | status | kill N | start N: a three-node KRaft cluster (each node
 #                   broker + controller; replication 3, min.insync.replicas 2) on PQL_CLUSTER_PORT
 #                   (39092): node N listens on PQL_CLUSTER_PORT + 2(N-1), its controller on the next port;
-#                   `kill N` SIGKILLs node N, `start N` starts it again
+#                   `kill N` SIGKILLs node N, `stop N` stops it (SIGTERM), `start N` starts it again
+#   deploy/stack.sh up-redis: Redis alone (with a cluster)
 # Settings (env): PQL_KAFKA_PORT (9092), PQL_KAFKA_CONTROLLER_PORT (Kafka port + 1),
 #                 PQL_REDIS_PORT (6379), PQL_STACK_DIR (.stack), PQL_KAFKA_HEAP (1g),
 #                 PQL_KAFKA_SASL_PORT (unset: none): a second listener, SASL_PLAINTEXT with SCRAM-SHA-512
@@ -185,6 +186,9 @@ cluster() {
       [ -n "${2:-}" ] || die "usage: deploy/stack.sh cluster kill N"
       if alive "$cdir/node$2/kafka.pid"; then kill -9 "$(cat "$cdir/node$2/kafka.pid")"; fi
       rm -f "$cdir/node$2/kafka.pid"; say "cluster node $2 killed" ;;
+    stop)
+      [ -n "${2:-}" ] || die "usage: deploy/stack.sh cluster stop N"
+      stop "cluster node $2" "$cdir/node$2/kafka.pid" ;;
     start)
       [ -n "${2:-}" ] || die "usage: deploy/stack.sh cluster start N"
       cluster_node_up "$2"; cluster_wait "$2"; say "cluster node $2 up on 127.0.0.1:$(node_port "$2")" ;;
@@ -192,7 +196,7 @@ cluster() {
       for n in 1 2 3; do
         alive "$cdir/node$n/kafka.pid" && echo "node $n: running on 127.0.0.1:$(node_port "$n")" || echo "node $n: stopped"
       done ;;
-    *) die "usage: deploy/stack.sh cluster up|down|status|kill N|start N" ;;
+    *) die "usage: deploy/stack.sh cluster up|down|status|kill N|stop N|start N" ;;
   esac
 }
 
@@ -202,6 +206,7 @@ case "${1:-up}" in
   tools) prometheus_bin ;;
   browser) chromium_bin ;;
   up) redis_up; kafka_up ;;
+  up-redis) redis_up ;;
   down) stop kafka "$dir/kafka/kafka.pid"; stop redis "$dir/redis/redis.pid" ;;
   down-kafka) stop kafka "$dir/kafka/kafka.pid" ;;
   down-redis) stop redis "$dir/redis/redis.pid" ;;

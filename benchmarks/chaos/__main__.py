@@ -3,7 +3,8 @@
     python -m benchmarks.chaos [--seeds 1 2 3] [--rate 2000] [--duration 300] [--accounts 20000]
 
 Starts its own Kafka and Redis (ports 49092 and 46379, directory .stack/chaos) so that it can restart
-them. Per seed: generates the input (event times = planned send times), computes the expected
+them; with `--cluster`, Kafka is three KRaft nodes on 49092, 49094, 49096 (deploy/stack.sh cluster),
+killed one at a time and restarted in a rolling restart. Per seed: generates the input (event times = planned send times), computes the expected
 handoffs with `pql replay`, runs two workers while sending at `--rate` and injecting faults
 (faults.schedule), answers handoffs like a rep (observe.Responder), then replays again with those
 answers for the expected SLA breaches and stage events, and compares. Prints the table; each run's
@@ -78,7 +79,7 @@ def run(stack: Stack, seed: int, a) -> report.Outcome:
     endpoint = observe.Endpoint()
     env["PQL_WEBHOOK_URL"] = endpoint.url
     workers = Workers(2, {**os.environ, **env}, work, a.web_port, static=a.static)
-    faults = schedule(seed, a.duration)
+    faults = schedule(seed, a.duration, cluster=a.cluster)
     responder = observe.Responder(stack.kafka, prefix + "sales.responses", ANSWER_AFTER)
     obs = observe.Observer(stack.kafka, [prefix + "pql.handoffs", prefix + "pql.signals"],
                            prefix + "pql.events.dlq", responder.on_handoff)
@@ -176,8 +177,11 @@ def main() -> None:
     ap.add_argument("--keep-stack", action="store_true")
     ap.add_argument("--settle", help="the rules' settle (e.g. 2s; default: the example rules', 0s)")
     ap.add_argument("--static", action="store_true", help="workers keep PQL_INSTANCE_ID across restarts (static membership)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="Kafka as three KRaft nodes (replication 3, min ISR 2): nodes killed in turn and a rolling "
+                         "restart instead of the broker restart")
     a = ap.parse_args()
-    stack = Stack(a.kafka_port, a.redis_port, ROOT / ".stack/chaos")
+    stack = Stack(a.kafka_port, a.redis_port, ROOT / ".stack/chaos", cluster=a.cluster)
     stack.up()
     runs = []
     try:

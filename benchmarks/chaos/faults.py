@@ -17,24 +17,35 @@ STACK = ROOT / "deploy/stack.sh"
 
 
 class Stack:
-    """A Kafka and a Redis of the run's own (ports and directory apart from `make stack`'s)."""
+    """A Kafka and a Redis of the run's own (ports and directory apart from `make stack`'s). With
+    `cluster`, Kafka is three KRaft nodes (`deploy/stack.sh cluster`) on kafka_port, +2, +4."""
 
-    def __init__(self, kafka_port: int, redis_port: int, directory: Path):
+    def __init__(self, kafka_port: int, redis_port: int, directory: Path, cluster: bool = False):
         self.env = {**os.environ, "PQL_KAFKA_PORT": str(kafka_port), "PQL_REDIS_PORT": str(redis_port),
-                    "PQL_STACK_DIR": str(directory), "PQL_KAFKA_SASL_PORT": ""}
-        self.kafka = f"127.0.0.1:{kafka_port}"
+                    "PQL_STACK_DIR": str(directory), "PQL_KAFKA_SASL_PORT": "", "PQL_CLUSTER_PORT": str(kafka_port),
+                    "PQL_KAFKA_HEAP": "512m" if cluster else os.environ.get("PQL_KAFKA_HEAP", "1g")}
+        self.cluster = cluster
+        self.kafka = ",".join(f"127.0.0.1:{kafka_port + 2 * i}" for i in range(3 if cluster else 1))
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
 
-    def run(self, command: str) -> None:
-        out = subprocess.run([str(STACK), command], env=self.env, capture_output=True, text=True, timeout=180)
+    def run(self, *command: str) -> None:
+        out = subprocess.run([str(STACK), *command], env=self.env, capture_output=True, text=True, timeout=180)
         if out.returncode:
-            raise RuntimeError(f"deploy/stack.sh {command} failed: {out.stderr.strip()}")
+            raise RuntimeError(f"deploy/stack.sh {' '.join(command)} failed: {out.stderr.strip()}")
 
     def up(self) -> None:
-        self.run("up")
+        if self.cluster:
+            self.run("up-redis")
+            self.run("cluster", "up")
+        else:
+            self.run("up")
 
     def down(self) -> None:
-        self.run("down")
+        if self.cluster:
+            self.run("cluster", "down")
+            self.run("down-redis")
+        else:
+            self.run("down")
 
 
 @dataclass
@@ -131,25 +142,32 @@ class Workers:
 
 @dataclass
 class Fault:
-    kind: str            # sigkill, kafka_restart, redis_down, alerts_500, alerts_hang
+    kind: str            # sigkill, kafka_restart, redis_down, alerts_500, alerts_hang, node_kill, rolling_restart
     at: float            # seconds after the stream starts
     length: float = 0.0  # seconds the fault lasts (0: an instant)
-    slot: int = 0        # sigkill: which worker
+    slot: int = 0        # sigkill: which worker; node_kill: which cluster node
     started: float | None = None
     ended: float | None = None   # wall clock when the fault was over (service back, endpoint healthy)
     notes: list[str] = field(default_factory=list)
 
 
-def schedule(seed: int, duration: float, workers: int = 2) -> list[Fault]:
+def schedule(seed: int, duration: float, workers: int = 2, cluster: bool = False) -> list[Fault]:
     """A SIGKILL every 10-30 s, one broker restart, Redis down 60 s, the alert endpoint failing
-    (500s for 60 s) and hanging (120 s): drawn from `seed`."""
+    (500s for 60 s) and hanging (120 s): drawn from `seed`. With `cluster`, instead of the broker
+    restart: each of the three nodes SIGKILLed for 15 s in turn (its partitions' leaders, the group
+    coordinators and the controller move), then a rolling restart of all three (stop, start, next)."""
     rng = random.Random(seed)
     faults = []
     t = rng.uniform(10, 30)
     while t < duration:
         faults.append(Fault("sigkill", t, slot=rng.randrange(workers)))
         t += rng.uniform(10, 30)
-    faults.append(Fault("kafka_restart", rng.uniform(0.3, 0.45) * duration))
+    if cluster:
+        for node, at in zip(rng.sample([1, 2, 3], 3), (0.15, 0.32, 0.49)):
+            faults.append(Fault("node_kill", (at + rng.uniform(0, 0.05)) * duration, 15, slot=node))
+        faults.append(Fault("rolling_restart", rng.uniform(0.66, 0.72) * duration))
+    else:
+        faults.append(Fault("kafka_restart", rng.uniform(0.3, 0.45) * duration))
     faults.append(Fault("redis_down", rng.uniform(0.5, 0.6) * duration, 60))
     faults.append(Fault("alerts_500", rng.uniform(0.1, 0.25) * duration, 60))
     faults.append(Fault("alerts_hang", rng.uniform(0.6, 0.7) * duration, 120))
@@ -187,6 +205,18 @@ class Injector:
     def kafka_restart(self, f: Fault) -> None:
         self.stack.run("down-kafka")
         self.stack.run("up")
+
+    def node_kill(self, f: Fault) -> None:
+        """SIGKILL cluster node `f.slot`, start it again `f.length` later."""
+        self.stack.run("cluster", "kill", str(f.slot))
+        time.sleep(max(0.0, f.started + f.length - time.time()))
+        self.stack.run("cluster", "start", str(f.slot))
+
+    def rolling_restart(self, f: Fault) -> None:
+        """Each node in turn stopped (SIGTERM) and started, the next once it is back."""
+        for node in (1, 2, 3):
+            self.stack.run("cluster", "stop", str(node))
+            self.stack.run("cluster", "start", str(node))
 
     def redis_down(self, f: Fault) -> None:
         self.stack.run("down-redis")
