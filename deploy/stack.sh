@@ -4,7 +4,9 @@
 #   deploy/stack.sh down-kafka | down-redis: stop one service (the chaos run's faults; `up` restarts it)
 #   deploy/stack.sh cluster up | down | status | kill N | start N: a three-node KRaft cluster (each node
 #                   broker + controller; replication 3, min.insync.replicas 2) on PQL_CLUSTER_PORT
-#                   (39092): node N listens on PQL_CLUSTER_PORT + 2(N-1), its controller on the next port;
+#                   (19092: below the ephemeral range 32768-60999, so that no client reconnecting to a dead
+#                   node can self-connect and hold its port): node N listens on PQL_CLUSTER_PORT + 2(N-1),
+#                   its controller on the next port;
 #                   `kill N` SIGKILLs node N, `stop N` stops it (SIGTERM), `start N` starts it again
 #   deploy/stack.sh up-redis: Redis alone (with a cluster)
 # Settings (env): PQL_KAFKA_PORT (9092), PQL_KAFKA_CONTROLLER_PORT (Kafka port + 1),
@@ -140,7 +142,7 @@ chromium_bin() {
     >"$dir/apt-chromium.log" 2>&1 || die "could not install chromium; read $dir/apt-chromium.log"
 }
 
-cluster_port=${PQL_CLUSTER_PORT:-39092}
+cluster_port=${PQL_CLUSTER_PORT:-19092}
 cdir=$dir/cluster
 
 node_port() { echo $((cluster_port + 2 * ($1 - 1))); }

@@ -71,14 +71,20 @@ def broker_replication(s: Settings) -> int:
     from confluent_kafka.admin import AdminClient, ConfigResource
 
     admin = AdminClient(s.confluent())
+    problems = []
     try:
-        broker = next(iter(admin.list_topics(timeout=15).brokers))
+        brokers = list(admin.list_topics(timeout=15).brokers)
+    except Exception as err:
+        brokers, problems = [], [repr(err)]
+    for broker in brokers:  # the first that answers (one may be down: chaos --cluster found that)
         res = ConfigResource(ConfigResource.Type.BROKER, str(broker))
-        configs = admin.describe_configs([res])[res].result(timeout=15)
-        return int(configs["default.replication.factor"].value)
-    except Exception as err:  # e.g. a managed service that does not show broker configs
-        raise TopicError(f"cannot read the broker's default.replication.factor ({err}); set PQL_REPLICATION "
-                         "(3 on a production cluster)") from None
+        try:
+            configs = admin.describe_configs([res], request_timeout=10)[res].result(timeout=15)
+            return int(configs["default.replication.factor"].value)
+        except Exception as err:  # a broker down, or a managed service that does not show its configs
+            problems.append(f"broker {broker}: {err!r}")
+    raise TopicError(f"cannot read the brokers' default.replication.factor ({'; '.join(problems)}); set "
+                     "PQL_REPLICATION (3 on a production cluster)")
 
 
 def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:

@@ -3,8 +3,9 @@
     python -m benchmarks.chaos [--seeds 1 2 3] [--rate 2000] [--duration 300] [--accounts 20000]
 
 Starts its own Kafka and Redis (ports 49092 and 46379, directory .stack/chaos) so that it can restart
-them; with `--cluster`, Kafka is three KRaft nodes on 49092, 49094, 49096 (deploy/stack.sh cluster),
-killed one at a time and restarted in a rolling restart. Per seed: generates the input (event times = planned send times), computes the expected
+them; with `--cluster`, Kafka is three KRaft nodes on 19192, 19194, 19196 (deploy/stack.sh cluster;
+below the ephemeral port range, where a client reconnecting to a dead node can self-connect and hold
+its port), killed one at a time and restarted in a rolling restart. Per seed: generates the input (event times = planned send times), computes the expected
 handoffs with `pql replay`, runs two workers while sending at `--rate` and injecting faults
 (faults.schedule), answers handoffs like a rep (observe.Responder), then replays again with those
 answers for the expected SLA breaches and stage events, and compares. Prints the table; each run's
@@ -181,7 +182,8 @@ def main() -> None:
                     help="Kafka as three KRaft nodes (replication 3, min ISR 2): nodes killed in turn and a rolling "
                          "restart instead of the broker restart")
     a = ap.parse_args()
-    stack = Stack(a.kafka_port, a.redis_port, ROOT / ".stack/chaos", cluster=a.cluster)
+    port = 19192 if a.cluster and a.kafka_port == 49092 else a.kafka_port  # (see the docstring)
+    stack = Stack(port, a.redis_port, ROOT / ".stack/chaos", cluster=a.cluster)
     stack.up()
     runs = []
     try:

@@ -1,6 +1,7 @@
 """Production Kafka (issue 24): a three-node KRaft cluster (`deploy/stack.sh cluster`, replication 3,
 min.insync.replicas 2), one node SIGKILLed and restarted under load: the worker publishes replay's
-handoffs, each once, and does not exit. Its own cluster on ports 38092-38097."""
+handoffs, each once, and does not exit. Its own cluster on ports 18092-18097 (below the ephemeral
+range: a client reconnecting to a dead node could self-connect and hold its port)."""
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from conftest import ROOT
 from live import Env, publish, read, replay
 from streams.tools.simulate import Simulator
 
-PORT = 38092
+PORT = 18092
 BOOTSTRAP = ",".join(f"127.0.0.1:{PORT + 2 * i}" for i in range(3))
 
 
