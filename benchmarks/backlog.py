@@ -21,7 +21,7 @@ from detectors.engine import Engine
 from schemas.rules import load_rules
 from streams.config import Settings, alert_max_age_ms
 from streams.produce import produce as produce_one
-from streams.tools.publish import user_accounts, user_of
+from streams.tools.publish import user_accounts
 from streams.tools.replay import replay
 from streams.tools.simulate import Simulator, key_of
 
@@ -40,7 +40,7 @@ def by_account(lines: list[bytes]) -> list[bytes]:
     def key(line: bytes):
         try:
             doc = json.loads(line)
-            account = key_of(line) or users.get(user_of(line) or "", b"")
+            account = key_of(line, users) or b""
             return (0, account, doc.get("timestamp", ""))
         except ValueError:
             return (1, b"", "")
@@ -56,7 +56,7 @@ def publish(topic: str, lines: list[bytes]) -> None:
     p = Producer({"bootstrap.servers": BOOT, "linger.ms": 20, "compression.type": "lz4",
                   "queue.buffering.max.messages": 1_000_000, "batch.size": 1_000_000})
     for line in lines:
-        produce_one(p, topic, line, key=key_of(line) or users.get(user_of(line) or ""))
+        produce_one(p, topic, line, key=key_of(line, users))
     p.flush(120)
 
 

@@ -33,17 +33,6 @@ def user_accounts(f: IO[bytes]) -> dict[str, bytes]:
     return found
 
 
-def user_of(line: bytes) -> str | None:
-    try:
-        doc = json.loads(line)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(doc, dict):
-        return None
-    who = doc.get("userId") or doc.get("anonymousId")
-    return who if isinstance(who, str) else None
-
-
 class Publisher:
     def __init__(self, conf: dict, topic: str, users: dict[str, bytes] | None = None):
         from confluent_kafka import Producer
@@ -59,9 +48,7 @@ class Publisher:
             self.failed += 1
 
     def send(self, line: bytes) -> None:
-        key = key_of(line)
-        if key is None and self.users:
-            key = self.users.get(user_of(line) or "")
+        key = key_of(line, self.users)
         self.keyed += key is not None
         produce(self.producer, self.topic, line, key=key, on_delivery=self._done)
         self.sent += 1

@@ -137,11 +137,15 @@ class Simulator:
             yield last
 
 
-def key_of(line: bytes) -> bytes | None:
-    """Kafka key for a line: the account when the event names one."""
+def key_of(line: bytes, users: dict[str, bytes] | None = None) -> bytes | None:
+    """Kafka key for a line: the account when the event names one, else (with `users`, userId or
+    anonymousId -> account: streams/tools/publish.user_accounts) the account of its user."""
     try:
         doc = json.loads(line)
         gid = doc.get("groupId") if doc.get("type") == "group" else (doc.get("context") or {}).get("groupId")
-        return str(gid).encode() if gid else None
+        if gid:
+            return str(gid).encode()
+        who = doc.get("userId") or doc.get("anonymousId")
+        return users.get(who) if users and isinstance(who, str) else None
     except (ValueError, AttributeError, RecursionError):  # RecursionError: nesting too deep for json
         return None

@@ -103,3 +103,20 @@ def test_a_rollback_puts_memory_back_to_the_log_for_those_partitions_only():
     assert str(p) not in tables.clocks.data and str(q) in tables.clocks.data
     assert {(tp.topic, tp.partition) for tp in revoked} == {(f"app-{t}-changelog", p) for t in ("accounts", "users", "clocks")}
     assert p not in pub.processed and q in pub.processed and p not in detector.stream
+
+
+def test_a_line_without_an_account_is_keyed_by_its_users_group_call_in_the_file():
+    import io
+    import json
+
+    from streams.tools.publish import user_accounts
+    from streams.tools.simulate import key_of
+
+    lines = [json.dumps(d).encode() for d in (
+        {"type": "track", "event": "X", "userId": "u1", "messageId": "a"},
+        {"type": "group", "groupId": "acme", "userId": "u1", "anonymousId": "n1", "messageId": "b"},
+        {"type": "track", "event": "X", "anonymousId": "n1", "messageId": "c"},
+        {"type": "track", "event": "X", "userId": "u2", "messageId": "d"})]
+    users = user_accounts(io.BytesIO(b"\n".join(lines)))
+    assert [key_of(x, users) for x in lines] == [b"acme", b"acme", b"acme", None]
+    assert [key_of(x) for x in lines] == [None, b"acme", None, None]  # without the map: as before
