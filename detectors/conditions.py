@@ -91,11 +91,10 @@ def _same(a: Any, arg: Any) -> bool:
 
 
 def _ordered(op: str, arg: Any) -> Callable[[Any], bool]:
-    numeric = _kind(arg) is float
     kind = _kind(arg)
 
     def test(v: Any) -> bool:
-        if numeric:
+        if kind is float:
             v = number(v)
             if v is None:
                 return False

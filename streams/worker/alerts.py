@@ -314,7 +314,7 @@ class Alerts:
         except KafkaException as err:  # e.g. a rebalance moved the partitions: their new owner resends
             log.info("alerts: offsets not committed (%s); those alerts may be sent again (X-PQL-Event-Id)", err)
 
-    def _park(self, raw: bytes, channel: str, rnd: int) -> None:  # (due: _due)
+    def _park(self, raw: bytes, channel: str, rnd: int) -> None:
         metrics.alerts_deferred.labels(channel).inc()
         due = int((time.time() + self.s.alert_retry_delay) * 1000)
         key = json.loads(raw)["id"].encode()
