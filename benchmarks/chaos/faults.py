@@ -221,7 +221,7 @@ class Injector:
     def redis_down(self, f: Fault) -> None:
         self.stack.run("down-redis")
         time.sleep(max(0.0, f.started + f.length - time.time()))
-        self.stack.run("up")
+        self.stack.run("up-redis" if self.stack.cluster else "up")
 
     def alerts_500(self, f: Fault) -> None:
         self.endpoint.mode = "500"

@@ -61,6 +61,7 @@ INTERNALS = [
     ("faust.tables.recovery", "Recovery._slurp_changelogs.fun"),  # recovery_sees_its_end_sooner
     ("faust.worker", "Worker._on_sigterm"),                  # stop_within
     ("faust.worker", "Worker._on_sigint"),
+    ("faust.transport.drivers.aiokafka", "Transport._really_create_topic"),  # topic_creation_waits_for_a_node
 ]
 # attributes Faust's Consumer sets on its instances, used above (checked in the same test file)
 CONSUMER_ATTRIBUTES = ["_gap", "_read_offset"]
@@ -82,6 +83,7 @@ def install(app, source: str) -> None:
     coordinator_lookup_survives_a_closed_connection()
     recovery_sees_its_end_sooner()
     bootstrap_waits_for_the_broker()
+    topic_creation_waits_for_a_node()
 
 
 def bootstrap_waits_for_the_broker() -> None:
@@ -106,6 +108,36 @@ def bootstrap_waits_for_the_broker() -> None:
     AIOKafkaClient.bootstrap = patient_bootstrap
 
 
+def topic_creation_waits_for_a_node() -> None:
+    """A starting worker waits for a cluster node that is down instead of exiting.
+
+    Faust (0.15.3, `Transport._really_create_topic`, run at start for each topic it declares even
+    when it exists) asks the first broker of its metadata for the controller, then sends
+    CreateTopics there; either node may be one that died a moment ago and is still listed. aiokafka
+    then raises NodeNotReadyError and the worker exited 1 (cluster chaos seed 1, session 11: a worker
+    restarted while node 3 was down). The creation is retried with fresh metadata for
+    BOOTSTRAP_PATIENCE seconds.
+    """
+    from aiokafka.errors import KafkaConnectionError, NodeNotReadyError, RequestTimedOutError
+    from faust.transport.drivers.aiokafka import Transport
+
+    create = Transport._really_create_topic
+    if getattr(create, "_pql", False):
+        return
+
+    async def _really_create_topic(self, owner, client, topic, *args, **kwargs):
+        async def once():
+            try:
+                return await create(self, owner, client, topic, *args, **kwargs)
+            except (NodeNotReadyError, RequestTimedOutError) as err:  # (a refused connection is one)
+                await client.force_metadata_update()
+                raise KafkaConnectionError(f"creating topic {topic}: {err}") from err
+        return await patiently(once, BOOTSTRAP_PATIENCE)
+
+    _really_create_topic._pql = True
+    Transport._really_create_topic = _really_create_topic
+
+
 async def patiently(call, patience: float, pause: float = 1.0):
     """`await call()`, again after `pause` s while it fails to connect, for up to `patience` s."""
     from aiokafka.errors import KafkaConnectionError
@@ -117,7 +149,7 @@ async def patiently(call, patience: float, pause: float = 1.0):
         except KafkaConnectionError as err:
             if time.monotonic() + pause > deadline:
                 raise
-            log.warning("Kafka bootstrap failed (%s); retrying in %.0f s", err, pause)
+            log.warning("Kafka unreachable (%s); retrying in %.0f s", err, pause)
             await asyncio.sleep(pause)
 
 

@@ -2,6 +2,7 @@
 /ready pages on PQL_WEB_PORT, the Faust tier's consumer lag, and rebalance and table recovery time."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -71,7 +72,26 @@ class Monitor:
                         position, end, await c.position(tp), tp in (getattr(c, "_active_partitions", None) or ()),
                         tp in getattr(c, "_paused_partitions", ()), tp in getattr(c, "_buffered_partitions", ()),
                         getattr(c, "_read_offset", {}).get(tp))
+            log.warning("where our tasks wait: %s", waits())
             self.progress[tp] = (position, now)
+
+
+def waits(ours: str = "/streams/") -> str:
+    """Each task running our code, with the innermost frames it is suspended in (a stall's cause)."""
+    found = []
+    for task in asyncio.all_tasks():
+        frames, awaited = [], task.get_coro()
+        while awaited is not None and len(frames) < 60:
+            frame = next((getattr(awaited, a) for a in ("cr_frame", "gi_frame", "ag_frame") if getattr(awaited, a, None)), None)
+            if frame is None:
+                break
+            frames.append(frame)
+            awaited = next((getattr(awaited, a) for a in ("cr_await", "gi_yieldfrom", "ag_await") if getattr(awaited, a, None)), None)
+        if any(ours in f.f_code.co_filename for f in frames):
+            inner = " > ".join(f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} {f.f_code.co_name}"
+                               for f in frames[-6:])
+            found.append(f"[{task.get_name()}] {inner} > {type(awaited).__name__}")
+    return "; ".join(found) or "none"
 
 
 async def metrics_page(web, request):

@@ -342,6 +342,37 @@ def test_a_starting_client_waits_for_a_restarting_broker_then_gives_up():
         asyncio.run(eos.patiently(never, patience=0.05, pause=0.01))
 
 
+def test_topic_creation_at_start_waits_for_a_node_that_is_down(monkeypatch):
+    """Faust asked a node that had just died for the controller: a worker started then exited 1."""
+    from aiokafka.errors import NodeNotReadyError
+    from faust.transport.drivers.aiokafka import Transport
+
+    from streams.worker import eos
+
+    tries, refreshed = [], []
+
+    async def create(self, owner, client, topic, partitions, replication, **kwargs):
+        tries.append(topic)
+        if len(tries) < 2:
+            raise NodeNotReadyError("Attempt to send a request to node which is not ready (node id 3).")
+        return "created"
+
+    class Client:
+        async def force_metadata_update(self):
+            refreshed.append(1)
+
+    monkeypatch.setattr(Transport, "_really_create_topic", create)
+    eos.topic_creation_waits_for_a_node()
+    patched = Transport._really_create_topic
+    assert patched is not create and patched._pql
+    assert asyncio.run(patched(None, None, Client(), "t", 4, 3)) == "created"
+    assert tries == ["t", "t"] and refreshed == [1]
+    monkeypatch.setattr(eos, "BOOTSTRAP_PATIENCE", 0.0)
+    tries.clear()
+    with pytest.raises(Exception, match="creating topic t: .*node id 3"):
+        asyncio.run(patched(None, None, Client(), "t", 4, 3))
+
+
 def test_a_stop_that_hangs_ends_after_the_shutdown_timeout():
     """eos.stop_within: the first SIGTERM/SIGINT handler call starts the clock; a stop still hanging
     then (here: Faust's own handler replaced by one that does nothing) exits with code 1."""
