@@ -147,8 +147,10 @@ def outcome(seed, a, expected, summary, obs, endpoint, workers, faults, rss, cou
     o.divergent = report.divergent({i: (k, a) for i, (k, _, a) in expected.items()}, obs)
     detect_faults = [f for f in faults if not f.kind.startswith("alerts")]
     o.recovery = report.recovery(detect_faults, outputs, obs.first)
-    o.recovery.update(report.recovery([f for f in faults if f.kind.startswith("alerts")], alerted,
-                                      endpoint.delivered))
+    alert_faults = [f for f in faults if f.kind.startswith("alerts")]
+    o.recovery.update(report.recovery(alert_faults, alerted, endpoint.delivered))
+    o.alert_delays = report.alert_delays(alert_faults, endpoint.delivered,
+                                         {i: t for i, t in obs.first.items() if i in alerted})
     last = max(f.ended for f in detect_faults if f.ended)
     o.caught_up = report.late_after(last, outputs, obs.first)
     o.exits = [f"worker {x.slot} pid {x.pid}: {x.how}: {x.why}" for x in workers.unexpected()]

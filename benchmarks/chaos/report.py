@@ -17,6 +17,7 @@ class Outcome:
     alerts: tuple[int, int] = (0, 0)            # expected, delivered
     dlq: tuple[int, int, int] = (0, 0, 0)       # expected rejects, distinct rejects seen, DLQ records
     recovery: dict[str, list[float]] = field(default_factory=dict)  # fault kind -> seconds per fault
+    alert_delays: list[float] = field(default_factory=list)  # per alert held by an endpoint fault (alert_delays)
     divergent: tuple[int, int] = (0, 0)          # missing handoffs: account handed off by another event / not at all
     caught_up: float = 0.0                      # last fault over -> last handoff from before it seen
     exits: list[str] = field(default_factory=list)
@@ -25,7 +26,8 @@ class Outcome:
 
     def ok(self) -> bool:
         return (not self.exits and all(r[2] == 0 and r[3] == 0 and r[4] == 0 for r in self.rows.values())
-                and self.alerts[1] >= self.alerts[0] and self.dlq[0] == self.dlq[1] and self.caught_up <= 30)
+                and self.alerts[1] >= self.alerts[0] and self.dlq[0] == self.dlq[1] and self.caught_up <= 30
+                and p99(self.alert_delays) <= 30)
 
 
 KINDS = [("pql.handoff", "handoffs"), ("pql.sla_breached", "SLA breaches"), ("pql.milestone", "milestones"),
@@ -67,6 +69,26 @@ def recovery(faults, times: dict[str, float], first: dict[str, float]) -> dict[s
     return out
 
 
+def alert_delays(faults, delivered: dict[str, float], published: dict[str, float]) -> list[float]:
+    """Seconds from the end of an endpoint fault until each alert it held was delivered. Held: on Kafka
+    (`published`: id -> wall clock, alerted ids only) after the previous endpoint fault ended and
+    before this one did, and not delivered by then (those published later, e.g. late after a worker
+    SIGKILL, never met the fault). A later endpoint fault's time is not counted. Never delivered: inf."""
+    down = sorted((f.started, f.ended) for f in faults if f.ended is not None)
+    out, previous = [], float("-inf")
+    for _, end in down:
+        for i, at in published.items():
+            done = delivered.get(i, float("inf"))
+            if previous < at <= end and done > end:
+                out.append(done - end - sum(max(0.0, min(b, done) - max(a, end)) for a, b in down if a > end))
+        previous = end
+    return out
+
+
+def p99(xs: list[float]) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(len(xs) * 0.99))] if xs else 0.0
+
+
 def seconds(xs: list[float]) -> str:
     """p50 / max; "never" when something due was still missing at the end."""
     if not xs:
@@ -90,6 +112,9 @@ def table(runs: list[Outcome]) -> str:
                   lambda r: " / ".join(f"{x:,}" for x in r.dlq)))
     for kind in sorted({k for r in runs for k in r.recovery}):
         lines.append((f"recovery after {kind}, s (p50 / max)", lambda r, k=kind: seconds(r.recovery.get(k, []))))
+    lines.append(("alerts held by an endpoint fault: delivered after it recovered, s (n, p50 / p99 / max)",
+                  lambda r: f"{len(r.alert_delays):,}, " + (" / ".join("never" if x == float("inf") else f"{x:.1f}" for x in (
+                      statistics.median(r.alert_delays), p99(r.alert_delays), max(r.alert_delays))) if r.alert_delays else "-")))
     lines.append(("caught up after the last fault, s", lambda r: seconds([r.caught_up])))
     lines.append(("worker exits we did not cause", lambda r: str(len(r.exits))))
     lines.append(("worker RSS, MiB: first minute / last minute / max",

@@ -37,6 +37,7 @@ from streams.worker.kafka import poll
 log = logging.getLogger("pql.alerts")
 BREACH = b'"type":"pql.sla_breached"'
 DELIVERED, PARKED, REFUSED = "delivered", "parked", "refused"
+INDEX_WAIT = 2.0  # seconds an alert waits for the handoff index while Redis is unreachable
 
 
 def signature(body: bytes, secret: str) -> str:
@@ -204,14 +205,24 @@ class Alerts:
                 continue
             handoffs, todo = select(msgs, self.topics.handoffs)
             if handoffs:
-                await self.index.index_handoffs([(h["id"], h["subject"]) for h in handoffs])
+                await self._index_first(handoffs)
             await asyncio.gather(*(self._first(m, c) for m in todo for c in self.channels))
             await self._flush()
             await self._commit(self.consumer)
 
+    async def _index_first(self, handoffs: list[dict]) -> None:
+        """Index before alerting, so that `pql respond ID` finds what the rep was sent; but for at most
+        INDEX_WAIT s: while Redis is down an alert goes out without it (it names the account, and
+        `_index_loop` writes the index once Redis is back). Waiting held alerts for a whole outage."""
+        try:
+            await asyncio.wait_for(self.index.index_handoffs([(h["id"], h["subject"]) for h in handoffs]), INDEX_WAIT)
+        except asyncio.TimeoutError:
+            log.warning("alerts: Redis unreachable for %.0f s; alerting %d handoffs before they are indexed "
+                        "(`pql respond` needs --account until Redis is back)", INDEX_WAIT, len(handoffs))
+
     async def _index_loop(self) -> None:
-        """handoff id -> account in Redis as soon as a handoff is readable (`_main` indexes each one
-        again before its alert, so an alert never names a handoff `pql respond` cannot find)."""
+        """handoff id -> account in Redis as soon as a handoff is readable, committed once written: every
+        handoff is indexed, Redis outages included (`_main` also indexes each one before its alert)."""
         while self.running:
             msgs = await self._poll(self.handoffs, 500)
             if msgs:
