@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install stack stack-down stack-status test test-fast demo bench chaos clean
+.PHONY: install stack stack-down stack-status test test-fast demo bench chaos chaos-cluster clean
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ bench: stack
 CHAOS_ARGS ?= --seeds 1 2 3 --duration 240 --settle 2s --static
 chaos: install
 	$(BIN)/python -m benchmarks.chaos $(CHAOS_ARGS)
+
+# The same on a three-node Kafka cluster (replication 3, min ISR 2): nodes SIGKILLed one at a time
+# and a rolling restart instead of the broker restart.
+chaos-cluster: install
+	$(BIN)/python -m benchmarks.chaos $(CHAOS_ARGS) --cluster
 
 clean: stack-down
 	rm -rf .stack $(VENV) *.egg-info

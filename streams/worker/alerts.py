@@ -32,6 +32,7 @@ from schemas.rules import Rules
 from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics
 from streams.worker import dlq, metrics
+from streams.worker.ingest import fatal
 from streams.worker.kafka import poll
 
 log = logging.getLogger("pql.alerts")
@@ -145,6 +146,11 @@ class Channel:
         return {**headers, "X-PQL-Webhook-Signature": timed_signature(body, self.secret or "", int(now))}
 
 
+class ConsumerGone(Exception):
+    """A consumer of the alerts task can no longer work (librdkafka's fatal error): the task makes
+    its clients anew (Task.run) and re-reads what it had not committed."""
+
+
 class Refused(Exception):
     """The endpoint refused the request for good (a 4xx other than 408/429)."""
 
@@ -196,7 +202,11 @@ class Alerts:
             self.producer.flush(10)
 
     async def _poll(self, consumer, n: int) -> list:
-        return [m for m in await poll(consumer, n, 0.2) if m.error() is None]
+        msgs = await poll(consumer, n, 0.2)
+        for m in msgs:
+            if m.error() is not None and fatal(m.error()):  # a static member fenced after a node loss
+                raise ConsumerGone(f"alerts: fatal Kafka consumer error: {m.error()}")
+        return [m for m in msgs if m.error() is None]
 
     async def _main(self) -> None:
         while self.running:
@@ -323,6 +333,8 @@ class Alerts:
         try:
             await asyncio.get_running_loop().run_in_executor(None, lambda: consumer.commit(asynchronous=False, **kw))
         except KafkaException as err:  # e.g. a rebalance moved the partitions: their new owner resends
+            if fatal(err.args[0]):
+                raise ConsumerGone(f"alerts: fatal Kafka consumer error: {err}") from None
             log.info("alerts: offsets not committed (%s); those alerts may be sent again (X-PQL-Event-Id)", err)
 
     def _park(self, raw: bytes, channel: str, rnd: int) -> None:
@@ -362,6 +374,10 @@ class Task:
                 return
             except asyncio.CancelledError:
                 raise
+            except ConsumerGone as err:
+                log.error("%s; making the alerts task's clients anew", err)
+                metrics.clients_recreated.inc()
+                await asyncio.sleep(1)
             except Exception:
                 log.exception("alerts task failed; restarting it in 5 s")
                 await asyncio.sleep(5)

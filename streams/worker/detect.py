@@ -65,6 +65,7 @@ from streams.worker.eos import Transactions
 log = logging.getLogger("pql.detect")
 IDLE = envelope.IDLE  # the cut of an idle tick: everything, except accounts still expecting held events
 NOTHING = -IDLE  # the barrier of a partition that has not heard from every other one yet
+BARRIER_WARN = 60_000  # ms a barrier may be behind the stream time before the worker names who holds it
 
 
 @dataclass
@@ -124,6 +125,7 @@ class Detect:
         # `cache_bytes` of JSON, least recently kept out first. A big state is an active account's
         # and costs the most to parse; a small one parses in a few microseconds, and kept parsed it
         # would take ~9 times its JSON in memory for an account that may not come back soon.
+        self.warned: dict[int, int] = {}  # partition -> tick of the last "held by" warning
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
         self.parsed_bytes, self.cache_bytes, self.cache_min = 0, cache_bytes, cache_min
 
@@ -393,6 +395,7 @@ class Detect:
         for p in range(self.partitions):
             if p != partition:
                 r.forward.setdefault(p, []).append(envelope.told(envelope.WATERMARK, partition, now, told))
+        self._held(partition, now, max(self._waits(r, partition).stream, r.newest))
         stored = r.clocks if r.clocks is not None else self.clocks.get(str(partition))
         if not stored:
             return
@@ -409,6 +412,25 @@ class Detect:
             for ev in events:
                 metrics.sla_breaches.labels(ev.data.lane).inc()
                 self._emit(r, self.topics.signals, ev)
+
+    def _held(self, partition: int, now: int, stream: int) -> None:
+        """pql_barrier_lag_seconds, and a warning (once a minute) naming who holds decisions back when
+        the barrier is BARRIER_WARN behind the partition's stream time: a partition or input that
+        stopped reporting (its tick is old) or reports an old time (it is behind). (Behind the stream
+        time, not the wall clock: catching up on a backlog, both are far behind the wall clock.)"""
+        barrier = self._barrier(partition)
+        lag = 0 if barrier >= IDLE else stream - barrier if barrier != NOTHING and stream else None
+        if lag is not None:
+            metrics.barrier_lag.labels(str(partition)).set(max(0, lag) / 1000)
+        if (lag is None or lag < BARRIER_WARN) or now - self.warned.get(partition, 0) < 60_000:
+            return
+        self.warned[partition] = now
+        reports = [("partition", p, t) for p, t in self.told.get(partition, {}).items() if p != partition]
+        reports += [("product.events partition", p, t) for p, t in self.told_input.get(partition, {}).items()]
+        kind, p, (tick, at) = min(reports, key=lambda x: x[2][0] if x[2][1] >= IDLE else x[2][1])
+        log.warning("partition %d: decisions wait %.0f s behind its stream time for %s %d, which last reported %s "
+                    "at its tick %.0f s ago", partition, lag / 1000, kind, p,
+                    "idle" if at >= IDLE else f"time {at}", (now - tick) / 1000)
 
 
 class Agent:

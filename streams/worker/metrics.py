@@ -18,7 +18,7 @@ events_invalid = Counter("pql_events_invalid", "Rejected inputs sent to the dead
                          ["reason"], registry=REGISTRY)
 events_clock_corrected = Counter("pql_events_clock_corrected", "Events dated more than PQL_MAX_FUTURE ahead of when "
                                  "they were received whose time was corrected by their sentAt", registry=REGISTRY)
-clients_recreated = Counter("pql_kafka_clients_recreated", "Kafka consumers of the ingest tier made anew after a "
+clients_recreated = Counter("pql_kafka_clients_recreated", "Kafka consumers of the ingest tier or the alerts task made anew after a "
                             "fatal error (a fenced static member)", registry=REGISTRY)
 events_unattributed = Counter("pql_events_unattributed", "Events a rule listens to that no account could be found for",
                               registry=REGISTRY)
@@ -57,6 +57,9 @@ stale_batches = Counter("pql_stale_batches", "Fetched batches dropped because a 
                         "(streams/worker/eos.py)", registry=REGISTRY)
 rebalances = Counter("pql_rebalances", "Partition assignments received", registry=REGISTRY)
 table_recovery = Gauge("pql_table_recovery_seconds", "Duration of the last table recovery", registry=REGISTRY)
+barrier_lag = Gauge("pql_barrier_lag_seconds", "How far the barrier of an <app>-accounts partition (the lowest "
+                    "time the other partitions and the input told it) is behind its stream time",
+                    ["partition"], registry=REGISTRY)
 changelog_bulk = Counter("pql_changelog_bulk_records", "Changelog records read into the tables by the bulk read "
                          "before Faust's recovery (streams/worker/restore.py)", registry=REGISTRY)
 # the sales side (streams/worker/alerts.py, and `detect` for responses and SLA clocks)

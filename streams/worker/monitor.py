@@ -72,15 +72,20 @@ class Monitor:
                         position, end, await c.position(tp), tp in (getattr(c, "_active_partitions", None) or ()),
                         tp in getattr(c, "_paused_partitions", ()), tp in getattr(c, "_buffered_partitions", ()),
                         getattr(c, "_read_offset", {}).get(tp))
-            log.warning("where our tasks wait: %s", waits())
+            log.warning("where our tasks wait: %s", waits(app=self.app))
             self.progress[tp] = (position, now)
 
 
-def waits(ours: str = "/streams/") -> str:
-    """Each task running our code, with the innermost frames it is suspended in (a stall's cause)."""
+def waits(ours: str = "/streams/", app=None) -> str:
+    """Each task running our code, with the innermost frames it is suspended in (a stall's cause).
+    Faust runs an agent's coroutine behind an awaitable wrapper the chain of frames cannot cross: with
+    `app`, the agents' coroutines are walked from their start."""
+    roots = [(task.get_name(), task.get_coro()) for task in asyncio.all_tasks()]
+    for agent in (app.agents.values() if app is not None else ()):
+        roots += [(f"agent {agent.name}", getattr(actor, "it", None)) for actor in getattr(agent, "_actors", ())]
     found = []
-    for task in asyncio.all_tasks():
-        frames, awaited = [], task.get_coro()
+    for name, awaited in roots:
+        frames = []
         while awaited is not None and len(frames) < 60:
             frame = next((getattr(awaited, a) for a in ("cr_frame", "gi_frame", "ag_frame") if getattr(awaited, a, None)), None)
             if frame is None:
@@ -90,7 +95,7 @@ def waits(ours: str = "/streams/") -> str:
         if any(ours in f.f_code.co_filename for f in frames):
             inner = " > ".join(f"{f.f_code.co_filename.rsplit('/', 2)[-1]}:{f.f_lineno} {f.f_code.co_name}"
                                for f in frames[-6:])
-            found.append(f"[{task.get_name()}] {inner} > {type(awaited).__name__}")
+            found.append(f"[{name}] {inner} > {type(awaited).__name__}")
     return "; ".join(found) or "none"
 
 

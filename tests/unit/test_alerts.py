@@ -222,3 +222,32 @@ def test_an_alert_waits_for_the_handoff_index_only_briefly_while_redis_is_down(m
     asyncio.run(alerts._index_first([HANDOFF]))
     assert time.perf_counter() - started < 1.0 and index.calls == 1
     assert "alerting 1 handoffs before they are indexed" in caplog.text
+
+
+def test_a_fenced_alerts_consumer_is_made_anew_not_left_silent():
+    """A static member fenced after a node loss got only error messages for ever: alerts stopped."""
+    from confluent_kafka import KafkaError
+
+    from streams.worker.alerts import ConsumerGone
+
+    class Msg:
+        def __init__(self, err):
+            self.err = err
+
+        def error(self):
+            return self.err
+
+    class Fenced:
+        def consume(self, n, timeout):
+            return [Msg(KafkaError(KafkaError._FATAL, "Static consumer fenced by other consumer with same "
+                                   "group.instance.id"))]
+
+    class Transient(Fenced):
+        def consume(self, n, timeout):
+            return [Msg(KafkaError(KafkaError._TRANSPORT, "broker down")), Msg(None)]
+
+    s = Settings(kafka_bootstrap="127.0.0.1:1", webhook_url="http://127.0.0.1:1/hook", webhook_secret="k")
+    alerts = Alerts(s, Topics.of(s), load_rules(DEFAULT_RULES), index=None)
+    with pytest.raises(ConsumerGone, match="fatal Kafka consumer error.*fenced"):
+        asyncio.run(alerts._poll(Fenced(), 10))
+    assert len(asyncio.run(alerts._poll(Transient(), 10))) == 1  # a transient error is skipped

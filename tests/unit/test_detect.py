@@ -334,3 +334,33 @@ def test_a_restarted_partition_reports_nothing_until_it_has_read_every_input_rep
     out = asyncio.run(d.process(_routed(parse_ms(at(hours=2)), envelope.IDLE, partition=0) + b"\n" + tick, me))
     (line,) = out.forward[1 - me]
     assert line == envelope.told(envelope.WATERMARK, me, parse_ms(at(hours=3)), -envelope.IDLE)
+
+
+def test_a_barrier_held_far_behind_names_who_holds_it(caplog):
+    """A reporter that stopped (cluster chaos, session 11: every decision after one moment waited
+    for minutes) is named, with the lag in pql_barrier_lag_seconds."""
+    from streams.worker import metrics
+
+    d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=2)
+    me = envelope.partition_of("acme", 2)
+
+    def tick(ms: int) -> bytes:
+        return next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())]))
+
+    def told(partition: int, tick_ms: int, ms: int) -> bytes:
+        return next(envelope.pack_all([envelope.told(envelope.WATERMARK, partition, tick_ms, ms)]))
+
+    h = lambda n: parse_ms(at(hours=n))  # noqa: E731
+    asyncio.run(d.process(_routed(h(1), envelope.IDLE, partition=0) + b"\n" + _routed(h(1), h(1), partition=1)
+                          + b"\n" + told(1 - me, h(1), envelope.IDLE), me))
+    asyncio.run(d.process(body(track("Feature Used", at(hours=1))) + b"\n" + tick(h(1)), me))
+    assert not [r for r in caplog.records if "decisions wait" in r.message]
+    # input partition 1 says nothing more while the rest goes on for two hours
+    for n in (2, 3):
+        asyncio.run(d.process(_routed(h(n), envelope.IDLE, partition=0) + b"\n" + told(1 - me, h(n), envelope.IDLE)
+                              + b"\n" + body(track("Feature Used", at(hours=n))) + b"\n" + tick(h(n)), me))
+    first, second = [r.message for r in caplog.records if "decisions wait" in r.message]  # (at most once a minute)
+    assert first == (f"partition {me}: decisions wait 3600 s behind its stream time for product.events partition 1, "
+                     f"which last reported time {h(1)} at its tick 3600 s ago")
+    assert "wait 7200 s" in second and "tick 7200 s ago" in second
+    assert metrics.REGISTRY.get_sample_value("pql_barrier_lag_seconds", {"partition": str(me)}) == 7200
