@@ -65,7 +65,7 @@ from streams.worker.eos import Transactions
 log = logging.getLogger("pql.detect")
 IDLE = envelope.IDLE  # the cut of an idle tick: everything, except accounts still expecting held events
 NOTHING = -IDLE  # the barrier of a partition that has not heard from every other one yet
-BARRIER_WARN = 60_000  # ms a barrier may be behind the stream time before the worker names who holds it
+BARRIER_WARN = 60_000  # ms decisions may wait for a barrier that does not move before the worker names who holds it
 
 
 @dataclass
@@ -125,7 +125,8 @@ class Detect:
         # `cache_bytes` of JSON, least recently kept out first. A big state is an active account's
         # and costs the most to parse; a small one parses in a few microseconds, and kept parsed it
         # would take ~9 times its JSON in memory for an account that may not come back soon.
-        self.warned: dict[int, int] = {}  # partition -> tick of the last "held by" warning
+        self.warned: dict[int, int] = {}  # partition -> tick of the last "decisions have waited" warning
+        self.barrier_seen: dict[int, tuple[int, int]] = {}  # partition -> (barrier, tick since when it has not moved)
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
         self.parsed_bytes, self.cache_bytes, self.cache_min = 0, cache_bytes, cache_min
 
@@ -414,24 +415,31 @@ class Detect:
                 self._emit(r, self.topics.signals, ev)
 
     def _held(self, partition: int, now: int, stream: int) -> None:
-        """pql_barrier_lag_seconds, and a warning (once a minute) naming who holds decisions back when
-        the barrier is BARRIER_WARN behind the partition's stream time: a partition or input that
-        stopped reporting (its tick is old) or reports an old time (it is behind). (Behind the stream
-        time, not the wall clock: catching up on a backlog, both are far behind the wall clock.)"""
+        """pql_barrier_wait_seconds: how long the barrier has not moved while the partition's stream
+        time is past it (decisions wait); past BARRIER_WARN, a warning (once a minute) naming who holds
+        it: a partition or input that stopped reporting (its tick is old), reports an old time (it is
+        behind), or has not been heard from (a restarted worker waits for every report)."""
         barrier = self._barrier(partition)
-        lag = 0 if barrier >= IDLE else stream - barrier if barrier != NOTHING and stream else None
-        if lag is not None:
-            metrics.barrier_lag.labels(str(partition)).set(max(0, lag) / 1000)
-        if (lag is None or lag < BARRIER_WARN) or now - self.warned.get(partition, 0) < 60_000:
+        seen = self.barrier_seen.get(partition)
+        if seen is None or seen[0] != barrier or barrier >= IDLE or stream <= barrier + self.slack:
+            self.barrier_seen[partition] = (barrier, now)
+        waited = now - self.barrier_seen[partition][1]
+        metrics.barrier_wait.labels(str(partition)).set(waited / 1000)
+        if waited < BARRIER_WARN or now - self.warned.get(partition, 0) < 60_000:
             return
         self.warned[partition] = now
+        if barrier == NOTHING:
+            told, inputs = self.told.get(partition, {}), self.told_input.get(partition, {})
+            who = ", ".join([f"partition {p}" for p in range(self.partitions) if p != partition and p not in told]
+                            + [f"product.events partition {i}" for i in range(self.inputs or 0) if i not in inputs])
+            log.warning("partition %d: decisions have waited %.0f s: not heard from %s yet", partition, waited / 1000, who)
+            return
         reports = [("partition", p, t) for p, t in self.told.get(partition, {}).items() if p != partition]
         reports += [("product.events partition", p, t) for p, t in self.told_input.get(partition, {}).items()]
         kind, p, (tick, at) = min(reports, key=lambda x: x[2][0] if x[2][1] >= IDLE else x[2][1])
-        log.warning("partition %d: decisions wait %.0f s behind its stream time for %s %d, which last reported %s "
-                    "at its tick %.0f s ago", partition, lag / 1000, kind, p,
-                    "idle" if at >= IDLE else f"time {at}", (now - tick) / 1000)
-
+        said = "idle" if at >= IDLE else "nothing yet (it has not heard from every input)" if at < 0 else f"time {at}"
+        log.warning("partition %d: decisions have waited %.0f s for %s %d, which last reported %s at its tick "
+                    "%.0f s ago", partition, waited / 1000, kind, p, said, (now - tick) / 1000)
 
 class Agent:
     """The `detect` agent's loop: one envelope at a time (concurrency 1: faust-streaming issue 606)."""

@@ -57,9 +57,10 @@ stale_batches = Counter("pql_stale_batches", "Fetched batches dropped because a 
                         "(streams/worker/eos.py)", registry=REGISTRY)
 rebalances = Counter("pql_rebalances", "Partition assignments received", registry=REGISTRY)
 table_recovery = Gauge("pql_table_recovery_seconds", "Duration of the last table recovery", registry=REGISTRY)
-barrier_lag = Gauge("pql_barrier_lag_seconds", "How far the barrier of an <app>-accounts partition (the lowest "
-                    "time the other partitions and the input told it) is behind its stream time",
-                    ["partition"], registry=REGISTRY)
+barrier_wait = Gauge("pql_barrier_wait_seconds", "How long the barrier of an <app>-accounts partition (the lowest "
+                     "time the other partitions and the input told it) has not moved while its stream time is past "
+                     "it: decisions wait for a partition or input that lags or stopped reporting",
+                     ["partition"], registry=REGISTRY)
 changelog_bulk = Counter("pql_changelog_bulk_records", "Changelog records read into the tables by the bulk read "
                          "before Faust's recovery (streams/worker/restore.py)", registry=REGISTRY)
 # the sales side (streams/worker/alerts.py, and `detect` for responses and SLA clocks)

@@ -338,7 +338,7 @@ def test_a_restarted_partition_reports_nothing_until_it_has_read_every_input_rep
 
 def test_a_barrier_held_far_behind_names_who_holds_it(caplog):
     """A reporter that stopped (cluster chaos, session 11: every decision after one moment waited
-    for minutes) is named, with the lag in pql_barrier_lag_seconds."""
+    for minutes) is named, with the wait in pql_barrier_wait_seconds."""
     from streams.worker import metrics
 
     d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=2)
@@ -354,13 +354,32 @@ def test_a_barrier_held_far_behind_names_who_holds_it(caplog):
     asyncio.run(d.process(_routed(h(1), envelope.IDLE, partition=0) + b"\n" + _routed(h(1), h(1), partition=1)
                           + b"\n" + told(1 - me, h(1), envelope.IDLE), me))
     asyncio.run(d.process(body(track("Feature Used", at(hours=1))) + b"\n" + tick(h(1)), me))
-    assert not [r for r in caplog.records if "decisions wait" in r.message]
+    assert not [r for r in caplog.records if "decisions have waited" in r.message]
     # input partition 1 says nothing more while the rest goes on for two hours
     for n in (2, 3):
         asyncio.run(d.process(_routed(h(n), envelope.IDLE, partition=0) + b"\n" + told(1 - me, h(n), envelope.IDLE)
                               + b"\n" + body(track("Feature Used", at(hours=n))) + b"\n" + tick(h(n)), me))
-    first, second = [r.message for r in caplog.records if "decisions wait" in r.message]  # (at most once a minute)
-    assert first == (f"partition {me}: decisions wait 3600 s behind its stream time for product.events partition 1, "
+    first, second = [r.message for r in caplog.records if "decisions have waited" in r.message]  # (once a minute)
+    assert first == (f"partition {me}: decisions have waited 3600 s for product.events partition 1, "
                      f"which last reported time {h(1)} at its tick 3600 s ago")
-    assert "wait 7200 s" in second and "tick 7200 s ago" in second
-    assert metrics.REGISTRY.get_sample_value("pql_barrier_lag_seconds", {"partition": str(me)}) == 7200
+    assert "waited 7200 s" in second and "tick 7200 s ago" in second
+    assert metrics.REGISTRY.get_sample_value("pql_barrier_wait_seconds", {"partition": str(me)}) == 7200
+    # it reports again: the barrier moves, nothing waits
+    asyncio.run(d.process(_routed(h(4), envelope.IDLE, partition=1) + b"\n" + _routed(h(4), envelope.IDLE, partition=0)
+                          + b"\n" + told(1 - me, h(4), envelope.IDLE) + b"\n" + tick(h(4)), me))
+    assert metrics.REGISTRY.get_sample_value("pql_barrier_wait_seconds", {"partition": str(me)}) == 0
+
+
+def test_a_restarted_partition_that_never_hears_from_an_input_names_it(caplog):
+    d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=2)
+    me = envelope.partition_of("acme", 2)
+
+    def tick(ms: int) -> bytes:
+        return next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())]))
+
+    for n in (1, 2, 3):  # input partition 1 never reports
+        asyncio.run(d.process(_routed(parse_ms(at(hours=n)), envelope.IDLE, partition=0) + b"\n"
+                              + body(track("Feature Used", at(hours=n))) + b"\n" + tick(parse_ms(at(hours=n))), me))
+    said = [r.message for r in caplog.records if "decisions have waited" in r.message]
+    assert said and said[0] == (f"partition {me}: decisions have waited 3600 s: not heard from partition {1 - me}, "
+                                "product.events partition 1 yet")
