@@ -436,7 +436,8 @@ class Detect:
             return
         reports = [("partition", p, t) for p, t in self.told.get(partition, {}).items() if p != partition]
         reports += [("product.events partition", p, t) for p, t in self.told_input.get(partition, {}).items()]
-        kind, p, (tick, at) = min(reports, key=lambda x: x[2][0] if x[2][1] >= IDLE else x[2][1])
+        # the lowest report; on a tie an input's (a partition reports no further than the inputs it read)
+        kind, p, (tick, at) = min(reports, key=lambda x: (x[2][0] if x[2][1] >= IDLE else x[2][1], x[0] == "partition"))
         said = "idle" if at >= IDLE else "nothing yet (it has not heard from every input)" if at < 0 else f"time {at}"
         log.warning("partition %d: decisions have waited %.0f s for %s %d, which last reported %s at its tick "
                     "%.0f s ago", partition, waited / 1000, kind, p, said, (now - tick) / 1000)

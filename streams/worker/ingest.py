@@ -64,6 +64,7 @@ class Ingest:
 
         self.merge = Merge(merge_wait)
         self.read: dict[tuple[str, int], int] = {}  # input partition -> last offset consumed
+        self.owned: set[tuple[str, int]] = set()  # input partitions assigned to us now (rebalance callbacks)
         self.routed: dict[int, int] = {}  # product.events partition -> newest event time routed from it
         self.answered: dict[int, int] = {}  # sales.responses partition -> newest answer time routed from it
 
@@ -128,7 +129,7 @@ class Ingest:
         metrics.clients_recreated.inc()
         from confluent_kafka import Consumer, TopicPartition
 
-        self._revoked(None, [TopicPartition(*tp) for tp in list(self.read)])  # what is held is read again
+        self._revoked(None, [TopicPartition(*tp) for tp in self.owned | set(self.read)])  # what is held is read again
         old, self.consumer_fatal = self.consumer, None
         try:
             await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, old.close), 10)
@@ -144,6 +145,9 @@ class Ingest:
     def _assigned(self, consumer, partitions) -> None:
         metrics.rebalances.inc()
         inputs = [tp for tp in partitions if tp.topic in self.topics.events or tp.topic in self.topics.responses]
+        self.owned.update((tp.topic, tp.partition) for tp in inputs)
+        if inputs:
+            log.info("ingest tier: assigned %s", _names(inputs))
         try:  # where each new input partition starts, so `_behind` knows it before its first message
             for tp in consumer.committed(inputs, timeout=10):
                 start = tp.offset if tp.offset >= 0 else consumer.get_watermark_offsets(tp, timeout=10)[0]
@@ -153,6 +157,9 @@ class Ingest:
 
     def _revoked(self, consumer, partitions) -> None:
         gone = [(tp.topic, tp.partition) for tp in partitions]
+        self.owned.difference_update(gone)
+        if gone:
+            log.info("ingest tier: %s %s", "revoked" if consumer is not None else "dropped", _names(partitions))
         self.merge.drop(gone)
         for tp in gone:
             self.read.pop(tp, None)
@@ -240,6 +247,8 @@ class Ingest:
                 log.warning("consume error: %s", m.error())
                 continue
             tp = (m.topic(), m.partition())
+            if tp not in self.owned:  # revoked since it was fetched (`linger` polls, and polling runs the
+                continue              # callbacks): its new owner reads it; kept, it was reported for ever
             self.read[tp] = m.offset()
             touched.add(tp)
             raw = m.value() or b""
@@ -249,7 +258,7 @@ class Ingest:
                     self.answered[at] = r.ms
             elif (parsed := self.router.parse(raw, batch, m)) is not None and self.router.wanted(event := parsed[0]):
                 self.merge.add(tp, event.ms, event.messageId, m.offset(), (event, parsed[1], m))
-        assigned = [tp for tp in self.read if tp[0] in self.topics.events]
+        assigned = [tp for tp in self.read if tp[0] in self.topics.events and tp in self.owned]
         for event, raw, m in self.merge.ready(assigned, self._behind, time.monotonic()):
             self.router.route_event(event, raw, batch, m)
             touched.add((m.topic(), m.partition()))
@@ -286,7 +295,8 @@ class Ingest:
         which SLA clocks wait for. The reports go first: a partition's tick then passes on this
         tick's report of the input it has read (its WATERMARK), not the one a tick before."""
         marks = []
-        for (topic, partition) in list(self.read):  # (a copy: rebalance callbacks change it in consume's thread)
+        for (topic, partition) in [tp for tp in list(self.read) if tp in self.owned]:  # (copies: rebalance
+            # callbacks change them in consume's thread)
             idle = not self._behind((topic, partition)) and self.merge.first_offset((topic, partition)) is None
             at = self.topics.index(topic, partition)
             if topic in self.topics.events:
@@ -309,6 +319,13 @@ class Ingest:
         except Exception:  # already closed
             pass
         self.producer.flush(10)
+
+
+def _names(partitions) -> str:
+    by: dict[str, list[int]] = {}
+    for tp in partitions:
+        by.setdefault(tp.topic, []).append(tp.partition)
+    return "; ".join(f"{topic} {sorted(ps)}" for topic, ps in sorted(by.items()))
 
 
 class Task:

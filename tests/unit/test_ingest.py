@@ -134,3 +134,55 @@ def test_a_fatal_client_error_ends_the_loop_and_readiness():
     assert ready(app)
     app.pql_feed = type("Feed", (), {"alive": lambda self: loop.alive()})()
     assert not ready(app)
+
+
+class Msg:
+    def __init__(self, topic, partition, offset, value):
+        self.t, self.p, self.o, self.v = topic, partition, offset, value
+
+    def error(self):
+        return None
+
+    def topic(self):
+        return self.t
+
+    def partition(self):
+        return self.p
+
+    def offset(self):
+        return self.o
+
+    def value(self):
+        return self.v
+
+    def key(self):
+        return None
+
+    def headers(self):
+        return None
+
+
+def test_a_message_of_a_partition_revoked_after_it_was_fetched_is_left_to_its_new_owner():
+    """`linger` polls again, and polling runs the rebalance callbacks: a message fetched before its
+    partition was revoked was handled anyway, put the partition back among ours, and the tier went on
+    reporting it, held, for ever: every decision waited (cluster chaos seed 3, session 11)."""
+    from confluent_kafka import TopicPartition
+
+    loop = ingest(lambda: {})
+    loop.producer = type("P", (), {"produce": lambda *a, **k: None, "flush": lambda self, t=0: 0,
+                                   "poll": lambda self, t=0: 0})()
+    loop.consumer = type("C", (), {"commit": lambda *a, **k: None, "committed": lambda self, tps, timeout: tps,
+                                   "get_watermark_offsets": lambda self, tp, timeout=0, cached=False: (0, 100)})()
+    events = TOPICS.events[0]
+    mine, theirs = TopicPartition(events, 0, 5), TopicPartition(events, 1, 5)
+    loop._assigned(loop.consumer, [mine, theirs])
+    fetched = [Msg(events, p, 7, b'{"type":"track","event":"X","userId":"u","messageId":"m%d",'
+                                  b'"timestamp":"2026-12-01T00:00:00Z","context":{"groupId":"a"}}' % p) for p in (0, 1)]
+    loop._revoked(loop.consumer, [theirs])
+    asyncio.run(loop.handle(fetched))
+    assert (events, 1) not in loop.read and (events, 0) in loop.read
+    told = []
+    loop._produce = lambda topic, value, **kw: told.append(value)
+    loop.tick([], 1000, every=1)
+    reported = {line.split(b"\t")[0] for body in told for line in body.split(b"\n")}
+    assert reported == {b"\x1ei0"}  # product.events partition 0 only
