@@ -20,18 +20,30 @@ class Quiet:
         pass
 
 
-class Delivered:
-    def __init__(self, partition, offset):
-        self._p, self._o = partition, offset
+class Msg:
+    def __init__(self, topic, partition, offset, value):
+        self.t, self.p, self.o, self.v = topic, partition, offset, value
+
+    def error(self):
+        return None
 
     def topic(self):
-        return TOPICS.accounts
+        return self.t
 
     def partition(self):
-        return self._p
+        return self.p
 
     def offset(self):
-        return self._o
+        return self.o
+
+    def value(self):
+        return self.v
+
+    def key(self):
+        return None
+
+    def headers(self):
+        return None
 
 
 def ingest(processed) -> Ingest:
@@ -51,14 +63,14 @@ def gathering(loop: Ingest) -> float:
 
 def test_an_idle_faust_tier_gets_the_batch_after_the_short_linger():
     loop = ingest(lambda: {0: 11})    # detect published everything up to offset 10
-    loop._delivered(None, Delivered(0, 10))
+    loop._delivered(None, Msg(TOPICS.accounts, 0, 10, None))
     assert not loop.detect_busy()
     assert gathering(loop) < 0.2
 
 
 def test_a_busy_faust_tier_makes_the_batch_wait_and_grow_up_to_the_max():
     loop = ingest(lambda: {0: 10})    # offset 10 sent, not yet published
-    loop._delivered(None, Delivered(0, 10))
+    loop._delivered(None, Msg(TOPICS.accounts, 0, 10, None))
     assert loop.detect_busy()
     assert gathering(loop) >= 0.39
 
@@ -66,7 +78,7 @@ def test_a_busy_faust_tier_makes_the_batch_wait_and_grow_up_to_the_max():
 def test_the_batch_goes_as_soon_as_detect_catches_up():
     done = {0: 10}
     loop = ingest(lambda: done)
-    loop._delivered(None, Delivered(0, 10))
+    loop._delivered(None, Msg(TOPICS.accounts, 0, 10, None))
 
     async def catch_up():
         await asyncio.sleep(0.1)
@@ -134,32 +146,6 @@ def test_a_fatal_client_error_ends_the_loop_and_readiness():
     assert ready(app)
     app.pql_feed = type("Feed", (), {"alive": lambda self: loop.alive()})()
     assert not ready(app)
-
-
-class Msg:
-    def __init__(self, topic, partition, offset, value):
-        self.t, self.p, self.o, self.v = topic, partition, offset, value
-
-    def error(self):
-        return None
-
-    def topic(self):
-        return self.t
-
-    def partition(self):
-        return self.p
-
-    def offset(self):
-        return self.o
-
-    def value(self):
-        return self.v
-
-    def key(self):
-        return None
-
-    def headers(self):
-        return None
 
 
 def test_a_message_of_a_partition_revoked_after_it_was_fetched_is_left_to_its_new_owner():
