@@ -95,7 +95,7 @@ def test_the_batch_goes_as_soon_as_detect_catches_up():
 
 def test_partitions_another_worker_owns_never_hold_a_batch():
     loop = ingest(lambda: {})         # not ours: nothing to wait for
-    loop._delivered(None, Delivered(2, 500))
+    loop._delivered(None, Msg(TOPICS.accounts, 2, 500, None))
     assert not loop.detect_busy()
 
 
