@@ -80,7 +80,10 @@ class Ingest:
         self.polled_at = time.monotonic()
         self.consumer_conf = {
             **conf, "error_cb": self._consumer_error, "group.id": group_id, "enable.auto.commit": False,
-            "auto.offset.reset": "earliest", "partition.assignment.strategy": "cooperative-sticky",
+            # range: each input topic split evenly among the workers. (cooperative-sticky balances only
+            # the total count: after a few restarts one worker held every product.events partition and
+            # the other every sales.responses one, and routed the whole stream alone: cluster chaos.)
+            "auto.offset.reset": "earliest", "partition.assignment.strategy": "range",
             "fetch.wait.max.ms": 20, "queued.max.messages.kbytes": 16384, "statistics.interval.ms": 5000,
         }
         self.consumer = Consumer(self.consumer_conf)
