@@ -79,6 +79,13 @@ class Observation:
     refit: list[Pos] = field(default_factory=list)             # not_fit positions that fit after a late group call
 
 
+
+def _bound(state: AccountState) -> None:
+    """At most MAX_EXPECT entries: answered ones go first, then the oldest (apps send `group` every
+    session; MARKs whose call never comes, e.g. a repeated LINK line)."""
+    if len(state.expect) > MAX_EXPECT:
+        del state.expect[min(state.expect, key=lambda c: (state.expect[c][1] != "", state.expect[c][0]))]
+
 class Engine:
     def __init__(self, rules: Rules, alert_max_age: int | None = None):
         """`alert_max_age` (ms): a handoff whose qualifying event is older than this at the `now` its
@@ -149,27 +156,25 @@ class Engine:
     @staticmethod
     def _expect(state: AccountState, call: str, ms: int, slots: str | None, mark: str = "") -> None:
         """A group call (its user-key `slots`) or a MARK of one slot. An entry [ms, pending, marked]
-        lives from the call until its last MARK (or from an early MARK until the call): repeats of a
-        call come with repeats of its LINK lines, so a call seen again simply waits again."""
+        lives from the call until its last MARK (or from an early MARK until the call), then stays,
+        answered, until the account's state passes it: the ingest tier may send the account's line of
+        a call again without its LINK (a batch half written when its worker was killed), and a
+        repeat of an answered call must not wait for a MARK that never comes (cluster chaos seed 3,
+        session 12: an account decided nothing more). A repeat whose LINK does come answers again."""
         e = state.expect.get(call)
         if slots is not None:
             pending = "".join(x for x in slots if e is None or x not in e[2])
             if pending:
-                state.expect[call] = [ms, pending, ""]
-                if len(state.expect) > MAX_EXPECT:  # (apps send `group` every session: the oldest goes)
-                    del state.expect[min(state.expect, key=lambda c: state.expect[c][0])]
-            elif e is not None:
-                del state.expect[call]
-        elif e is None or not e[1]:  # a MARK before its call: remember it
+                state.expect[call] = [ms, pending, e[2] if e is not None else ""]
+                _bound(state)
+        elif e is None or not e[1]:  # a MARK before its call, or of a call already answered: remember it
             if e is None:
                 e = state.expect[call] = [ms, "", ""]
             e[2] = e[2].replace(mark, "") + mark
-            if len(state.expect) > MAX_EXPECT:  # MARKs whose call never comes (a repeated LINK line)
-                del state.expect[min(state.expect, key=lambda c: state.expect[c][0])]
+            _bound(state)
         else:
             e[1] = e[1].replace(mark, "")
-            if not e[1]:
-                del state.expect[call]
+            e[2] = e[2].replace(mark, "") + mark
 
     def due(self, state: AccountState, account_id: str, cut: int | None = None,
             obs: Observation | None = None) -> list[Pending]:
