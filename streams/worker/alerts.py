@@ -190,16 +190,43 @@ class Alerts:
         self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.s.alert_timeout))
         names = ", ".join(c.name for c in self.channels) or "none (handoffs are only indexed)"
         log.info("alerts: channels %s", names)
-        self.consumer.subscribe([self.topics.handoffs, self.topics.signals])
-        self.retries.subscribe([self.topics.alerts_retry])
-        self.handoffs.subscribe([self.topics.handoffs])
+        for c, topics, group in ((self.consumer, [self.topics.handoffs, self.topics.signals], "alerts"),
+                                 (self.retries, [self.topics.alerts_retry], "alerts-retry"),
+                                 (self.handoffs, [self.topics.handoffs], "index")):
+            c.subscribe(topics, on_assign=lambda _, tps, g=group: log.info("alerts: %s assigned %s", g, _partitions(tps)),
+                        on_revoke=lambda _, tps, g=group: log.info("alerts: %s revoked %s", g, _partitions(tps)))
         try:
-            await asyncio.gather(self._main(), self._retry_loop(), self._index_loop())
+            await asyncio.gather(self._main(), self._retry_loop(), self._index_loop(), self._watch())
         finally:
             await self.session.close()
             for c in (self.consumer, self.retries, self.handoffs):
                 c.close()
             self.producer.flush(10)
+
+    async def _watch(self) -> None:
+        """Say so when a consumer of the task has lag that has not moved for STALL seconds, with where
+        the task waits (parked alerts of two retry partitions waited for minutes: cluster chaos seed 2)."""
+        from streams.worker.monitor import STALL, waits
+
+        last: dict = {}
+        while self.running:
+            await asyncio.sleep(STALL / 3)
+            for name, c in (("alerts", self.consumer), ("alerts-retry", self.retries), ("index", self.handoffs)):
+                try:
+                    lag = {}
+                    for tp in c.position(c.assignment()):
+                        _, high = c.get_watermark_offsets(tp, cached=True)
+                        if tp.offset >= 0 and high > tp.offset:
+                            lag[tp.partition] = (tp.offset, high)
+                except Exception:  # no statistics yet, or the consumer is being made anew
+                    continue
+                now, seen = time.monotonic(), last.get(name)
+                if not lag or seen is None or seen[0] != lag:
+                    last[name] = (lag, now)
+                elif now - seen[1] >= STALL:
+                    log.warning("alerts: %s has not moved for %.0f s (partition: (position, end) %s); where our "
+                                "tasks wait: %s", name, now - seen[1], lag, waits())
+                    last[name] = (lag, now)
 
     async def _poll(self, consumer, n: int) -> list:
         msgs = await poll(consumer, n, 0.2)
@@ -381,6 +408,10 @@ class Task:
             except Exception:
                 log.exception("alerts task failed; restarting it in 5 s")
                 await asyncio.sleep(5)
+
+
+def _partitions(tps) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in tps) or "nothing"
 
 
 def _due(m) -> int:

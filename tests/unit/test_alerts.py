@@ -251,3 +251,45 @@ def test_a_fenced_alerts_consumer_is_made_anew_not_left_silent():
     with pytest.raises(ConsumerGone, match="fatal Kafka consumer error.*fenced"):
         asyncio.run(alerts._poll(Fenced(), 10))
     assert len(asyncio.run(alerts._poll(Transient(), 10))) == 1  # a transient error is skipped
+
+
+def test_a_retry_consumer_whose_lag_does_not_move_is_reported(monkeypatch, caplog):
+    from confluent_kafka import TopicPartition
+
+    import streams.worker.monitor as monitor
+
+    class Stuck:
+        def assignment(self):
+            return [TopicPartition("pql.alerts.retry", 0)]
+
+        def position(self, tps):
+            return [TopicPartition(tp.topic, tp.partition, 40) for tp in tps]
+
+        def get_watermark_offsets(self, tp, cached=False):
+            return 0, 43
+
+    class Moving(Stuck):
+        def __init__(self):
+            self.at = 0
+
+        def position(self, tps):
+            self.at += 1
+            return [TopicPartition(tp.topic, tp.partition, self.at) for tp in tps]
+
+    monkeypatch.setattr(monitor, "STALL", 0.3)
+    s = Settings(kafka_bootstrap="127.0.0.1:1", webhook_url="http://127.0.0.1:1/hook", webhook_secret="k")
+    alerts = Alerts(s, Topics.of(s), load_rules(DEFAULT_RULES), index=None)
+    for c in (alerts.consumer, alerts.retries, alerts.handoffs):
+        c.close()
+    alerts.consumer, alerts.retries, alerts.handoffs = Moving(), Stuck(), Moving()
+
+    async def run():
+        async def stop():
+            await asyncio.sleep(1.0)
+            alerts.running = False
+        await asyncio.gather(alerts._watch(), stop())
+
+    asyncio.run(run())
+    said = [r.message for r in caplog.records if "has not moved" in r.message]
+    assert said and all(m.startswith("alerts: alerts-retry has not moved") for m in said)
+    assert "{0: (40, 43)}" in said[0] and "where our tasks wait" in said[0]
