@@ -195,9 +195,16 @@ class Alerts:
                                  (self.handoffs, [self.topics.handoffs], "index")):
             c.subscribe(topics, on_assign=lambda _, tps, g=group: log.info("alerts: %s assigned %s", g, _partitions(tps)),
                         on_revoke=lambda _, tps, g=group: log.info("alerts: %s revoked %s", g, _partitions(tps)))
-        try:
-            await asyncio.gather(self._main(), self._retry_loop(), self._index_loop(), self._watch())
+        loops = [asyncio.ensure_future(x) for x in (self._main(), self._retry_loop(), self._index_loop(), self._watch())]
+        try:  # the first loop to end (a failure, or the stop) ends the others before their consumers close
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
+            for loop in done:
+                loop.result()
         finally:
+            for loop in loops:
+                loop.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await asyncio.sleep(0.3)  # a poll running in a thread (0.2 s at most) ends before its consumer closes
             await self.session.close()
             for c in (self.consumer, self.retries, self.handoffs):
                 c.close()

@@ -293,3 +293,41 @@ def test_a_retry_consumer_whose_lag_does_not_move_is_reported(monkeypatch, caplo
     said = [r.message for r in caplog.records if "has not moved" in r.message]
     assert said and all(m.startswith("alerts: alerts-retry has not moved") for m in said)
     assert "{0: (40, 43)}" in said[0] and "where our tasks wait" in said[0]
+
+
+def test_a_failing_loop_stops_the_others_before_the_consumers_close():
+    """gather left the other loops running on consumers `run` then closed (librdkafka may crash)."""
+    from streams.worker.alerts import ConsumerGone
+
+    s = Settings(kafka_bootstrap="127.0.0.1:1", webhook_url="http://127.0.0.1:1/hook", webhook_secret="k")
+    alerts = Alerts(s, Topics.of(s), load_rules(DEFAULT_RULES), index=None)
+    events = []
+
+    class Fake:
+        def subscribe(self, topics, **kw):
+            pass
+
+        def close(self):
+            events.append("closed")
+
+    for c in (alerts.consumer, alerts.retries, alerts.handoffs):
+        c.close()
+    alerts.consumer, alerts.retries, alerts.handoffs = Fake(), Fake(), Fake()
+
+    async def fails():
+        await asyncio.sleep(0.05)
+        raise ConsumerGone("alerts: fatal Kafka consumer error: fenced")
+
+    async def forever():
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            events.append("stopped")
+            raise
+
+    alerts._main, alerts._retry_loop, alerts._index_loop, alerts._watch = fails, forever, forever, forever
+    started = time.perf_counter()
+    with pytest.raises(ConsumerGone):
+        asyncio.run(alerts.run())
+    assert time.perf_counter() - started < 2
+    assert events == ["stopped"] * 3 + ["closed"] * 3
