@@ -167,7 +167,10 @@ class Alerts:
             self.channels.append(Channel("webhook", s.webhook_url, s.webhook_secret))
         conf = s.confluent()
         common = {**conf, "enable.auto.commit": False, "auto.offset.reset": "earliest",
-                  "isolation.level": "read_committed", "partition.assignment.strategy": "cooperative-sticky",
+                  # range, as the ingest tier: with cooperative-sticky, a static member restarted under
+                  # its PQL_INSTANCE_ID was often assigned nothing, and its partitions stayed with no
+                  # consumer until a later rebalance (parked alerts waited minutes: cluster chaos)
+                  "isolation.level": "read_committed", "partition.assignment.strategy": "range",
                   "session.timeout.ms": int(s.session_timeout * 1000), "fetch.wait.max.ms": 50}
 
         def member(group: str) -> dict:  # static membership with PQL_INSTANCE_ID: a restarted worker
