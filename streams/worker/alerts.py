@@ -33,7 +33,7 @@ from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics
 from streams.worker import dlq, metrics
 from streams.worker.ingest import fatal
-from streams.worker.kafka import poll
+from streams.worker.kafka import partitions_named, poll
 
 log = logging.getLogger("pql.alerts")
 BREACH = b'"type":"pql.sla_breached"'
@@ -196,8 +196,8 @@ class Alerts:
         for c, topics, group in ((self.consumer, [self.topics.handoffs, self.topics.signals], "alerts"),
                                  (self.retries, [self.topics.alerts_retry], "alerts-retry"),
                                  (self.handoffs, [self.topics.handoffs], "index")):
-            c.subscribe(topics, on_assign=lambda _, tps, g=group: log.info("alerts: %s assigned %s", g, _partitions(tps)),
-                        on_revoke=lambda _, tps, g=group: log.info("alerts: %s revoked %s", g, _partitions(tps)))
+            c.subscribe(topics, on_assign=lambda _, tps, g=group: log.info("alerts: %s assigned %s", g, partitions_named(tps)),
+                        on_revoke=lambda _, tps, g=group: log.info("alerts: %s revoked %s", g, partitions_named(tps)))
         loops = [asyncio.ensure_future(x) for x in (self._main(), self._retry_loop(), self._index_loop(), self._watch())]
         try:  # the first loop to end (a failure, or the stop) ends the others before their consumers close
             done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_COMPLETED)
@@ -418,10 +418,6 @@ class Task:
             except Exception:
                 log.exception("alerts task failed; restarting it in 5 s")
                 await asyncio.sleep(5)
-
-
-def _partitions(tps) -> str:
-    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in tps) or "nothing"
 
 
 def _due(m) -> int:

@@ -31,7 +31,7 @@ from typing import Callable
 from streams.produce import produce
 from streams.topics import Topics
 from streams.worker import dlq, envelope, metrics
-from streams.worker.kafka import poll
+from streams.worker.kafka import partitions_named, poll
 from streams.worker.merge import Merge
 from streams.worker.route import Batch, Router
 
@@ -150,7 +150,7 @@ class Ingest:
         inputs = [tp for tp in partitions if tp.topic in self.topics.events or tp.topic in self.topics.responses]
         self.owned.update((tp.topic, tp.partition) for tp in inputs)
         if inputs:
-            log.info("ingest tier: assigned %s", _names(inputs))
+            log.info("ingest tier: assigned %s", partitions_named(inputs))
         try:  # where each new input partition starts, so `_behind` knows it before its first message
             for tp in consumer.committed(inputs, timeout=10):
                 start = tp.offset if tp.offset >= 0 else consumer.get_watermark_offsets(tp, timeout=10)[0]
@@ -162,7 +162,7 @@ class Ingest:
         gone = [(tp.topic, tp.partition) for tp in partitions]
         self.owned.difference_update(gone)
         if gone:
-            log.info("ingest tier: %s %s", "revoked" if consumer is not None else "dropped", _names(partitions))
+            log.info("ingest tier: %s %s", "revoked" if consumer is not None else "dropped", partitions_named(partitions))
         self.merge.drop(gone)
         for tp in gone:
             self.read.pop(tp, None)
@@ -322,13 +322,6 @@ class Ingest:
         except Exception:  # already closed
             pass
         self.producer.flush(10)
-
-
-def _names(partitions) -> str:
-    by: dict[str, list[int]] = {}
-    for tp in partitions:
-        by.setdefault(tp.topic, []).append(tp.partition)
-    return "; ".join(f"{topic} {sorted(ps)}" for topic, ps in sorted(by.items()))
 
 
 class Task:

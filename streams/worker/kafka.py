@@ -21,6 +21,14 @@ async def poll(consumer, n: int, wait: float) -> list:
     return msgs
 
 
+def partitions_named(partitions) -> str:
+    """'topic [0, 2]; other [1]' for a log line ('nothing' when empty)."""
+    by: dict[str, list[int]] = {}
+    for tp in partitions:
+        by.setdefault(tp.topic, []).append(tp.partition)
+    return "; ".join(f"{topic} {sorted(ps)}" for topic, ps in sorted(by.items())) or "nothing"
+
+
 def faust_credentials(s: Settings):
     """Faust's credentials for the configured security protocol (None for PLAINTEXT)."""
     if s.kafka_security_protocol == "PLAINTEXT":
