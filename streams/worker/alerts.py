@@ -216,9 +216,9 @@ class Alerts:
     async def _watch(self) -> None:
         """Say so when a consumer of the task has lag that has not moved for STALL seconds, with where
         the task waits (parked alerts of two retry partitions waited for minutes: cluster chaos seed 2)."""
-        from streams.worker.monitor import STALL, waits
+        from streams.worker.monitor import STALL, Unmoved, waits
 
-        last: dict = {}
+        still = Unmoved()
         while self.running:
             await asyncio.sleep(STALL / 3)
             for name, c in (("alerts", self.consumer), ("alerts-retry", self.retries), ("index", self.handoffs)):
@@ -230,13 +230,11 @@ class Alerts:
                             lag[tp.partition] = (tp.offset, high)
                 except Exception:  # no statistics yet, or the consumer is being made anew
                     continue
-                now, seen = time.monotonic(), last.get(name)
-                if not lag or seen is None or seen[0] != lag:
-                    last[name] = (lag, now)
-                elif now - seen[1] >= STALL:
+                now = time.monotonic()
+                if (waited := still.seconds(name, lag, now, moving=not lag)) >= STALL:
                     log.warning("alerts: %s has not moved for %.0f s (partition: (position, end) %s); where our "
-                                "tasks wait: %s", name, now - seen[1], lag, waits())
-                    last[name] = (lag, now)
+                                "tasks wait: %s", name, waited, lag, waits())
+                    still.again(name, now)
 
     async def _poll(self, consumer, n: int) -> list:
         msgs = await poll(consumer, n, 0.2)

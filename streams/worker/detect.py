@@ -61,6 +61,7 @@ from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics
 from streams.worker.dlq import DeadLetters
 from streams.worker.eos import Transactions
+from streams.worker.monitor import Unmoved
 
 log = logging.getLogger("pql.detect")
 IDLE = envelope.IDLE  # the cut of an idle tick: everything, except accounts still expecting held events
@@ -126,7 +127,7 @@ class Detect:
         # and costs the most to parse; a small one parses in a few microseconds, and kept parsed it
         # would take ~9 times its JSON in memory for an account that may not come back soon.
         self.warned: dict[int, int] = {}  # partition -> tick of the last "decisions have waited" warning
-        self.barrier_seen: dict[int, tuple[int, int]] = {}  # partition -> (barrier, tick since when it has not moved)
+        self.barrier_still = Unmoved()  # partition -> its barrier, and the tick since when it has not moved
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
         self.parsed_bytes, self.cache_bytes, self.cache_min = 0, cache_bytes, cache_min
 
@@ -420,10 +421,8 @@ class Detect:
         it: a partition or input that stopped reporting (its tick is old), reports an old time (it is
         behind), or has not been heard from (a restarted worker waits for every report)."""
         barrier = self._barrier(partition)
-        seen = self.barrier_seen.get(partition)
-        if seen is None or seen[0] != barrier or barrier >= IDLE or stream <= barrier + self.slack:
-            self.barrier_seen[partition] = (barrier, now)
-        waited = now - self.barrier_seen[partition][1]
+        moving = barrier >= IDLE or stream <= barrier + self.slack  # (nothing waits for it)
+        waited = self.barrier_still.seconds(partition, barrier, now, moving=moving)
         metrics.barrier_wait.labels(str(partition)).set(waited / 1000)
         if waited < BARRIER_WARN or now - self.warned.get(partition, 0) < 60_000:
             return

@@ -18,7 +18,7 @@ class Monitor:
         `processed`, where `detect` is)."""
         self.app, self.sources, self.rules_version, self.processed = app, sources, rules_version, processed
         self.rebalance_started = time.perf_counter()
-        self.progress: dict = {}  # tp -> (position, since): partitions with lag
+        self.progress = Unmoved()  # tp -> position, for partitions with lag
 
     def install(self) -> None:
         app = self.app
@@ -60,20 +60,36 @@ class Monitor:
     async def stalled(self, tp, position: int, end: int) -> None:
         """Say so when a partition with lag has not moved for STALL seconds (with what Faust thinks
         of it: a stalled partition is a bug to report)."""
-        now, last = time.monotonic(), self.progress.get(tp)
-        if end <= position or self.app.rebalancing:
-            self.progress.pop(tp, None)
-        elif last is None or last[0] != position:
-            self.progress[tp] = (position, now)
-        elif now - last[1] >= STALL:
+        now = time.monotonic()
+        still = self.progress.seconds(tp, position, now, moving=end <= position or self.app.rebalancing)
+        if still >= STALL:
             c = self.app.consumer
             log.warning("partition %s[%d] has not moved for %.0f s: at %d of %d; fetch position %s, Faust: "
-                        "active %s, paused %s, buffered %s, read offset %s", tp.topic, tp.partition, now - last[1],
+                        "active %s, paused %s, buffered %s, read offset %s", tp.topic, tp.partition, still,
                         position, end, await c.position(tp), tp in (getattr(c, "_active_partitions", None) or ()),
                         tp in getattr(c, "_paused_partitions", ()), tp in getattr(c, "_buffered_partitions", ()),
                         getattr(c, "_read_offset", {}).get(tp))
             log.warning("where our tasks wait: %s", waits(app=self.app))
-            self.progress[tp] = (position, now)
+            self.progress.again(tp, now)
+
+
+class Unmoved:
+    """How long each key's value has stayed the same (the stall checks of the worker's tiers)."""
+
+    def __init__(self):
+        self.since: dict = {}  # key -> (value, since when)
+
+    def seconds(self, key, value, now: float, moving: bool = False) -> float:
+        """Since when `value` has not changed (0 when it just did, or when `moving`: nothing waits)."""
+        seen = self.since.get(key)
+        if moving or seen is None or seen[0] != value:
+            self.since[key] = (value, now)
+            return 0
+        return now - seen[1]
+
+    def again(self, key, now: float) -> None:
+        """Count from `now` (after a warning: the next one comes a whole period later)."""
+        self.since[key] = (self.since[key][0], now)
 
 
 def waits(ours: str = "/streams/", app=None) -> str:
