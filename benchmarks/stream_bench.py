@@ -94,9 +94,11 @@ def metric(port: int, name: str, topic: str | None = None) -> float:
                if (ln.startswith(name + "{") or ln.startswith(name + " ")) and (topic is None or f'topic="{topic}"' in ln))
 
 
-def drain(port: int, topics: list[str], n: int, expected: int) -> tuple[float, int, list[str]]:
-    """Wait until the worker consumed all n inputs and gave the `expected` outputs (or went quiet for
-    60 s short of them); (time of last output, outputs, ids of the handoffs among them)."""
+def drain(port: int | list[int], topics: list[str], n: int, expected: int) -> tuple[float, int, list[str]]:
+    """Wait until the worker (the workers on these ports) consumed all n inputs and gave the
+    `expected` outputs (or went quiet for 60 s short of them); (time of last output, outputs, ids of
+    the handoffs among them)."""
+    ports = port if isinstance(port, list) else [port]
     c = Consumer({"bootstrap.servers": BOOT, "group.id": f"count-{time.time_ns()}", "auto.offset.reset": "earliest",
                   "isolation.level": "read_committed"})
     c.subscribe(topics)
@@ -106,7 +108,7 @@ def drain(port: int, topics: list[str], n: int, expected: int) -> tuple[float, i
         if msgs:
             got, last = got + len(msgs), time.perf_counter()
             handoffs += [json.loads(m.value())["id"] for m in msgs if m.topic() == topics[0]]
-        consumed = metric(port, "pql_events_consumed_total") + metric(port, "pql_events_invalid_total")
+        consumed = sum(metric(p, "pql_events_consumed_total") + metric(p, "pql_events_invalid_total") for p in ports)
         quiet = time.perf_counter() - last
         if consumed >= n and (quiet > 60 or (got >= expected and quiet > 3)):
             c.close()

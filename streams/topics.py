@@ -4,8 +4,9 @@ in:  product.events (Segment JSON), crm.lifecycle (MQL state changes), sales.res
      or the team's own existing topics (PQL_EVENTS_TOPICS, PQL_CRM_TOPICS, PQL_RESPONSES_TOPICS, one
      or several each): read as they are, never created or altered; a missing one stops startup
 out: pql.handoffs, pql.signals, pql.events.dlq, pql.alerts.retry (alerts that failed, retried later)
-internal (per app id): <app>-accounts (envelopes, see streams/worker/envelope.py); Faust adds the changelogs
-of the tables: <app>-accounts-changelog, <app>-users-changelog, <app>-clocks-changelog.
+internal (per app id): <app>-accounts (envelopes, see streams/worker/envelope.py), <app>-progress (one
+partition: the workers' progress reports, streams/worker/progress.py); Faust adds the changelogs of the
+tables: <app>-accounts-changelog, <app>-users-changelog, <app>-clocks-changelog.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from streams.config import Settings
 
 
 INPUT_SETTINGS = {"events": "PQL_EVENTS_TOPICS", "crm": "PQL_CRM_TOPICS", "responses": "PQL_RESPONSES_TOPICS"}
+PROGRESS_CONFIG = {"retention.ms": str(3_600_000), "segment.ms": str(600_000)}
 TOPIC_SPAN = 100_000  # input report keys: topic k of a list, partition p -> k * TOPIC_SPAN + p
 
 
@@ -34,6 +36,7 @@ class Topics:
     dlq: str
     alerts_retry: str
     accounts: str
+    progress: str
     theirs: frozenset = frozenset()  # input topics set by the user: never created
 
     @classmethod
@@ -45,7 +48,8 @@ class Topics:
             inputs[kind] = own or (t(default),)
             theirs.update(own)
         return cls(**inputs, handoffs=t("pql.handoffs"), signals=t("pql.signals"), dlq=t("pql.events.dlq"),
-                   alerts_retry=t("pql.alerts.retry"), accounts=t(f"{s.app_id}-accounts"), theirs=frozenset(theirs))
+                   alerts_retry=t("pql.alerts.retry"), accounts=t(f"{s.app_id}-accounts"), progress=t(f"{s.app_id}-progress"),
+                   theirs=frozenset(theirs))
 
     def index(self, topic: str, partition: int) -> int:
         """The key an input partition is reported under (the barrier, streams/worker/detect.py): the
@@ -107,6 +111,8 @@ def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
     ours = [*topics.events, *topics.crm, topics.dlq, *topics.responses, topics.alerts_retry, *topics.copartitioned]
     missing = [NewTopic(name, s.partitions, s.replication_factor) for name in dict.fromkeys(ours)
                if name not in existing and name not in topics.theirs]
+    if topics.progress not in existing:  # a few small records a second, read only by live workers
+        missing.append(NewTopic(topics.progress, 1, s.replication_factor, config=PROGRESS_CONFIG))
     if missing:
         for name, fut in admin.create_topics(missing, operation_timeout=30).items():
             try:

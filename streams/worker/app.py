@@ -7,7 +7,8 @@
                          changelogs and the input offset, in one transaction (eos.py)
     crm.lifecycle ─────> crm.py (agent) ──> Redis MQL store (streams/mqlstore.py)
     pql.handoffs ──────> alerts.py (task) ──> Slack / signed webhook
-    sla.py (timer) ticks the SLA clocks; monitor.py serves /metrics and /health; tables.py lists the
+    progress.py (timer): progress reports (the barrier) and tick lines for SLA clocks and waiting
+    decisions; monitor.py serves /metrics and /health; tables.py lists the
     tables; dlq.py writes dead letters. Every agent runs with concurrency 1 (faust-streaming #606).
 """
 from __future__ import annotations
@@ -28,10 +29,13 @@ from streams.worker.dlq import DeadLetters
 from streams.worker.kafka import faust_credentials
 from streams.worker.monitor import Monitor
 from streams.worker.publish import Publisher
-from streams.worker.sla import Ticker
+from streams.worker.progress import Progress
 from streams.worker.tables import MAX_VALUE_BYTES, Tables
 
 log = logging.getLogger("pql.worker")
+# Ticks of event time a partition may decide past the lowest report it counts: a busy partition's
+# report tells what it had counted a tick before (streams/worker/progress.py), one more tick to run.
+SLACK_TICKS = 3
 
 
 def make_app(s: Settings) -> faust.App:
@@ -86,7 +90,7 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
 
     tx = eos.Transactions(app, topics.accounts)
     detector = detect.Detect(engine, topics, tables.accounts.data, tables.clocks.data, mql,
-                             users=tables.users.data, partitions=s.partitions, slack=int(2000 * s.sla_tick),
+                             users=tables.users.data, partitions=s.partitions, slack=int(SLACK_TICKS * 1000 * s.sla_tick),
                              inputs=inputs[0] if inputs else None, answers=inputs[1] if inputs else None)
     publisher = Publisher(tx, topics, tables, detector)
     app.agent(envelopes, name="detect", concurrency=1)(detect.Agent(detector, publisher, tx, dead).run)
@@ -100,7 +104,9 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
             else ingest.Task(s, engine, topics, publisher.unpublished))
     app.task(feed.run)
     app.pql_feed = feed  # (/ready: the ingest tier is polling)
-    app.timer(s.sla_tick, name="pql.sla_tick")(Ticker(app, topics.accounts, feed, publisher, s.partitions).tick)
+    progress = Progress(app, s, topics, detector, publisher, feed)
+    tx.noted = progress.noted
+    app.timer(s.sla_tick, name="pql.tick")(progress.tick)
     app.task(alerts.Task(s, topics, rules, mql).run)
     Monitor(app, (topics.accounts, *topics.crm), rules.version, publisher.processed).install()
     return app

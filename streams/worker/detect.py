@@ -18,19 +18,20 @@ The barrier: events without `context.groupId` reach their account through their 
 When that partition lags (its worker was killed and it is recovering), its forwarded events would
 arrive after the account decided; the same when the product.events partition the user's events are
 on lags (its ingest consumer died with the worker) while the account's own events flow. So at each
-tick every partition tells the others its stream time (WATERMARK lines, or IDLE when it had no
-events since its last tick), each ingest tier tells every partition how far it has routed each of
-its product.events partitions (INPUT lines, or IDLE when nothing is held or unread), and a
-partition decides nothing later than the lowest time it was told plus `slack` (two ticks): it waits
-for a lagging partition, and only then. An IDLE report counts as its tick's wall clock time: idle
-then, a partition or input partition may still receive events timed after it (its worker may be
-killed the next moment, and its last word must not free the others). What a partition was told is
-its own (a report read on another partition may be ahead of lines still unread on this one), kept
-in memory. A partition's report is never past the INPUT reports it has read itself: an event
-routed to it but not processed yet (its worker was killed right after a report) can be older than
-its stream time; with `inputs` set (the worker), a partition decides nothing until it has heard from
-every other partition and every product.events partition (a restarted worker waits for the next
-ticks). The barrier changes when a decision is made, never what it is.
+tick every partition tells the others its stream time (or that it is idle: everything in its log
+processed and committed), each ingest tier tells how far it has routed each of its product.events
+partitions (or that nothing of it is unread or held), and a partition decides nothing later than
+the lowest time it was told plus `slack` (three ticks): it waits for a lagging partition, and only
+then. The reports travel on the `<app>-progress` topic (streams/worker/progress.py) and count for a
+partition once it has read every line their sources wrote to it before them (streams/worker/barrier.py).
+An idle report counts as its tick's wall clock time: idle then, a partition or input partition may
+still receive events timed after it (its worker may be killed the next moment, and its last word
+must not free the others). What a partition was told is its own, kept in memory. A partition's
+report is never past the INPUT reports it counts: an event routed to it but not processed yet (its
+worker was killed right after a report) can be older than its stream time; with `inputs` set (the
+worker), a partition decides nothing until it has heard from every other partition and every
+product.events partition (a restarted worker waits for the next ticks). The barrier changes when a
+decision is made, never what it is.
 
 SLA clocks run on the wall clock of the ticks, and an answer timed before its handoff's due time
 must stop the clock even when it reaches the partition after the tick that passed the due time (its
@@ -57,6 +58,7 @@ from schemas.events import InvalidEvent
 from schemas.sales import SalesResponse
 from schemas.state import AccountState, UserState
 from streams.worker import envelope, metrics
+from streams.worker.barrier import NOTHING, Reports
 from streams.mqlstore import AsyncMqlStore
 from streams.topics import Topics
 from streams.worker.dlq import DeadLetters
@@ -65,7 +67,7 @@ from streams.worker.monitor import Unmoved
 
 log = logging.getLogger("pql.detect")
 IDLE = envelope.IDLE  # the cut of an idle tick: everything, except accounts still expecting held events
-NOTHING = -IDLE  # the barrier of a partition that has not heard from every other one yet
+REPORTS = (envelope.WATERMARK, envelope.INPUT, envelope.ANSWERS)
 BARRIER_WARN = 60_000  # ms decisions may wait for a barrier that does not move before the worker names who holds it
 
 
@@ -84,6 +86,7 @@ class Result:
     waits_changed: bool = False
     newest: int = 0                                                       # newest event time in the envelope
     barrier: int | None = None                                            # the lowest time other partitions told us
+    reported: tuple[int, int] = (0, 0)  # (stream time, `_processed`) after it: what a report tells once it is committed
 
 
 @dataclass
@@ -112,16 +115,10 @@ class Detect:
         self.settle = rules.settle
         self.busy: dict[int, bool] = {}  # partition -> events came since its last tick
         self.stream: dict[int, int] = {}  # partition -> its stream time: the newest event time it has seen
-        # per receiving partition: partition -> (tick ms, stream time or IDLE) it last sent
-        self.told: dict[int, dict[int, tuple[int, int]]] = {}
-        # per receiving partition: product.events partition -> (tick ms, routed up to or IDLE)
-        self.told_input: dict[int, dict[int, tuple[int, int]]] = {}
+        self.heard = Reports()  # what each partition was told (streams/worker/barrier.py)
         self.slack = slack  # ms of event time a partition may have moved since it told us (the barrier)
         self.inputs = inputs  # product.events partitions to hear from before deciding (None: don't wait)
-        # per receiving partition: sales.responses partition -> (tick ms, answers routed up to or IDLE)
-        self.told_answers: dict[int, dict[int, tuple[int, int]]] = {}
         self.answers = answers  # sales.responses partitions to hear from before a clock breaches
-        self.reports = {envelope.WATERMARK: self.told, envelope.INPUT: self.told_input, envelope.ANSWERS: self.told_answers}
         # Parsed states of recently active accounts whose JSON is at least `cache_min` bytes, up to
         # `cache_bytes` of JSON, least recently kept out first. A big state is an active account's
         # and costs the most to parse; a small one parses in a few microseconds, and kept parsed it
@@ -190,13 +187,17 @@ class Detect:
         if ev.type == STAGE or ev.type == "pql.sla_breached":
             metrics.stage_transitions.labels(ev.data.stage, ev.data.lane).inc()
 
-    async def process(self, body: bytes, partition: int) -> Result:
+    async def process(self, body: bytes, partition: int, offset: int | None = None) -> Result:
         """Each account's events in the envelope are applied together (identity may release a burst
-        of held ones), before any response or tick that follows them."""
+        of held ones), before any response or tick that follows them. `offset`: the envelope's, so
+        every report whose fence it passes counts (barrier.py)."""
         r, pending = Result(), {}
+        if offset is not None:
+            self.heard.promote(partition, offset)
         for kind, key, raw in envelope.unpack(body):
-            if kind in self.reports:
-                self._told(self.reports[kind].setdefault(partition, {}), key, raw)
+            if kind in REPORTS:
+                tick, _, at = raw.decode().partition("\t")
+                self.heard.inband(partition, kind, int(key), (int(tick), int(at)))
                 r.barrier = None
                 continue
             if kind in (envelope.RESPONSE, envelope.TICK):
@@ -220,14 +221,8 @@ class Detect:
         if w.index.accounts:
             await self._release(r, partition, self._cut(r, partition))
         r.waits_changed = w.index.accounts != r.waits_before  # (most wait only within the envelope)
+        r.reported = (w.stream, self._processed(partition))
         return r
-
-    @staticmethod
-    def _told(into: dict, key: str, raw: bytes) -> None:
-        tick, _, stream = raw.decode().partition("\t")
-        p, told = int(key), (int(tick), int(stream))
-        if told > into.get(p, (0, 0)):
-            into[p] = told
 
     def _cut(self, r: Result, partition: int, idle: bool = False) -> int:
         """Decide what waits at or before this: `settle` behind the stream time (or everything on an
@@ -240,27 +235,46 @@ class Detect:
     def _barrier(self, partition: int) -> int:
         """The lowest time this partition was told (an idle report: its tick), or NOTHING while it
         has not heard from every other partition and input partition."""
-        told = {p: t for p, t in self.told.get(partition, {}).items() if p != partition and p < self.partitions}
-        inputs = self.told_input.get(partition, {})
-        if self.inputs is not None and (len(told) < self.partitions - 1 or len(inputs) < self.inputs):
-            return NOTHING
-        return _lowest([*told.values(), *inputs.values()])
+        heard = self.heard.view(partition)
+        if self.inputs is not None:
+            others = len(heard.told) - (partition in heard.told)
+            if others < self.partitions - 1 or len(heard.inputs) < self.inputs:
+                return NOTHING
+        return min(heard.lowest_told(partition), heard.lowest_input)
 
     def _processed(self, partition: int) -> int:
         """How far every product.events partition has been routed to this partition, as far as it
         has read (NOTHING while one has not been heard from; IDLE without `inputs`, as in tests)."""
-        inputs = self.told_input.get(partition, {})
-        if self.inputs is not None and len(inputs) < self.inputs:
+        heard = self.heard.view(partition)
+        if self.inputs is not None and len(heard.inputs) < self.inputs:
             return NOTHING
-        return _lowest(inputs.values())
+        return heard.lowest_input
 
     def _answered(self, partition: int) -> int:
         """How far every sales.responses partition has been routed to this partition (NOTHING while
         one has not been heard from)."""
-        told = self.told_answers.get(partition, {})
-        if self.answers is not None and len(told) < self.answers:
+        heard = self.heard.view(partition)
+        if self.answers is not None and len(heard.answers) < self.answers:
             return NOTHING
-        return _lowest(told.values())
+        return heard.lowest_answer
+
+    def report(self, partition: int, now: int, idle: bool, committed: tuple[int, int] | None) -> int | None:
+        """What this partition tells the others at a tick (streams/worker/progress.py): IDLE when it
+        has processed and committed everything in its log, else its stream time as of its last
+        commit (`committed`: (stream time, `_processed` then); None: nothing committed yet, no
+        report). Never past how far the product.events partitions have been routed to it, as far as
+        it has read: an event routed here but not processed yet (its worker was killed) can be
+        older than the stream time, and would be forwarded to its account after that account
+        decided on this report (chaos, session 9)."""
+        if idle:
+            told, processed = IDLE, self._processed(partition)
+        elif committed is None:
+            return None
+        else:
+            told, processed = committed
+        if processed < (now if told >= IDLE else told):
+            told = processed
+        return told
 
     async def _release(self, r: Result, partition: int, cut: int | None) -> None:
         """Decide what waits at or before `cut` (all when None) on this partition."""
@@ -387,16 +401,6 @@ class Detect:
         if not busy and self._waits(r, partition).index.accounts:  # no events for a tick: none earlier is coming soon
             await self._release(r, partition, self._cut(r, partition, idle=True))
         self.busy[partition] = False
-        told = max(self._waits(r, partition).stream, r.newest) if busy else IDLE
-        # Never past what this partition has processed of product.events: an event routed here but
-        # not processed yet (its worker was killed) can be older than the stream time, and would be
-        # forwarded to its account after that account decided on this report (chaos, session 9).
-        processed = self._processed(partition)
-        if processed < (now if told >= IDLE else told):
-            told = processed
-        for p in range(self.partitions):
-            if p != partition:
-                r.forward.setdefault(p, []).append(envelope.told(envelope.WATERMARK, partition, now, told))
         self._held(partition, now, max(self._waits(r, partition).stream, r.newest))
         stored = r.clocks if r.clocks is not None else self.clocks.get(str(partition))
         if not stored:
@@ -427,14 +431,15 @@ class Detect:
         if waited < BARRIER_WARN or now - self.warned.get(partition, 0) < 60_000:
             return
         self.warned[partition] = now
+        heard = self.heard.view(partition)
         if barrier == NOTHING:
-            told, inputs = self.told.get(partition, {}), self.told_input.get(partition, {})
+            told, inputs = heard.told, heard.inputs
             who = ", ".join([f"partition {p}" for p in range(self.partitions) if p != partition and p not in told]
                             + [f"product.events partition {i}" for i in range(self.inputs or 0) if i not in inputs])
             log.warning("partition %d: decisions have waited %.0f s: not heard from %s yet", partition, waited / 1000, who)
             return
-        reports = [("partition", p, t) for p, t in self.told.get(partition, {}).items() if p != partition]
-        reports += [("product.events partition", p, t) for p, t in self.told_input.get(partition, {}).items()]
+        reports = [("partition", p, t) for p, t in heard.told.items() if p != partition]
+        reports += [("product.events partition", p, t) for p, t in heard.inputs.items()]
         # the lowest report; on a tie an input's (a partition reports no further than the inputs it read)
         kind, p, (tick, at) = min(reports, key=lambda x: (x[2][0] if x[2][1] >= IDLE else x[2][1], x[0] == "partition"))
         said = "idle" if at >= IDLE else "nothing yet (it has not heard from every input)" if at < 0 else f"time {at}"
@@ -454,7 +459,7 @@ class Agent:
 
     async def envelope(self, ev, acking: set) -> None:
         m = ev.message
-        r = await self.detector.process(ev.value, m.partition)  # phase 1: no sends; may wait for Redis
+        r = await self.detector.process(ev.value, m.partition, m.offset)  # phase 1: no sends; may wait for Redis
         for nth, (key, raw, reason, detail) in enumerate(r.dead):  # at-least-once, like every dead letter
             await self.dead.send(key.encode(), raw, m, reason, detail, nth)  # (a repeat has the same id)
         # Phase 2: outputs, state and the ack go into the partition's transaction as one unit; a
@@ -464,7 +469,3 @@ class Agent:
                 acking.add((m.tp, m.offset))  # the one ack eos.guard_skips lets through
                 ev.ack()
 
-
-def _lowest(told) -> int:
-    """The lowest (tick, time) report: an idle one counts as its tick."""
-    return min((tick if v >= IDLE else v for tick, v in told), default=IDLE)

@@ -9,11 +9,12 @@ once per batch, not once per event. A line is one of:
     \\x1em<account>\\t[call, slot, ms]     that user key of the group call has released its held events
     \\x1ej<anonymous key>\\t<user key>\\t<ms>  identify/alias: the anonymous key is that user
     \\x1er<account>\\t<response JSON>    a sales response (schemas/sales.py)
-    \\x1et\\t<ms>                        a tick: the wall clock, for SLA clocks (sent every second)
-    \\x1ew<partition>\\t<tick ms>\\t<ms>   that partition's stream time at its tick (a barrier, see detect.py)
+    \\x1et\\t<ms>                        a tick: the wall clock, for SLA clocks and waiting decisions
+    \\x1ew<partition>\\t<tick ms>\\t<ms>   that partition's stream time at its tick (the barrier, barrier.py)
     \\x1ei<partition>\\t<tick ms>\\t<ms>   how far the ingest tier has routed that product.events partition
     \\x1es<partition>\\t<tick ms>\\t<ms>   how far it has routed that sales.responses partition (answer times)
-                                      (in these three, <ms> IDLE: nothing pending, which counts as <tick ms>)
+                                      (in these three, <ms> IDLE: nothing pending, which counts as <tick ms>;
+                                      they travel on <app>-progress, packed the same way: progress.py)
 
 Account lines go to the account's partition, user lines to the user key's: `detect` forwards what a
 user line leads to (an attributed event, a moved held event) to the partition that owns it.

@@ -62,9 +62,10 @@ INTERNALS = [
     ("faust.worker", "Worker._on_sigterm"),                  # stop_within
     ("faust.worker", "Worker._on_sigint"),
     ("faust.transport.drivers.aiokafka", "Transport._really_create_topic"),  # topic_creation_waits_for_a_node
+    ("aiokafka.consumer.subscription_state", "TopicPartitionState.position"),  # read_to
 ]
 # attributes Faust's Consumer sets on its instances, used above (checked in the same test file)
-CONSUMER_ATTRIBUTES = ["_gap", "_read_offset"]
+CONSUMER_ATTRIBUTES = ["_gap", "_read_offset", "_committed_offset"]
 HANDOFF_COMMIT_DELAY = 0.005  # handoffs close together share one early commit
 RECOVERY_IDLE = 1.0  # seconds without a changelog record before table recovery looks for its end
 BOOTSTRAP_PATIENCE = 120.0  # seconds a starting client waits for a broker that was there a moment ago
@@ -333,8 +334,10 @@ def no_batch_across_seeks(source: str, cls=None) -> None:
 
     def new_epoch(self, tps) -> None:
         self._pql_epoch = getattr(self, "_pql_epoch", 0) + 1
+        delivered = getattr(self, "_pql_delivered", {})
         for tp in tps:
             self._gap.pop(tp, None)
+            delivered.pop(tp, None)
 
     async def _perform_seek(self):
         await perform_seek(self)
@@ -347,6 +350,8 @@ def no_batch_across_seeks(source: str, cls=None) -> None:
 
     async def _getmany(self, timeout):
         epoch = getattr(self, "_pql_epoch", 0)
+        if not hasattr(self, "_pql_delivered"):
+            self._pql_delivered = {}
         batch = getmany(self, timeout)
         try:
             async for tp, message in batch:
@@ -359,6 +364,8 @@ def no_batch_across_seeks(source: str, cls=None) -> None:
                     except Exception as err:  # e.g. a rebalance started: it seeks again itself
                         log.info("seek after a stale batch failed (%s)", err)
                     return
+                if getattr(tp, "topic", None) == source:  # (read_to: what reached the agent's stream since the last seek)
+                    self._pql_delivered[tp] = message.offset
                 yield tp, message
         finally:
             await batch.aclose()
@@ -385,6 +392,7 @@ class Transactions:
         self.soon: dict[int, asyncio.Task] = {}
         self.rollback = lambda partitions: None  # set by the app: memory back to the log (Publisher.rollback)
         self.frozen = False  # between a revocation and the next assignment: no envelope is published
+        self.noted = None  # set by the app: notes what a commit will hold (guard_commits)
 
     def tid(self, partition: int) -> str:
         """The transactional id Faust uses for this source partition (TransactionManager's format)."""
@@ -392,7 +400,7 @@ class Transactions:
 
     def start(self) -> set:
         """Called by `detect` when it starts: guard commits and acks (see those functions)."""
-        guard_commits(self.app.consumer, self.lock)
+        guard_commits(self.app.consumer, self.lock, self.noted)
         return guard_skips(self.app.consumer, self.source)
 
     def owns(self, partition: int) -> bool:
@@ -520,8 +528,11 @@ class Transactions:
             del self.soon[partition]
 
 
-def guard_commits(consumer, lock: asyncio.Lock) -> None:
-    """Make Faust's commits (timer, rebalance, shutdown) wait while `detect` is publishing."""
+def guard_commits(consumer, lock: asyncio.Lock, noted=None) -> None:
+    """Make Faust's commits (timer, rebalance, shutdown) wait while `detect` is publishing.
+
+    `noted()`, called before each commit, notes what the partitions' transactions hold: the
+    progress reports tell only what committed ones hold (streams/worker/progress.py)."""
     if getattr(consumer, "_pql_guarded", False):
         return
     original = consumer.commit
@@ -529,6 +540,8 @@ def guard_commits(consumer, lock: asyncio.Lock) -> None:
     async def commit(*args, **kwargs):
         async with lock:
             started = time.perf_counter()
+            if noted is not None:
+                noted()
             try:
                 return await original(*args, **kwargs)
             finally:
@@ -536,6 +549,27 @@ def guard_commits(consumer, lock: asyncio.Lock) -> None:
 
     consumer.commit = commit
     consumer._pql_guarded = True
+
+
+def read_to(app, tp: TP) -> tuple[int | None, int | None]:
+    """(aiokafka's position of `tp`: the next offset its fetcher hands out, past the control and
+    aborted batches it has skipped; the offset of the last message Faust delivered to `tp`'s stream
+    since its last seek: `no_batch_across_seeks` notes it), None when not known. A partition whose position has reached its high watermark and
+    whose delivered messages are all processed has nothing left to read (progress.py's idle)."""
+    from aiokafka.structs import TopicPartition
+
+    try:
+        assignment = app.consumer._thread._ensure_consumer()._fetcher._subscriptions.subscription.assignment
+        state = assignment.state_value(TopicPartition(tp.topic, tp.partition)) if assignment else None
+        position = state.position if state is not None and state.has_valid_position else None
+    except Exception:  # no consumer yet, or being rebalanced
+        position = None
+    return position, getattr(app.consumer, "_pql_delivered", {}).get(tp)
+
+
+def committed(app, tp: TP) -> int | None:
+    """The offset Faust last committed for `tp` (in its transaction), None before the first."""
+    return app.consumer._committed_offset.get(tp)
 
 
 def guard_skips(consumer, topic: str) -> set:

@@ -15,8 +15,9 @@ once; a group call goes to its account and to each of its user keys; an identify
 anonymous id goes to that id.
 
 Sales responses are validated here (an unknown rejection reason goes to the DLQ as bad_response)
-and forwarded to their account's partition. The worker also sends a tick line to every partition it
-owns each PQL_SLA_TICK seconds (`tick`), so SLA clocks are checked in partition order, in `detect`.
+and forwarded to their account's partition. At each of the worker's ticks (streams/worker/progress.py)
+the tier reports how far it has routed each of its input partitions (`report`) and sends a tick line
+to the partitions that need one (`tick`), so SLA clocks are checked in partition order, in `detect`.
 
 Rejects go to the DLQ with the original key and bytes, and headers pql.error.reason / detail /
 topic / partition / offset.
@@ -65,8 +66,10 @@ class Ingest:
         self.merge = Merge(merge_wait)
         self.read: dict[tuple[str, int], int] = {}  # input partition -> last offset consumed
         self.owned: set[tuple[str, int]] = set()  # input partitions assigned to us now (rebalance callbacks)
-        self.routed: dict[int, int] = {}  # product.events partition -> newest event time routed from it
-        self.answered: dict[int, int] = {}  # sales.responses partition -> newest answer time routed from it
+        # product.events / sales.responses partition -> newest event / answer time routed from it, acked
+        self.routed: dict[int, int] = {}
+        self.answered: dict[int, int] = {}
+        self.flying: set[tuple[str, int]] = set()  # input partitions whose envelopes are not all acked yet
 
         self.router, self.topics, self.batch_size, self.linger_s = router, topics, batch_size, linger_s
         self.linger_max_s = max(linger_s, linger_max_s)
@@ -242,7 +245,7 @@ class Ingest:
     async def handle(self, msgs: list) -> None:
         """Route what may go on (events through `merge`), publish, wait for the acks, commit the
         input up to the first message still held."""
-        batch, touched = Batch(), set()
+        batch, touched, routed, answered = Batch(), set(), {}, {}
         for m in msgs:
             if m.error() is not None:
                 if fatal(m.error()):  # the consumer is made anew before the next poll (_check)
@@ -257,8 +260,8 @@ class Ingest:
             raw = m.value() or b""
             if m.topic() in self.topics.responses:
                 at = self.topics.index(*tp)
-                if (r := self.router.route_response(raw, batch, m)) is not None and r.ms > self.answered.get(at, 0):
-                    self.answered[at] = r.ms
+                if (r := self.router.route_response(raw, batch, m)) is not None and r.ms > answered.get(at, 0):
+                    answered[at] = r.ms
             elif (parsed := self.router.parse(raw, batch, m)) is not None and self.router.wanted(event := parsed[0]):
                 self.merge.add(tp, event.ms, event.messageId, m.offset(), (event, parsed[1], m))
         assigned = [tp for tp in self.read if tp[0] in self.topics.events and tp in self.owned]
@@ -266,8 +269,9 @@ class Ingest:
             self.router.route_event(event, raw, batch, m)
             touched.add((m.topic(), m.partition()))
             at = self.topics.index(m.topic(), m.partition())
-            if event.ms > self.routed.get(at, 0):
-                self.routed[at] = event.ms
+            if event.ms > routed.get(at, 0):
+                routed[at] = event.ms
+        self.flying = touched  # (a report made while they fly tells what was acked before)
         for (topic, partition), items in batch.envelopes.items():
             for body in envelope.pack_all(items):
                 self._produce(topic, body, partition=partition)
@@ -281,6 +285,10 @@ class Ingest:
             await asyncio.sleep(0.001)
         if self.failed:
             raise RuntimeError(f"ingest could not publish: {self.failed[0]}")
+        for into, new in ((self.routed, routed), (self.answered, answered)):
+            for at, ms in new.items():
+                into[at] = max(into.get(at, 0), ms)
+        self.flying = set()
         from confluent_kafka import TopicPartition
 
         commit = []
@@ -290,25 +298,30 @@ class Ingest:
         if commit:
             self.consumer.commit(offsets=commit, asynchronous=True)
 
-    def tick(self, partitions: list[int], ms: int, every: int = 0) -> None:
-        """A tick line (wall clock, ms) to each of these accounts partitions: SLA clocks advance. And
-        to each of the `every` accounts partitions, where our product.events partitions are (the
-        barrier, streams/worker/detect.py): the newest event time routed from each, or idle when
-        nothing of it is held or unread; the same for our sales.responses partitions (answer times),
-        which SLA clocks wait for. The reports go first: a partition's tick then passes on this
-        tick's report of the input it has read (its WATERMARK), not the one a tick before."""
-        marks = []
+    def report(self, ms: int) -> list[tuple[str, int, tuple[int, int]]]:
+        """This tick's report (the barrier, streams/worker/barrier.py), as (kind, input partition,
+        (tick, time)), also written to `<app>-progress` for the other workers: for each of our
+        product.events partitions the newest event time routed from it, or IDLE when nothing of it
+        is held, unread or unacked; the same for our sales.responses partitions (answer times),
+        which SLA clocks wait for. Only acked envelopes count: a report is read after what it covers."""
+        reports = []
         for (topic, partition) in [tp for tp in list(self.read) if tp in self.owned]:  # (copies: rebalance
             # callbacks change them in consume's thread)
-            idle = not self._behind((topic, partition)) and self.merge.first_offset((topic, partition)) is None
+            idle = ((topic, partition) not in self.flying and not self._behind((topic, partition))
+                    and self.merge.first_offset((topic, partition)) is None)
             at = self.topics.index(topic, partition)
             if topic in self.topics.events:
-                marks.append(envelope.told(envelope.INPUT, at, ms, envelope.IDLE if idle else self.routed.get(at, 0)))
+                reports.append((envelope.INPUT, at, (ms, envelope.IDLE if idle else self.routed.get(at, 0))))
             elif topic in self.topics.responses:
-                marks.append(envelope.told(envelope.ANSWERS, at, ms, envelope.IDLE if idle else self.answered.get(at, 0)))
-        for body in envelope.pack_all(marks):
-            for p in range(every):
-                self._produce(self.topics.accounts, body, partition=p)
+                reports.append((envelope.ANSWERS, at, (ms, envelope.IDLE if idle else self.answered.get(at, 0))))
+        for body in envelope.pack_all([envelope.told(kind, at, *told) for kind, at, told in reports]):
+            self._produce(self.topics.progress, body)
+        self.producer.poll(0)
+        return reports
+
+    def tick(self, partitions: list[int], ms: int) -> None:
+        """A tick line (wall clock, ms) to each of these accounts partitions: SLA clocks advance and
+        waiting decisions are made (streams/worker/progress.py says which need one)."""
         for p in partitions:
             self._produce(self.topics.accounts, envelope.tick(ms), partition=p)
         self.producer.poll(0)

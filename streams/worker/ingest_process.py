@@ -8,8 +8,8 @@ through three channels:
 
 - `published`: where this worker's `detect` is on each <app>-accounts partition it owns (-1 for the
   others), which the child's batching reads (`Ingest.detect_busy`), refreshed every few ms;
-- `ticks`: the SLA tick's (owned partitions, wall clock ms, all partitions), as the tick timer
-  calls `Ingest.tick` in-process;
+- `ticks`: the worker's tick (the partitions to tick, wall clock ms): the child writes its progress
+  report (`Ingest.report`) to `<app>-progress`, then the tick lines (`Ingest.tick`);
 - `counts`: the child's ingest metrics, sent as increments (gauges as values) every second and
   applied to the worker's own, so /metrics looks the same either way.
 
@@ -78,13 +78,17 @@ def apply(changed: list[tuple[str, tuple, float]]) -> None:
 
 
 class Remote:
-    """Stands in for the `Ingest` loop in the worker's process: the tick timer calls `tick`."""
+    """Stands in for the `Ingest` loop in the worker's process (streams/worker/progress.py)."""
 
     def __init__(self, ticks):
         self.ticks = ticks
 
-    def tick(self, partitions: list[int], ms: int, every: int = 0) -> None:
-        self.ticks.put((partitions, ms, every))
+    def report(self, ms: int) -> None:
+        """The child reports at each tick itself, through `<app>-progress` only."""
+        return None
+
+    def tick(self, partitions: list[int], ms: int) -> None:
+        self.ticks.put((partitions, ms))
 
 
 class Task:
@@ -143,10 +147,14 @@ def child(settings, rules, published, ticks, counts, parent: int) -> None:
     async def main() -> None:
         aio = asyncio.get_running_loop()
 
+        def tick(partitions: list[int], ms: int) -> None:
+            loop.report(ms)
+            loop.tick(partitions, ms)
+
         def take_ticks() -> None:  # blocks on the queue in a thread; each tick runs on the loop
             while True:
                 args = ticks.get()
-                aio.call_soon_threadsafe(loop.tick, *args)
+                aio.call_soon_threadsafe(tick, *args)
 
         threading.Thread(target=take_ticks, name="pql-ingest-ticks", daemon=True).start()
         aio.add_signal_handler(signal.SIGTERM, lambda: setattr(loop, "running", False))  # close, leave the group

@@ -30,7 +30,9 @@ class Publisher:
     def __init__(self, tx: Transactions, topics: Topics, tables: Tables, detector: "Detect"):
         self.tx, self.topics, self.tables, self.detector = tx, topics, tables, detector
         self.processed: dict[int, int] = {}    # partition -> offset after the last envelope published
+        self.reported: dict[int, tuple[int, int]] = {}  # partition -> that envelope's Result.reported
         self.open_clocks: dict[int, int] = {}  # partition -> handoffs awaiting a response
+        self.tick_cache: dict[int, tuple] = {}  # partition -> (waits, clocks values, waiting?, earliest due)
 
     def sends(self, r: "Result", p: int) -> tuple[list, dict, dict, bytes | None, bytes | None]:
         """Every write of the result, as (topic, key, value, headers, partition), and the table values.
@@ -72,6 +74,7 @@ class Publisher:
             self.open_clocks[p] = len(r.clocks)
             metrics.sla_open.set(sum(self.open_clocks.values()))
         self.processed[p] = offset + 1
+        self.reported[p] = r.reported
         if any(topic == self.topics.handoffs for topic, _, _ in r.outputs):
             self.tx.commit_soon(p)
         return True
@@ -87,10 +90,23 @@ class Publisher:
             for p in partitions:
                 recovery.revoke(TP(self.tables.changelog(table), p))
         for p in partitions:  # read again from the committed offset: what it was told may be ahead of that
-            for kept in (d.stream, d.busy, d.told, d.told_input, d.told_answers, self.processed):
+            for kept in (d.stream, d.busy, self.processed, self.reported):
                 kept.pop(p, None)
+            d.heard.forget(p)
         d.unkeep()
         log.info("rolled back partitions %s: %d values dropped", sorted(partitions), dropped)
+
+    def needs_tick(self, p: int, now: int) -> bool:
+        """Has partition p anything a tick decides: accounts waiting (rules `settle`, the barrier),
+        or an SLA clock due? (An idle partition gets no tick: it costs nothing.)"""
+        data = self.tables.clocks.data
+        waits, clocks = data.get(f"w{p}"), data.get(str(p))
+        seen = self.tick_cache.get(p)
+        if seen is None or seen[0] != waits or seen[1] != clocks:
+            accounts = json.loads(waits).get("accounts") if waits else None
+            due = min((at for at, _ in json.loads(clocks).values()), default=None) if clocks else None
+            seen = self.tick_cache[p] = (waits, clocks, bool(accounts), due)
+        return seen[2] or (seen[3] is not None and seen[3] <= now)
 
     def unpublished(self) -> dict[int, int]:
         """Where `detect` is (next offset to publish) on the partitions this worker owns."""
@@ -98,6 +114,6 @@ class Publisher:
 
     def forget(self, owned: list[int]) -> None:
         """Partitions this worker no longer owns leave the progress and the open-clocks gauge."""
-        for gone in (self.open_clocks, self.processed):
+        for gone in (self.open_clocks, self.processed, self.reported, self.tick_cache):
             for p in [p for p in gone if p not in owned]:
                 del gone[p]

@@ -208,19 +208,16 @@ def test_without_a_lagging_partition_nothing_waits():
     assert any(b'"pql.handoff"' in o[2] for o in now.outputs)
 
 
-def test_each_tick_tells_the_other_partitions_where_this_one_is():
+def test_a_partition_reports_its_committed_stream_time_or_idle():
+    """What a partition tells the others at a tick (streams/worker/progress.py): its stream time as
+    of its last commit, or IDLE (counts as the tick) once it has read and committed its whole log."""
     d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=3)
     me = envelope.partition_of("acme", 3)
-    others = sorted({0, 1, 2} - {me})
-
-    def tick(ms: int) -> bytes:
-        return next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())]))
-
-    first = asyncio.run(d.process(body(track("Invite Sent", at(hours=2))) + b"\n" + tick(1000), me))
-    assert sorted(first.forward) == others
-    assert first.forward[others[0]] == [envelope.told(envelope.WATERMARK, me, 1000, parse_ms(at(hours=2)))]
-    quiet = asyncio.run(d.process(tick(2000), me))  # no events since the last tick: idle
-    assert quiet.forward[others[1]] == [envelope.told(envelope.WATERMARK, me, 2000, 2**62)]
+    first = asyncio.run(d.process(body(track("Invite Sent", at(hours=2))), me))
+    assert first.reported == (parse_ms(at(hours=2)), envelope.IDLE)
+    assert d.report(me, 1000, idle=False, committed=first.reported) == parse_ms(at(hours=2))
+    assert d.report(me, 1000, idle=False, committed=None) is None  # nothing committed yet: no report
+    assert d.report(me, 2000, idle=True, committed=first.reported) == envelope.IDLE
 
 
 def test_a_lagging_input_partition_holds_decisions_too():
@@ -315,25 +312,19 @@ def test_a_partition_reports_no_further_than_the_input_it_has_read():
     report, and the event was forwarded after). The report is bounded by the INPUT reports read."""
     d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=1)
     me = envelope.partition_of("acme", 2)
-
-    def tick(ms: int) -> bytes:
-        return next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())]))
-
     asyncio.run(d.process(_routed(parse_ms(at(hours=1)), parse_ms(at(hours=1)), partition=0), me))
-    busy = asyncio.run(d.process(body(track("Feature Used", at(hours=3))) + b"\n" + tick(parse_ms(at(hours=3))), me))
-    assert busy.forward[1 - me] == [envelope.told(envelope.WATERMARK, me, parse_ms(at(hours=3)), parse_ms(at(hours=1)))]
-    caught_up = asyncio.run(d.process(_routed(parse_ms(at(hours=4)), envelope.IDLE, partition=0) + b"\n"
-                                      + tick(parse_ms(at(hours=4))), me))
-    assert caught_up.forward[1 - me] == [envelope.told(envelope.WATERMARK, me, parse_ms(at(hours=4)), envelope.IDLE)]
+    busy = asyncio.run(d.process(body(track("Feature Used", at(hours=3))), me))
+    assert d.report(me, parse_ms(at(hours=3)), idle=False, committed=busy.reported) == parse_ms(at(hours=1))
+    asyncio.run(d.process(_routed(parse_ms(at(hours=4)), envelope.IDLE, partition=0), me))
+    assert d.report(me, parse_ms(at(hours=4)), idle=True, committed=busy.reported) == envelope.IDLE
+    assert d.report(me, parse_ms(at(hours=4)), idle=False, committed=busy.reported) == parse_ms(at(hours=1))
 
 
 def test_a_restarted_partition_reports_nothing_until_it_has_read_every_input_report():
     d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=2)
     me = envelope.partition_of("acme", 2)
-    tick = next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(parse_ms(at(hours=3))).encode())]))
-    out = asyncio.run(d.process(_routed(parse_ms(at(hours=2)), envelope.IDLE, partition=0) + b"\n" + tick, me))
-    (line,) = out.forward[1 - me]
-    assert line == envelope.told(envelope.WATERMARK, me, parse_ms(at(hours=3)), -envelope.IDLE)
+    asyncio.run(d.process(_routed(parse_ms(at(hours=2)), envelope.IDLE, partition=0), me))
+    assert d.report(me, parse_ms(at(hours=3)), idle=True, committed=None) == -envelope.IDLE
 
 
 def test_a_barrier_held_far_behind_names_who_holds_it(caplog):

@@ -156,6 +156,45 @@ def test_a_seek_stops_a_batch_fetched_before_it():
     assert asyncio.run(drain(c, 21, TP("accounts", 1))) == [21] and c.seeks[-2:] == [13, "committed"]
 
 
+def test_what_reached_the_stream_since_the_last_seek_is_known():
+    """eos.read_to's second half: the last offset delivered to the agent since the partition's last
+    seek (Faust's own `_read_offset` holds the seek's offset after a seek: a partition that had
+    processed nothing looked busy for ever, and told the others nothing: the SIGKILL test)."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from streams.worker import eos
+
+    tp = TP("accounts", 0)
+
+    class Fake:
+        def __init__(self):
+            self._gap, self._read_offset = {}, {}
+
+        async def getmany(self, timeout):
+            for offset in (5, 6):
+                yield tp, SimpleNamespace(offset=offset)
+
+        async def perform_seek(self):
+            pass
+
+        async def seek(self, partition, offset):
+            self._read_offset[partition] = offset
+
+    eos.no_batch_across_seeks("accounts", Fake)
+    c = Fake()
+    app = SimpleNamespace(consumer=c)
+
+    async def drain():
+        return [m.offset async for _, m in c.getmany(1.0)]
+
+    assert eos.read_to(app, tp) == (None, None)
+    assert asyncio.run(drain()) == [5, 6] and eos.read_to(app, tp)[1] == 6
+    asyncio.run(c.seek(tp, 3))
+    assert eos.read_to(app, tp)[1] is None and c._read_offset[tp] == 3
+
+
 def test_a_rebalance_commits_first_and_rolls_back_what_it_could_not_commit():
     """eos.Transactions.on_revoked: commit; a partition whose transaction still holds sends goes back
     to the log (its open transaction is aborted when on_assigned starts fresh producers)."""

@@ -168,7 +168,7 @@ def test_a_message_of_a_partition_revoked_after_it_was_fetched_is_left_to_its_ne
     asyncio.run(loop.handle(fetched))
     assert (events, 1) not in loop.read and (events, 0) in loop.read
     told = []
-    loop._produce = lambda topic, value, **kw: told.append(value)
-    loop.tick([], 1000, every=1)
-    reported = {line.split(b"\t")[0] for body in told for line in body.split(b"\n")}
-    assert reported == {b"\x1ei0"}  # product.events partition 0 only
+    loop._produce = lambda topic, value, **kw: told.append((topic, value))
+    assert [(kind, at) for kind, at, _ in loop.report(1000)] == [("i", 0)]  # product.events partition 0 only
+    reported = {line.split(b"\t")[0] for topic, body in told for line in body.split(b"\n")}
+    assert reported == {b"\x1ei0"} and {topic for topic, _ in told} == {TOPICS.progress}

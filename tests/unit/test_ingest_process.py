@@ -25,5 +25,7 @@ def test_the_tick_goes_to_the_child_as_called():
     import queue
 
     q: queue.Queue = queue.Queue()
-    ingest_process.Remote(q).tick([0, 2], 1795000000000, 4)
-    assert q.get_nowait() == ([0, 2], 1795000000000, 4)
+    remote = ingest_process.Remote(q)
+    assert remote.report(1795000000000) is None  # the child writes its report to <app>-progress itself
+    remote.tick([0, 2], 1795000000000)
+    assert q.get_nowait() == ([0, 2], 1795000000000)

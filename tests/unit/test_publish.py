@@ -98,7 +98,7 @@ def test_a_rollback_puts_memory_back_to_the_log_for_those_partitions_only():
     for part in (p, q):  # what the partitions were told (the barrier) is ahead of their committed offsets
         asyncio.run(detector.process(next(envelope.pack_all([envelope.told(envelope.INPUT, 0, 5, 5)])), part))
     pub.rollback({p})
-    assert p not in detector.told_input and q in detector.told_input
+    assert p not in detector.heard.views and q in detector.heard.views
     assert a not in tables.accounts.data and b in tables.accounts.data
     assert str(p) not in tables.clocks.data and str(q) in tables.clocks.data
     assert {(tp.topic, tp.partition) for tp in revoked} == {(f"app-{t}-changelog", p) for t in ("accounts", "users", "clocks")}

@@ -1,0 +1,173 @@
+"""The worker's tick, every PQL_SLA_TICK seconds: progress reports in and out, then tick lines.
+
+1. The ingest tier's report (`Ingest.report`): how far each of its input partitions is routed. It
+   writes it to `<app>-progress` for the other workers (in its own process, it only does that).
+2. The reports the other workers wrote since the last tick, read from `<app>-progress` (one
+   partition, read_committed, from the end at start-up).
+3. The high watermark of each `<app>-accounts` partition this worker owns (one ListOffsets request):
+   every report of this tick counts for that partition once it has processed its log up to it
+   (streams/worker/barrier.py).
+4. This worker's report of each partition it owns (`Detect.report`): idle when the partition has
+   read its log up to that high watermark and committed all it processed; else its stream time as
+   of its last commit (noted before each commit: `noted`). Written to `<app>-progress`.
+5. A partition that has read its log up to its fence counts the batch at once; the others when
+   `detect` gets there.
+6. A tick line to each owned partition a tick has something to decide for (`Publisher.needs_tick`:
+   accounts waiting, an SLA clock due). An idle partition costs nothing.
+
+Per tick: a record per worker and one per ingest tier, one ListOffsets per worker, work linear in the
+partitions. (The reports used to be lines from every partition to every other one: issue 25.)
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from faust.types import TP
+
+from streams.produce import produce
+from streams.topics import Topics
+from streams.worker import envelope, eos
+
+log = logging.getLogger("pql.progress")
+KINDS = (envelope.WATERMARK, envelope.INPUT, envelope.ANSWERS)
+SILENT_WARN = 30_000  # ms an owned partition may tell nothing before the worker says why
+
+
+def parse(body: bytes) -> list[tuple[str, int, tuple[int, int]]]:
+    """A progress record's reports: (kind, source, (tick ms, time or IDLE)); other lines are skipped."""
+    out = []
+    for kind, key, raw in envelope.unpack(body):
+        if kind in KINDS:
+            tick, _, at = raw.partition(b"\t")
+            out.append((kind, int(key), (int(tick), int(at))))
+    return out
+
+
+class Progress:
+    def __init__(self, app, settings, topics: Topics, detector, publisher, feed):
+        self.app, self.topics, self.detector, self.publisher, self.feed = app, topics, detector, publisher, feed
+        self.conf = settings.confluent()
+        self.group = f"{settings.app_id}-progress"
+        self.notes: dict[int, deque[tuple[int, tuple[int, int]]]] = {}  # partition -> (offset, reported) per commit
+        self.reader = self.admin = self.producer = None
+        self.silent: dict[int, int] = {}  # partition -> since when it has told nothing (ms)
+        self.warned: dict[int, int] = {}
+
+    def noted(self) -> None:
+        """Before each commit (eos.guard_commits, under the publishing lock): what each partition's
+        transaction holds up to which offset."""
+        reported = self.publisher.reported
+        for p, offset in self.publisher.processed.items():
+            q = self.notes.setdefault(p, deque(maxlen=16))
+            if not q or q[-1][0] != offset:
+                q.append((offset, reported[p]))
+
+    def committed(self, p: int) -> tuple[int, int] | None:
+        """(stream time, `_processed`) as of partition p's last commit, None before one."""
+        at = eos.committed(self.app, TP(self.topics.accounts, p))
+        q = self.notes.get(p)
+        if at is None or not q:
+            return None
+        while len(q) > 1 and q[1][0] <= at:  # older notes are of earlier commits
+            q.popleft()
+        return q[0][1] if q[0][0] <= at else None
+
+    def idle(self, p: int, end: int) -> bool:
+        """Has partition p read its log up to `end` and committed everything it processed?"""
+        position, delivered = eos.read_to(self.app, TP(self.topics.accounts, p))
+        done = self.publisher.processed.get(p)
+        if position is None or position < end:
+            return False
+        if delivered is not None and (done is None or done <= delivered):
+            return False  # a message delivered to the stream is not processed yet
+        return done is None or eos.committed(self.app, TP(self.topics.accounts, p)) == done
+
+    def _clients(self) -> None:
+        from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+        from confluent_kafka.admin import AdminClient
+
+        self.reader = Consumer({**self.conf, "group.id": self.group, "enable.auto.commit": False,
+                                "isolation.level": "read_committed", "fetch.wait.max.ms": 50})
+        self.reader.assign([TopicPartition(self.topics.progress, 0, OFFSET_END)])
+        self.admin = AdminClient(self.conf)
+        self.producer = Producer({**self.conf, "linger.ms": 0, "acks": "all"})
+
+    def _read(self) -> list:
+        reports = []
+        while msgs := self.reader.consume(500, timeout=0):
+            for m in msgs:
+                if m.error() is None and m.value():
+                    reports += parse(m.value())
+        return reports
+
+    def _ends(self, owned: list[int]) -> dict[int, int] | None:
+        """The high watermark of each partition (read_uncommitted: open transactions' lines count,
+        so a report's fence is past every line its source wrote before it). Blocking."""
+        from confluent_kafka import IsolationLevel, TopicPartition
+        from confluent_kafka.admin import OffsetSpec
+
+        asked = {TopicPartition(self.topics.accounts, p): OffsetSpec.latest() for p in owned}
+        try:
+            futures = self.admin.list_offsets(asked, isolation_level=IsolationLevel.READ_UNCOMMITTED,
+                                              request_timeout=5)
+            return {tp.partition: f.result(timeout=10).offset for tp, f in futures.items()}
+        except Exception as err:  # a broker down: this tick tells and counts nothing (the barrier holds)
+            log.info("progress: could not read the partitions' ends (%s); asking again with a new client", err)
+            # (librdkafka's admin client kept its old leaders' epochs after a node restart and was
+            # refused FENCED_LEADER_EPOCH for minutes: cluster stack test, session 13)
+            from confluent_kafka.admin import AdminClient
+
+            self.admin = AdminClient(self.conf)
+            return None
+
+    def _silent(self, p: int, now: int, end: int) -> None:
+        """A partition that tells nothing (not idle, nothing committed) holds every other partition's
+        decisions: past SILENT_WARN, a warning (once a minute) says where it is."""
+        since = self.silent.setdefault(p, now)
+        if now - since >= SILENT_WARN and now - self.warned.get(p, 0) >= 60_000:
+            self.warned[p] = now
+            position, delivered = eos.read_to(self.app, TP(self.topics.accounts, p))
+            log.warning("partition %d has told the others nothing for %.0f s (it has committed nothing since it was "
+                        "assigned): read up to %s of %d, last delivered %s, processed up to %s, committed %s", p,
+                        (now - since) / 1000, position, end, delivered, self.publisher.processed.get(p),
+                        eos.committed(self.app, TP(self.topics.accounts, p)))
+
+    def _count(self, reports: list, ends: dict[int, int], idle: set[int]) -> None:
+        """A batch of reports, fenced by `ends`; the idle partitions have read up to their fence."""
+        self.detector.heard.hear(reports, ends)
+        for p in idle:
+            self.detector.heard.promote(p, ends[p])
+
+    async def tick(self) -> None:
+        loop = self.feed.loop
+        if loop is None:  # the ingest tier has not started yet
+            return
+        if self.reader is None:
+            self._clients()
+        owned = sorted(tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.topics.accounts)
+        self.publisher.forget(owned)
+        for kept in (self.notes, self.silent):
+            for p in [p for p in kept if p not in owned]:
+                del kept[p]
+        now = int(time.time() * 1000)
+        reports = (loop.report(now) or []) + self._read()  # (None from an ingest process: it writes its own)
+        ends = await asyncio.get_running_loop().run_in_executor(None, self._ends, owned) if owned else {}
+        if ends is not None:
+            idle = {p for p in owned if p in ends and self.idle(p, ends[p])}
+            self._count(reports, ends, idle)  # first: an idle partition then tells this tick's input reports
+            ours = []
+            for p in owned:
+                told = self.detector.report(p, now, p in idle, self.committed(p))
+                if told is not None:
+                    ours.append((envelope.WATERMARK, p, (now, told)))
+                    self.silent.pop(p, None)
+                else:
+                    self._silent(p, now, ends[p])
+            for body in envelope.pack_all([envelope.told(kind, p, *told) for kind, p, told in ours]):
+                produce(self.producer, self.topics.progress, body)
+            self.producer.poll(0)
+            self._count(ours, ends, idle)
+        loop.tick([p for p in owned if self.publisher.needs_tick(p, now)], now)
