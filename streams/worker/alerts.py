@@ -38,6 +38,7 @@ from streams.worker.kafka import partitions_named, poll
 log = logging.getLogger("pql.alerts")
 BREACH = b'"type":"pql.sla_breached"'
 DELIVERED, PARKED, REFUSED = "delivered", "parked", "refused"
+POLL = 0.5  # s a poll waits for a first message (a message ends it at once): an idle task wakes twice a second
 INDEX_WAIT = 2.0  # seconds an alert waits for the handoff index while Redis is unreachable
 
 
@@ -207,7 +208,7 @@ class Alerts:
             for loop in loops:
                 loop.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
-            await asyncio.sleep(0.3)  # a poll running in a thread (0.2 s at most) ends before its consumer closes
+            await asyncio.sleep(POLL + 0.1)  # a poll running in a thread (POLL s at most) ends before its consumer closes
             await self.session.close()
             for c in (self.consumer, self.retries, self.handoffs):
                 c.close()
@@ -222,12 +223,8 @@ class Alerts:
         while self.running:
             await asyncio.sleep(STALL / 3)
             for name, c in (("alerts", self.consumer), ("alerts-retry", self.retries), ("index", self.handoffs)):
-                try:
-                    lag = {}
-                    for tp in c.position(c.assignment()):
-                        _, high = c.get_watermark_offsets(tp, cached=True)
-                        if tp.offset >= 0 and high > tp.offset:
-                            lag[tp.partition] = (tp.offset, high)
+                try:  # in a thread: get_watermark_offsets waits while the consumer's poll runs in another
+                    lag = await asyncio.get_running_loop().run_in_executor(None, _lag, c)
                 except Exception:  # no statistics yet, or the consumer is being made anew
                     continue
                 now = time.monotonic()
@@ -237,7 +234,7 @@ class Alerts:
                     still.again(name, now)
 
     async def _poll(self, consumer, n: int) -> list:
-        msgs = await poll(consumer, n, 0.2)
+        msgs = await poll(consumer, n, POLL)
         for m in msgs:
             if m.error() is not None and fatal(m.error()):  # a static member fenced after a node loss
                 raise ConsumerGone(f"alerts: fatal Kafka consumer error: {m.error()}")
@@ -424,3 +421,13 @@ def _due(m) -> int:
         if k == "pql.alert.due":
             return int(v.decode())
     return 0
+
+
+def _lag(c) -> dict[int, tuple[int, int]]:
+    """partition -> (position, end) of the consumer's partitions with lag (ends as of the last fetch)."""
+    lag = {}
+    for tp in c.position(c.assignment()):
+        _, high = c.get_watermark_offsets(tp, cached=True)
+        if tp.offset >= 0 and high > tp.offset:
+            lag[tp.partition] = (tp.offset, high)
+    return lag

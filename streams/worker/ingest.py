@@ -38,6 +38,7 @@ from streams.worker.route import Batch, Router
 
 log = logging.getLogger("pql.ingest")
 QUIET = 30.0  # seconds without a poll after which the loop counts as stopped (/ready says 503)
+IDLE_POLL = 0.5  # s a poll waits for a first message when nothing is held (an idle tier wakes twice a second)
 RECREATE = 3  # times a minute the consumer may be made anew after a fatal error before the worker stops
 
 
@@ -69,6 +70,7 @@ class Ingest:
         # product.events / sales.responses partition -> newest event / answer time routed from it, acked
         self.routed: dict[int, int] = {}
         self.answered: dict[int, int] = {}
+        self.ends: dict[tuple[str, int], int] = {}  # input partition -> its end as of the last fetch (`_ends`)
         self.flying: set[tuple[str, int]] = set()  # input partitions whose envelopes are not all acked yet
 
         self.router, self.topics, self.batch_size, self.linger_s = router, topics, batch_size, linger_s
@@ -87,7 +89,7 @@ class Ingest:
             # the total count: after a few restarts one worker held every product.events partition and
             # the other every sales.responses one, and routed the whole stream alone: cluster chaos.)
             "auto.offset.reset": "earliest", "partition.assignment.strategy": "range",
-            "fetch.wait.max.ms": 20, "queued.max.messages.kbytes": 16384, "statistics.interval.ms": 5000,
+            "fetch.wait.max.ms": 200, "queued.max.messages.kbytes": 16384, "statistics.interval.ms": 5000,
         }
         self.consumer = Consumer(self.consumer_conf)
         self.lag_at = 0.0
@@ -171,16 +173,23 @@ class Ingest:
             self.read.pop(tp, None)
             (self.routed if tp[0] in self.topics.events else self.answered).pop(self.topics.index(*tp), None)
 
+    def _ends(self) -> None:
+        """Note each input partition's end as of the last fetch, for `_behind`. Only here, between two
+        polls: confluent-kafka's get_watermark_offsets waits while another thread is in consume()
+        (for the whole poll: the tick's report blocked the event loop for it, session 13)."""
+        from confluent_kafka import TopicPartition
+
+        for tp in list(self.owned):
+            try:
+                self.ends[tp] = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)[1]
+            except Exception:  # not fetched yet
+                self.ends.pop(tp, None)
+
     def _behind(self, tp: tuple[str, int]) -> bool:
         """Has the broker more of this partition than we have read (as of the last fetch)? Yes while
         we do not know (not fetched yet, about a second after an assignment)."""
-        from confluent_kafka import TopicPartition
-
-        try:
-            _, high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)
-        except Exception:  # not fetched yet
-            return True
-        return high < 0 or high > self.read.get(tp, -1) + 1
+        high = self.ends.get(tp)
+        return high is None or high < 0 or high > self.read.get(tp, -1) + 1
 
     def _lag(self) -> None:
         """pql_consumer_lag for product.events: high watermark minus our position (every 5 s)."""
@@ -214,7 +223,9 @@ class Ingest:
                 await self._check()
                 self.polled_at = time.monotonic()
                 self._lag()
-                msgs = await poll(self.consumer, self.batch_size, 0.05)
+                # (a message ends the wait at once; while the merge holds events, 50 ms lets it release them)
+                msgs = await poll(self.consumer, self.batch_size, 0.05 if self.merge.held else IDLE_POLL)
+                self._ends()
                 if msgs:
                     await self.linger(msgs)
                 elif not self.merge.held:
@@ -245,6 +256,7 @@ class Ingest:
     async def handle(self, msgs: list) -> None:
         """Route what may go on (events through `merge`), publish, wait for the acks, commit the
         input up to the first message still held."""
+        self._ends()  # (`linger` may have read more)
         batch, touched, routed, answered = Batch(), set(), {}, {}
         for m in msgs:
             if m.error() is not None:

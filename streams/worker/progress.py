@@ -90,7 +90,7 @@ class Progress:
         from confluent_kafka.admin import AdminClient
 
         self.reader = Consumer({**self.conf, "group.id": self.group, "enable.auto.commit": False,
-                                "isolation.level": "read_committed", "fetch.wait.max.ms": 50})
+                                "isolation.level": "read_committed"})
         self.reader.assign([TopicPartition(self.topics.progress, 0, OFFSET_END)])
         self.admin = AdminClient(self.conf)
         self.producer = Producer({**self.conf, "linger.ms": 0, "acks": "all"})
