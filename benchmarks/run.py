@@ -5,7 +5,7 @@ import os
 import platform
 import sys
 
-from benchmarks import backlog, backtest_bench, disorder, replay_bench, stream_bench
+from benchmarks import backlog, backtest_bench, disorder, replay_bench, scaling, stream_bench
 
 
 def machine() -> str:
@@ -27,6 +27,8 @@ def main() -> None:
     stream_bench.main()
     print("\n## backlog: eight weeks on the topic before the worker starts, time order and sorted by account")
     backlog.main()
+    print("\n## scaling: one worker at 4 to 256 partitions, and one vs two workers at 64")
+    scaling.main()
 
 
 if __name__ == "__main__":
