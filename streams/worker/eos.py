@@ -44,6 +44,7 @@ INTERNALS = [
     ("faust.assignor.partition_assignor", "PartitionAssignor.on_assignment"),    # remembered_topic_groups
     ("faust.transport.consumer", "TransactionManager.on_rebalance"),             # what remembered_topic_groups guards
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread.verify_event_path"),  # quiet_livelock_check
+    ("faust.transport.consumer", "Consumer.verify_all_partitions_active"),  # rare_livelock_check
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._ensure_consumer"),
     ("aiokafka.consumer.subscription_state", "TopicPartitionState.has_valid_position"),
     ("faust.transport.drivers.aiokafka", "Producer._transaction_producers"),  # Transactions.uncommitted, send_all
@@ -71,6 +72,7 @@ INTERNALS = [
 ]
 # attributes Faust's Consumer sets on its instances, used above (checked in the same test file)
 CONSUMER_ATTRIBUTES = ["_gap", "_read_offset", "_committed_offset"]
+LIVELOCK_EVERY = 10.0  # s between Faust's livelock checks of every partition (quiet_livelock_check)
 HANDOFF_COMMIT_DELAY = 0.005  # handoffs close together share one early commit
 RECOVERY_IDLE = 1.0  # seconds without a changelog record before table recovery looks for its end
 BOOTSTRAP_PATIENCE = 120.0  # seconds a starting client waits for a broker that was there a moment ago
@@ -83,6 +85,7 @@ def install(app, source: str) -> None:
     concurrent_commits(app.producer)
     seek_uncommitted_to_start()
     quiet_livelock_check()
+    rare_livelock_check()
     broker_highwaters()
     exclusive_gaps()
     no_batch_across_seeks(source)
@@ -241,6 +244,31 @@ def quiet_livelock_check() -> None:
 
     verify_event_path._pql = True
     AIOKafkaConsumerThread.verify_event_path = verify_event_path
+
+
+def rare_livelock_check(cls=None) -> None:
+    """Faust's livelock check runs every LIVELOCK_EVERY seconds, not four times a second.
+
+    It walked every assigned partition every 2.5 commit intervals (`verify_all_partitions_active`):
+    the largest share of an idle 64-partition worker's Python time (issue 25). Its warnings come
+    after minutes (`broker_commit_livelock_soft_timeout`, 300 s): a check every few seconds says the
+    same.
+    """
+    from faust.transport.consumer import Consumer
+
+    cls = cls or Consumer
+    verify_all = cls.verify_all_partitions_active
+    if getattr(verify_all, "_pql", False):
+        return
+
+    async def verify_all_partitions_active(self) -> None:
+        now = time.monotonic()
+        if now - getattr(self, "_pql_verified", float("-inf")) >= LIVELOCK_EVERY:
+            self._pql_verified = now
+            await verify_all(self)
+
+    verify_all_partitions_active._pql = True
+    cls.verify_all_partitions_active = verify_all_partitions_active
 
 
 def broker_highwaters() -> None:

@@ -59,6 +59,31 @@ def test_livelock_check_skips_a_partition_whose_position_is_being_reset():
     asyncio.run(check())
 
 
+def test_the_livelock_check_walks_the_partitions_every_few_seconds():
+    """eos.rare_livelock_check: four walks a second over every partition were most of an idle
+    64-partition worker's Python time."""
+    from streams.worker import eos
+
+    class Fake:
+        walks = 0
+
+        async def verify_all_partitions_active(self):
+            Fake.walks += 1
+
+    eos.rare_livelock_check(Fake)
+    c = Fake()
+
+    async def ticks(n: int) -> None:
+        for _ in range(n):
+            await c.verify_all_partitions_active()
+
+    asyncio.run(ticks(40))  # ten seconds of Faust's timer, at once
+    assert Fake.walks == 1
+    c._pql_verified -= eos.LIVELOCK_EVERY
+    asyncio.run(ticks(1))
+    assert Fake.walks == 2
+
+
 def test_recovery_highwaters_come_from_the_broker_not_from_a_fetch():
     """Faust's own answer is None before a fetch (-> highwater -1 -> ConsistencyError); ours asks
     the broker (eos.broker_highwaters)."""
