@@ -33,6 +33,7 @@ from streams.worker import envelope, eos
 
 log = logging.getLogger("pql.progress")
 KINDS = (envelope.WATERMARK, envelope.INPUT, envelope.ANSWERS)
+HISTORY = 120  # s of reports a starting worker reads (`_clients`)
 SILENT_WARN = 30_000  # ms an owned partition may tell nothing before the worker says why
 
 
@@ -86,12 +87,24 @@ class Progress:
         return done is None or eos.committed(self.app, TP(self.topics.accounts, p)) == done
 
     def _clients(self) -> None:
+        """The reader starts HISTORY seconds back: a worker restarted while another worker's input
+        partitions wait for their next owner (a member killed: up to PQL_SESSION_TIMEOUT) learns
+        their last reports at once. Reading from the end, its partitions heard nothing of them,
+        reported "nothing yet", and held every decision of every worker for minutes (cluster chaos
+        seed 2, session 13)."""
         from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
         from confluent_kafka.admin import AdminClient
 
         self.reader = Consumer({**self.conf, "group.id": self.group, "enable.auto.commit": False,
                                 "isolation.level": "read_committed"})
-        self.reader.assign([TopicPartition(self.topics.progress, 0, OFFSET_END)])
+        since = int(time.time() * 1000) - HISTORY * 1000
+        try:
+            (start,) = self.reader.offsets_for_times([TopicPartition(self.topics.progress, 0, since)], timeout=10)
+            offset = start.offset if start.offset >= 0 else OFFSET_END
+        except Exception as err:  # the next ticks' reports come anyway
+            log.info("progress: could not find where the last %d s of reports start (%s)", HISTORY, err)
+            offset = OFFSET_END
+        self.reader.assign([TopicPartition(self.topics.progress, 0, offset)])
         self.admin = AdminClient(self.conf)
         self.producer = Producer({**self.conf, "linger.ms": 0, "acks": "all"})
 
