@@ -77,7 +77,8 @@ EMPTY = Heard()
 
 class Reports:
     """The batches of reports this worker has read, each with its fences, and what each of its
-    partitions counts (`view`). In memory: a restarted worker hears everything anew within a tick."""
+    partitions counts (`view`). In memory: a starting worker reads the last reports again
+    (progress.py, HISTORY)."""
 
     def __init__(self, keep: int = KEEP):
         self.latest = EMPTY

@@ -67,7 +67,6 @@ from streams.worker.monitor import Unmoved
 
 log = logging.getLogger("pql.detect")
 IDLE = envelope.IDLE  # the cut of an idle tick: everything, except accounts still expecting held events
-REPORTS = (envelope.WATERMARK, envelope.INPUT, envelope.ANSWERS)
 BARRIER_WARN = 60_000  # ms decisions may wait for a barrier that does not move before the worker names who holds it
 
 
@@ -195,9 +194,8 @@ class Detect:
         if offset is not None:
             self.heard.promote(partition, offset)
         for kind, key, raw in envelope.unpack(body):
-            if kind in REPORTS:
-                tick, _, at = raw.decode().partition("\t")
-                self.heard.inband(partition, kind, int(key), (int(tick), int(at)))
+            if kind in envelope.REPORTS:
+                self.heard.inband(partition, kind, int(key), envelope.told_value(raw))
                 r.barrier = None
                 continue
             if kind in (envelope.RESPONSE, envelope.TICK):

@@ -33,6 +33,7 @@ from detectors.identity import EVENT, JOIN, LINK, USER
 from schemas.events import parse_event
 
 RESPONSE, TICK, WATERMARK, INPUT, ANSWERS = "r", "t", "w", "i", "s"
+REPORTS = (WATERMARK, INPUT, ANSWERS)  # the barrier's lines
 IDLE = 2**62  # a partition with nothing pending: no constraint
 _MARK = "\x1e"
 _q = json.encoder.encode_basestring_ascii  # a JSON string, as json.dumps writes it
@@ -87,6 +88,12 @@ def told(kind: str, partition: int, tick_ms: int, ms: int) -> tuple[str, bytes]:
     partition's stream time, sent to every other one; INPUT: how far the ingest tier has routed a
     product.events partition, sent to every accounts partition. `ms` IDLE: nothing pending."""
     return marked(kind, str(partition)), f"{tick_ms}\t{ms}".encode()
+
+
+def told_value(payload: bytes) -> tuple[int, int]:
+    """A barrier line's payload back: (tick ms, ms)."""
+    tick, _, ms = payload.partition(b"\t")
+    return int(tick), int(ms)
 
 
 MAX_BYTES = 512 * 1024  # well under Kafka's default 1 MB message limit

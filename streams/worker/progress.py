@@ -32,7 +32,6 @@ from streams.topics import Topics
 from streams.worker import envelope, eos
 
 log = logging.getLogger("pql.progress")
-KINDS = (envelope.WATERMARK, envelope.INPUT, envelope.ANSWERS)
 HISTORY = 120  # s of reports a starting worker reads (`_clients`)
 SILENT_WARN = 30_000  # ms an owned partition may tell nothing before the worker says why
 
@@ -41,9 +40,8 @@ def parse(body: bytes) -> list[tuple[str, int, tuple[int, int]]]:
     """A progress record's reports: (kind, source, (tick ms, time or IDLE)); other lines are skipped."""
     out = []
     for kind, key, raw in envelope.unpack(body):
-        if kind in KINDS:
-            tick, _, at = raw.partition(b"\t")
-            out.append((kind, int(key), (int(tick), int(at))))
+        if kind in envelope.REPORTS:
+            out.append((kind, int(key), envelope.told_value(raw)))
     return out
 
 
