@@ -11,13 +11,13 @@ A report may count for partition p only once p has read every line its source wr
 it. Its source wrote those lines before the report (an ingest tier waits for their acks; an accounts
 partition reports only what its committed transactions hold), so they lie below p's high watermark
 read after the report was: that offset is the report's fence for p, and p counts the report once it
-has processed its log up to the fence. Reports are merged into one cumulative `Heard` per batch
-(O(sources)), and each partition moves to the newest batch whose fence it has passed: O(partitions)
-per batch, not partitions squared.
+has processed its log up to the fence. Reports are merged into one cumulative `Heard` per record read
+(O(sources)); a fence puts one rung on the ladder of each partition it names, and a partition moves
+to the highest rung it has passed: O(partitions) per tick, not partitions squared.
 """
 from __future__ import annotations
 
-from collections import deque
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable
@@ -25,7 +25,9 @@ from typing import Iterable
 from streams.worker.envelope import ANSWERS, IDLE, INPUT, WATERMARK
 
 NOTHING = -IDLE  # the barrier of a partition that has not heard from every source yet
-KEEP = 64  # batches kept: a partition further behind keeps what it heard until it passes a kept fence
+KEEP = 128  # rungs kept per partition (a tick each: a partition further behind counts nothing until it
+#            passes the lowest kept)
+SNAPSHOTS = 2048  # records' snapshots kept (a fence names an offset read a tick or two before it)
 
 Report = tuple[int, int]  # (tick ms, time or IDLE)
 
@@ -76,32 +78,70 @@ EMPTY = Heard()
 
 
 class Reports:
-    """The batches of reports this worker has read, each with its fences, and what each of its
-    partitions counts (`view`). In memory: a starting worker reads the last reports again
-    (progress.py, HISTORY)."""
+    """What this worker has read of `<app>-progress`, and what each partition counts (`view`).
 
-    def __init__(self, keep: int = KEEP):
-        self.latest = EMPTY
-        self.batches: deque[tuple[dict[int, int], Heard]] = deque(maxlen=keep)
+    `logged` is every report read, merged in the topic's order; `snapshots` keep what it was after
+    each record. A fence (offset X, {partition: high watermark h}) says: every report in a record
+    below X counts for that partition once it has processed its log up to h. A worker makes one at
+    each tick for the partitions it owns (X: how far it had read the topic when it asked for the
+    watermarks) and writes it to the topic, so the partitions' next owners climb the same ladder:
+    a partition taken over with a backlog counts the old owner's reports as it passes their fences
+    (each partition's `ladders`), not only once its whole backlog is done."""
+
+    def __init__(self, keep: int = KEEP, snapshots: int = SNAPSHOTS):
+        self.keep, self.kept = keep, snapshots
+        self.logged = EMPTY
+        self.snapshots: list[tuple[int, Heard]] = []  # (offset after the record, `logged` then)
+        self.ladders: dict[int, list[tuple[int, Heard]]] = {}  # fences rising, batches newer as they rise
         self.views: dict[int, Heard] = {}
 
-    def hear(self, reports: list[tuple[str, int, Report]], fences: dict[int, int]) -> None:
-        """A batch: `fences`: partition -> its high watermark, read after these reports were."""
-        self.latest = self.latest.merged(reports, seq=self.latest.seq + 1)
-        self.batches.append((fences, self.latest))
+    def hear(self, reports: list[tuple[str, int, Report]], after: int) -> None:
+        """The reports of the record just below offset `after`."""
+        if not reports:
+            return
+        self.logged = self.logged.merged(reports, seq=self.logged.seq + 1)
+        self.snapshots.append((after, self.logged))
+        if len(self.snapshots) > 2 * self.kept:
+            del self.snapshots[: self.kept]
+
+    def below(self, offset: int) -> Heard | None:
+        """Every report read in records below `offset` (None: none read, or not kept)."""
+        i = bisect_right(self.snapshots, offset, key=lambda s: s[0])
+        return self.snapshots[i - 1][1] if i else None
+
+    def fence(self, offset: int, ends: dict[int, int]) -> None:
+        heard = self.below(offset)
+        if heard is not None:
+            for p, end in ends.items():
+                self._rung(self.ladders.setdefault(p, []), end, heard)
+
+    def _rung(self, ladder: list[tuple[int, Heard]], end: int, heard: Heard) -> None:
+        """Keeps only rungs that are newer as they are higher: one no newer than a lower rung is useless."""
+        i = bisect_right(ladder, end, key=lambda r: r[0])
+        if i and ladder[i - 1][1].seq >= heard.seq:
+            return
+        if i and ladder[i - 1][0] == end:  # as high and older
+            i -= 1
+        j = i
+        while j < len(ladder) and ladder[j][1].seq <= heard.seq:
+            j += 1
+        ladder[i:j] = [(end, heard)]
+        if len(ladder) > self.keep:
+            del ladder[0]
 
     def promote(self, partition: int, position: int) -> bool:
         """Partition `partition` has processed its log below `position`: it counts the newest batch
         whose fence that passes. True if what it counts changed."""
-        current = self.views.get(partition, EMPTY)
-        for fences, heard in reversed(self.batches):
-            if heard.seq <= current.seq:
-                return False
-            fence = fences.get(partition)
-            if fence is not None and fence <= position:
-                self.views[partition] = heard
-                return True
-        return False
+        ladder = self.ladders.get(partition)
+        if not ladder or ladder[0][0] > position:
+            return False
+        i = bisect_right(ladder, position, key=lambda r: r[0])
+        heard = ladder[i - 1][1]
+        del ladder[:i]
+        if heard.seq <= self.views.get(partition, EMPTY).seq:
+            return False
+        self.views[partition] = heard
+        return True
 
     def inband(self, partition: int, kind: str, source: int, report: Report) -> None:
         """A report read in the partition's own log (tests, and envelopes of earlier versions): it
@@ -112,4 +152,5 @@ class Reports:
         return self.views.get(partition, EMPTY)
 
     def forget(self, partition: int) -> None:
+        """No longer ours: what it counted goes (its ladder stays: it may come back)."""
         self.views.pop(partition, None)

@@ -15,6 +15,8 @@ once per batch, not once per event. A line is one of:
     \\x1es<partition>\\t<tick ms>\\t<ms>   how far it has routed that sales.responses partition (answer times)
                                       (in these three, <ms> IDLE: nothing pending, which counts as <tick ms>;
                                       they travel on <app>-progress, packed the same way: progress.py)
+    \x1ef<writer>\t<offset>\t<p>:<h>,...  on <app>-progress only: the reports below that offset of it
+                                      count for partition p once p has processed its log up to h
 
 Account lines go to the account's partition, user lines to the user key's: `detect` forwards what a
 user line leads to (an attributed event, a moved held event) to the partition that owns it.
@@ -32,7 +34,7 @@ from typing import Iterator
 from detectors.identity import EVENT, JOIN, LINK, USER
 from schemas.events import parse_event
 
-RESPONSE, TICK, WATERMARK, INPUT, ANSWERS = "r", "t", "w", "i", "s"
+RESPONSE, TICK, WATERMARK, INPUT, ANSWERS, FENCE = "r", "t", "w", "i", "s", "f"
 REPORTS = (WATERMARK, INPUT, ANSWERS)  # the barrier's lines
 IDLE = 2**62  # a partition with nothing pending: no constraint
 _MARK = "\x1e"
@@ -94,6 +96,18 @@ def told_value(payload: bytes) -> tuple[int, int]:
     """A barrier line's payload back: (tick ms, ms)."""
     tick, _, ms = payload.partition(b"\t")
     return int(tick), int(ms)
+
+
+def fence(writer: str, offset: int, ends: dict[int, int]) -> tuple[str, bytes]:
+    """A fence line (for `pack_all`, streams/worker/barrier.py): `writer` names the worker that read
+    `<app>-progress` up to `offset`, then each partition's high watermark (`ends`)."""
+    return marked(FENCE, writer), f"{offset}\t{','.join(f'{p}:{h}' for p, h in ends.items())}".encode()
+
+
+def fence_value(payload: bytes) -> tuple[int, dict[int, int]]:
+    """A fence line's payload back: (offset, {partition: high watermark})."""
+    offset, _, ends = payload.partition(b"\t")
+    return int(offset), {int(p): int(h) for p, _, h in (e.partition(b":") for e in ends.split(b",") if e)}
 
 
 MAX_BYTES = 512 * 1024  # well under Kafka's default 1 MB message limit

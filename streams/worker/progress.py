@@ -1,15 +1,17 @@
 """The worker's tick, every PQL_SLA_TICK seconds: progress reports in and out, then tick lines.
 
-1. The ingest tier's report (`Ingest.report`): how far each of its input partitions is routed. It
-   writes it to `<app>-progress` for the other workers (in its own process, it only does that).
-2. The reports the other workers wrote since the last tick, read from `<app>-progress` (one
-   partition, read_committed, from the end at start-up).
+1. The ingest tier writes its report (`Ingest.report`) to `<app>-progress`: how far each of its input
+   partitions is routed (an ingest process writes its own).
+2. The records written to `<app>-progress` since the last tick, this worker's own included (one
+   partition; a starting worker reads the last HISTORY seconds): their reports, and the fences the
+   other workers made (streams/worker/barrier.py).
 3. The high watermark of each `<app>-accounts` partition this worker owns (one ListOffsets request):
-   every report of this tick counts for that partition once it has processed its log up to it
-   (streams/worker/barrier.py).
+   every report read so far counts for that partition once it has processed its log up to it. That
+   fence goes to `<app>-progress` too, so the partition's next owner can climb it.
 4. This worker's report of each partition it owns (`Detect.report`): idle when the partition has
    read its log up to that high watermark and committed all it processed; else its stream time as
-   of its last commit (noted before each commit: `noted`). Written to `<app>-progress`.
+   of its last commit (noted before each commit: `noted`). Written to `<app>-progress`, it counts
+   (here too) when read back, under the next fence.
 5. A partition that has read its log up to its fence counts the batch at once; the others when
    `detect` gets there.
 6. A tick line to each owned partition a tick has something to decide for (`Publisher.needs_tick`:
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections import deque
 
 from faust.types import TP
@@ -36,13 +39,16 @@ HISTORY = 120  # s of reports a starting worker reads (`_clients`)
 SILENT_WARN = 30_000  # ms an owned partition may tell nothing before the worker says why
 
 
-def parse(body: bytes) -> list[tuple[str, int, tuple[int, int]]]:
-    """A progress record's reports: (kind, source, (tick ms, time or IDLE)); other lines are skipped."""
-    out = []
+def parse(body: bytes) -> tuple[list[tuple[str, int, tuple[int, int]]], list[tuple[str, int, dict[int, int]]]]:
+    """A progress record's reports, (kind, source, (tick ms, time or IDLE)), and fences, (writer,
+    offset, {partition: high watermark}); other lines are skipped."""
+    reports, fences = [], []
     for kind, key, raw in envelope.unpack(body):
         if kind in envelope.REPORTS:
-            out.append((kind, int(key), envelope.told_value(raw)))
-    return out
+            reports.append((kind, int(key), envelope.told_value(raw)))
+        elif kind == envelope.FENCE:
+            fences.append((key, *envelope.fence_value(raw)))
+    return reports, fences
 
 
 class Progress:
@@ -52,6 +58,8 @@ class Progress:
         self.group = f"{settings.app_id}-progress"
         self.notes: dict[int, deque[tuple[int, tuple[int, int]]]] = {}  # partition -> (offset, reported) per commit
         self.reader = self.admin = self.producer = None
+        self.me = uuid.uuid4().hex[:12]  # names this worker's fences (it counts its own at once)
+        self.read: int | None = None  # the offset after the last record read
         self.silent: dict[int, int] = {}  # partition -> since when it has told nothing (ms)
         self.warned: dict[int, int] = {}
 
@@ -106,13 +114,19 @@ class Progress:
         self.admin = AdminClient(self.conf)
         self.producer = Producer({**self.conf, "linger.ms": 0, "acks": "all"})
 
-    def _read(self) -> list:
-        reports = []
+    def _read(self) -> None:
+        heard = self.detector.heard
         while msgs := self.reader.consume(500, timeout=0):
             for m in msgs:
-                if m.error() is None and m.value():
-                    reports += parse(m.value())
-        return reports
+                if m.error() is not None:
+                    continue
+                self.read = m.offset() + 1
+                if m.value():
+                    reports, fences = parse(m.value())
+                    heard.hear(reports, self.read)
+                    for writer, offset, ends in fences:
+                        if writer != self.me:
+                            heard.fence(offset, ends)
 
     def _ends(self, owned: list[int]) -> dict[int, int] | None:
         """The high watermark of each partition (read_uncommitted: open transactions' lines count,
@@ -146,12 +160,6 @@ class Progress:
                         (now - since) / 1000, position, end, delivered, self.publisher.processed.get(p),
                         eos.committed(self.app, TP(self.topics.accounts, p)))
 
-    def _count(self, reports: list, ends: dict[int, int], idle: set[int]) -> None:
-        """A batch of reports, fenced by `ends`; the idle partitions have read up to their fence."""
-        self.detector.heard.hear(reports, ends)
-        for p in idle:
-            self.detector.heard.promote(p, ends[p])
-
     async def tick(self) -> None:
         loop = self.feed.loop
         if loop is None:  # the ingest tier has not started yet
@@ -164,21 +172,27 @@ class Progress:
             for p in [p for p in kept if p not in owned]:
                 del kept[p]
         now = int(time.time() * 1000)
-        reports = (loop.report(now) or []) + self._read()  # (None from an ingest process: it writes its own)
+        loop.report(now)
+        self._read()
+        read = self.read
         ends = await asyncio.get_running_loop().run_in_executor(None, self._ends, owned) if owned else {}
         if ends is not None:
+            heard = self.detector.heard
+            lines = []
+            if read is not None and ends:
+                heard.fence(read, ends)
+                lines.append(envelope.fence(self.me, read, ends))
             idle = {p for p in owned if p in ends and self.idle(p, ends[p])}
-            self._count(reports, ends, idle)  # first: an idle partition then tells this tick's input reports
-            ours = []
+            for p in idle:
+                heard.promote(p, ends[p])  # first: an idle partition then tells the reports it counts
             for p in owned:
                 told = self.detector.report(p, now, p in idle, self.committed(p))
                 if told is not None:
-                    ours.append((envelope.WATERMARK, p, (now, told)))
+                    lines.append(envelope.told(envelope.WATERMARK, p, now, told))
                     self.silent.pop(p, None)
                 else:
                     self._silent(p, now, ends[p])
-            for body in envelope.pack_all([envelope.told(kind, p, *told) for kind, p, told in ours]):
+            for body in envelope.pack_all(lines):
                 produce(self.producer, self.topics.progress, body)
             self.producer.poll(0)
-            self._count(ours, ends, idle)
         loop.tick([p for p in owned if self.publisher.needs_tick(p, now)], now)

@@ -1,12 +1,14 @@
 """The barrier's reports (streams/worker/barrier.py): a report counts for a partition only once it
-has processed its log up to the report's fence, per partition, and a batch costs O(sources)."""
+has processed its log up to a fence made after the report was read, per partition; a partition taken
+over with a backlog climbs the old owner's fences; what is kept is bounded."""
 from streams.worker.barrier import EMPTY, Heard, Reports, lowest
 from streams.worker.envelope import ANSWERS, IDLE, INPUT, WATERMARK
 
 
 def test_a_report_counts_once_the_partition_has_read_up_to_its_fence():
     r = Reports()
-    r.hear([(WATERMARK, 1, (1000, 500))], {0: 40, 2: 7})
+    r.hear([(WATERMARK, 1, (1000, 500))], after=1)
+    r.fence(1, {0: 40, 2: 7})
     assert r.view(0) is EMPTY
     assert not r.promote(0, 39)  # a line partition 1 wrote before its report may still be at offset 39
     assert r.view(0) is EMPTY
@@ -14,20 +16,57 @@ def test_a_report_counts_once_the_partition_has_read_up_to_its_fence():
     assert r.view(2) is EMPTY  # what partition 0 counts frees no other partition
 
 
-def test_a_partition_counts_the_newest_batch_it_has_passed():
+def test_a_fence_covers_only_the_records_below_its_offset():
     r = Reports()
-    r.hear([(WATERMARK, 1, (1000, 500))], {0: 10})
-    r.hear([(WATERMARK, 1, (2000, 1500)), (INPUT, 3, (2000, IDLE))], {0: 20})
-    r.hear([(WATERMARK, 1, (3000, 2500))], {0: 30})
+    r.hear([(WATERMARK, 1, (1000, 500))], after=5)
+    r.hear([(WATERMARK, 1, (2000, 1500))], after=6)  # read after the fence's worker asked for the ends
+    r.fence(5, {0: 10})
+    assert r.promote(0, 10) and r.view(0).told == {1: (1000, 500)}
+    r.fence(4, {3: 10})  # below every record read: nothing to count
+    assert not r.promote(3, 10)
+
+
+def test_a_partition_counts_the_highest_rung_it_has_passed():
+    r = Reports()
+    r.hear([(WATERMARK, 1, (1000, 500))], after=1)
+    r.fence(1, {0: 10})
+    r.hear([(WATERMARK, 1, (2000, 1500)), (INPUT, 3, (2000, IDLE))], after=2)
+    r.fence(2, {0: 20})
+    r.hear([(WATERMARK, 1, (3000, 2500))], after=3)
+    r.fence(3, {0: 30})
     assert r.promote(0, 25) and r.view(0).told == {1: (2000, 1500)} and r.view(0).inputs == {3: (2000, IDLE)}
     assert not r.promote(0, 25)  # nothing newer passed
     assert r.promote(0, 31) and r.view(0).told == {1: (3000, 2500)}
     assert r.view(0).inputs == {3: (2000, IDLE)}  # batches are cumulative
 
 
-def test_a_partition_not_owned_when_a_batch_came_has_no_fence_in_it():
+def test_a_partition_taken_over_with_a_backlog_climbs_the_old_owners_fences():
+    """The restarted worker's partition counts what the old owner's fences say as it works through
+    its backlog, not only once it reaches today's end (cluster chaos seed 2, session 13)."""
     r = Reports()
-    r.hear([(WATERMARK, 1, (1000, 500))], {0: 10})
+    for t in range(1, 6):  # the old owner's ticks: partition 1 at time t, partition 0's log end 100 t
+        r.hear([(WATERMARK, 1, (t * 1000, t * 1000 - 500))], after=t)
+        r.fence(t, {0: 100 * t})
+    assert r.promote(0, 250) and r.view(0).told == {1: (2000, 1500)}
+    assert r.promote(0, 420) and r.view(0).told == {1: (4000, 3500)}
+
+
+def test_a_rung_no_newer_than_a_lower_one_is_dropped():
+    r = Reports()
+    r.hear([(WATERMARK, 1, (1000, 500))], after=1)
+    r.hear([(WATERMARK, 1, (2000, 1500))], after=2)
+    r.fence(2, {0: 50})
+    r.fence(1, {0: 60})  # a worker that had read less, and asked later
+    assert len(r.ladders[0]) == 1
+    r.fence(2, {0: 40})  # as new, lower: replaces the higher one
+    assert r.ladders[0] == [(40, r.below(2))]
+    assert not r.promote(0, 39) and r.promote(0, 40)
+
+
+def test_a_partition_not_named_by_a_fence_counts_nothing():
+    r = Reports()
+    r.hear([(WATERMARK, 1, (1000, 500))], after=1)
+    r.fence(1, {0: 10})
     assert not r.promote(5, 10**9)
 
 
@@ -43,8 +82,10 @@ def test_a_partition_does_not_wait_for_itself():
 
 
 def test_what_is_kept_is_bounded():
-    r = Reports(keep=4)
-    for n in range(100):
-        r.hear([(WATERMARK, 1, (n, n))], {0: n})
-    assert len(r.batches) == 4
+    r = Reports(keep=4, snapshots=8)
+    for n in range(1, 100):
+        r.hear([(WATERMARK, 1, (n, n))], after=n)
+        r.fence(n, {0: n, 7: n})
+    assert len(r.ladders[0]) == 4 and len(r.snapshots) <= 16
     assert r.promote(0, 99) and r.view(0).told == {1: (99, 99)}
+    assert not r.promote(7, 95) and r.promote(7, 96)  # the lowest rung kept

@@ -48,10 +48,12 @@ def test_a_partition_is_idle_once_it_has_read_and_committed_its_log(monkeypatch)
     assert not pr.idle(1, 50)
 
 
-def test_a_progress_record_reads_back_as_its_reports():
-    lines = [envelope.told(envelope.WATERMARK, 3, 1000, 900), envelope.told(envelope.INPUT, 100_001, 1000, envelope.IDLE)]
+def test_a_progress_record_reads_back_as_its_reports_and_fences():
+    lines = [envelope.told(envelope.WATERMARK, 3, 1000, 900), envelope.told(envelope.INPUT, 100_001, 1000, envelope.IDLE),
+             envelope.fence("w1", 77, {0: 12, 5: 0})]
     (body,) = envelope.pack_all(lines)
-    assert progress.parse(body) == [("w", 3, (1000, 900)), ("i", 100_001, (1000, envelope.IDLE))]
+    assert progress.parse(body) == ([("w", 3, (1000, 900)), ("i", 100_001, (1000, envelope.IDLE))],
+                                    [("w1", 77, {0: 12, 5: 0})])
 
 
 def test_only_a_partition_with_something_to_decide_gets_a_tick():
@@ -64,3 +66,90 @@ def test_only_a_partition_with_something_to_decide_gets_a_tick():
     assert not pub.needs_tick(p, due - 1) and pub.needs_tick(p, due)  # the handoff's SLA clock
     tables.clocks.data[f"w{p}"] = json.dumps({"stream": 0, "accounts": {"acme": 5}}).encode()
     assert pub.needs_tick(p, 0)  # a decision waits
+
+
+class _Log:
+    """A one-partition <app>-progress: what a tick writes, and a reader of it."""
+
+    def __init__(self):
+        self.records: list[bytes] = []
+
+    def producer(self):
+        log = self
+
+        class P:
+            def produce(self, topic, value, **kw):
+                log.records.append(value)
+
+            def poll(self, t):
+                return 0
+        return P()
+
+    def reader(self):
+        log = self
+
+        class M:
+            def __init__(self, offset, value):
+                self._o, self._v = offset, value
+
+            def error(self):
+                return None
+
+            def offset(self):
+                return self._o
+
+            def value(self):
+                return self._v
+
+        class R:
+            at = 0
+
+            def consume(self, n, timeout):
+                out = [M(o, log.records[o]) for o in range(self.at, min(len(log.records), self.at + n))]
+                self.at += len(out)
+                return out
+        return R()
+
+
+class _Loop:
+    def report(self, ms):
+        return None
+
+    def tick(self, partitions, ms):
+        pass
+
+
+def _worker(log: _Log, owned: list[int], ends: dict[int, int], monkeypatch):
+    pr, detector, pub = _progress({})
+    detector.inputs = None  # no ingest tier here: the partitions' own reports are the test
+    pr.app.consumer.assignment = lambda: {TP(TOPICS.accounts, p) for p in owned}
+    pr.feed = SimpleNamespace(loop=_Loop())
+    pr.reader, pr.producer = log.reader(), log.producer()
+    pr._ends = lambda asked: {p: ends[p] for p in asked}
+    return pr, detector, pub
+
+
+def test_a_partition_taken_over_counts_the_old_owners_fences_as_it_catches_up(monkeypatch):
+    """Worker A owns partitions 0-2 and ticks while they grow; it dies; worker B, started later,
+    reads the topic's history and takes partition 0 over from its last commit: it counts what A's
+    fences say at each point of its backlog, not nothing until its backlog is done."""
+    log, ends = _Log(), {0: 0, 1: 0, 2: 0}
+    monkeypatch.setattr(eos, "read_to", lambda app, tp: (None, None))  # nothing idle: reports come from commits
+    a, _, pub_a = _worker(log, [0, 1, 2], ends, monkeypatch)
+    for t in range(1, 6):
+        for p in (0, 1, 2):
+            ends[p] = 100 * t
+            pub_a.processed[p], pub_a.reported[p] = 100 * t, (t * 1000, t * 1000)
+        a.noted()
+        a.app.consumer._committed_offset.update({TP(TOPICS.accounts, p): 100 * t for p in (0, 1, 2)})
+        asyncio.run(a.tick())
+    assert any(envelope.FENCE.encode() in r for r in log.records)
+    ends.update({0: 900, 1: 900, 2: 900})
+    b, detector_b, _ = _worker(log, [0], ends, monkeypatch)
+    b._read()
+    heard = detector_b.heard
+    assert heard.view(0).told == {}
+    assert heard.promote(0, 250)  # A's fence at 200 passed: A's reports read before it count
+    assert {at for _, at in heard.view(0).told.values()} == {1000}  # A's tick 1 reports, read before its tick 2 fence
+    assert heard.promote(0, 500)
+    assert {at for _, at in heard.view(0).told.values()} == {4000}
