@@ -94,6 +94,7 @@ class Reports:
         self.snapshots: list[tuple[int, Heard]] = []  # (offset after the record, `logged` then)
         self.ladders: dict[int, list[tuple[int, Heard]]] = {}  # fences rising, batches newer as they rise
         self.views: dict[int, Heard] = {}
+        self.at: dict[int, int] = {}  # partition -> the position it last counted at
 
     def hear(self, reports: list[tuple[str, int, Report]], after: int) -> None:
         """The reports of the record just below offset `after`."""
@@ -113,7 +114,8 @@ class Reports:
         heard = self.below(offset)
         if heard is not None:
             for p, end in ends.items():
-                self._rung(self.ladders.setdefault(p, []), end, heard)
+                if end >= 0:  # (not a high watermark: no fence)
+                    self._rung(self.ladders.setdefault(p, []), end, heard)
 
     def _rung(self, ladder: list[tuple[int, Heard]], end: int, heard: Heard) -> None:
         """Keeps only rungs that are newer as they are higher: one no newer than a lower rung is useless."""
@@ -132,6 +134,9 @@ class Reports:
     def promote(self, partition: int, position: int) -> bool:
         """Partition `partition` has processed its log below `position`: it counts the newest batch
         whose fence that passes. True if what it counts changed."""
+        last, self.at[partition] = self.at.get(partition), position
+        if last is not None and position < last:  # read again from an earlier offset (a seek, a
+            self.views.pop(partition, None)      # rollback): what it counted may be ahead of it
         ladder = self.ladders.get(partition)
         if not ladder or ladder[0][0] > position:
             return False
@@ -154,3 +159,4 @@ class Reports:
     def forget(self, partition: int) -> None:
         """No longer ours: what it counted goes (its ladder stays: it may come back)."""
         self.views.pop(partition, None)
+        self.at.pop(partition, None)

@@ -89,3 +89,22 @@ def test_what_is_kept_is_bounded():
     assert len(r.ladders[0]) == 4 and len(r.snapshots) <= 16
     assert r.promote(0, 99) and r.view(0).told == {1: (99, 99)}
     assert not r.promote(7, 95) and r.promote(7, 96)  # the lowest rung kept
+
+
+def test_an_offset_that_is_no_high_watermark_makes_no_fence():
+    """ListOffsets answered -1001 for a partition whose leader was moving (cluster chaos, session
+    14): as a fence it counted at once, before the partition had read its log."""
+    r = Reports()
+    r.hear([(WATERMARK, 1, (1000, 500))], after=1)
+    r.fence(1, {0: -1001, 2: 5})
+    assert not r.promote(0, 0) and 0 not in r.ladders
+    assert r.promote(2, 5)
+
+
+def test_a_partition_read_again_from_an_earlier_offset_counts_nothing_it_passed_later():
+    r = Reports()
+    r.hear([(WATERMARK, 1, (1000, 500))], after=1)
+    r.fence(1, {0: 10})
+    assert r.promote(0, 12) and r.view(0).told
+    r.promote(0, 8)  # a seek back to the committed offset: lines 8..9 are not processed again yet
+    assert r.view(0) is EMPTY

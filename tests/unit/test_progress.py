@@ -153,3 +153,18 @@ def test_a_partition_taken_over_counts_the_old_owners_fences_as_it_catches_up(mo
     assert {at for _, at in heard.view(0).told.values()} == {1000}  # A's tick 1 reports, read before its tick 2 fence
     assert heard.promote(0, 500)
     assert {at for _, at in heard.view(0).told.values()} == {4000}
+
+
+def test_a_partition_without_a_high_watermark_gets_no_fence():
+    from concurrent.futures import Future
+
+    pr, _, _ = _progress({})
+
+    def answered(offset):
+        f = Future()
+        f.set_result(SimpleNamespace(offset=offset))
+        return f
+
+    pr.admin = SimpleNamespace(list_offsets=lambda asked, **kw: {
+        tp: answered(-1001 if tp.partition == 0 else 40) for tp in asked})
+    assert pr._ends([0, 1]) == {1: 40}
