@@ -64,6 +64,8 @@ INTERNALS = [
     ("faust.worker", "Worker._on_sigint"),
     ("faust.transport.drivers.aiokafka", "Transport._really_create_topic"),  # topic_creation_waits_for_a_node
     ("aiokafka.consumer.subscription_state", "TopicPartitionState.position"),  # read_to
+    ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._fetch_records"),  # noted_fetches
+    ("aiokafka", "AIOKafkaConsumer.assignment"),
     ("faust.transport.drivers.aiokafka", "Producer.commit_transactions"),  # concurrent_commits replaces it
     ("faust.transport.drivers.aiokafka", "logger"),
     ("aiokafka", "AIOKafkaProducer.send_offsets_to_transaction"),
@@ -89,6 +91,7 @@ def install(app, source: str) -> None:
     broker_highwaters()
     exclusive_gaps()
     no_batch_across_seeks(source)
+    noted_fetches(source)
     remembered_topic_groups()
     coordinator_lookup_survives_a_closed_connection()
     recovery_sees_its_end_sooner()
@@ -585,20 +588,69 @@ def guard_commits(consumer, lock: asyncio.Lock, noted=None) -> None:
     consumer._pql_guarded = True
 
 
+def noted_fetches(source: str, cls=None) -> None:
+    """aiokafka notes, as it hands records over, how far each `source` partition has been handed out.
+
+    aiokafka (0.14) advances a partition's position when its fetcher returns records to Faust's
+    consumer thread (`_fetch_records`); Faust then hands them to the agent's stream one by one
+    (`getmany` above). A
+    tick in between saw the position at the high watermark and the last delivered message processed,
+    and took the partition for idle with a batch still on its way: it counted reports whose fence
+    lay past envelopes it had not processed (session 14, found by the barrier's own check that a
+    partition never counts backwards). Here, after each fetch, each assigned `source` partition's
+    position and the last offset returned are noted (`_pql_handed`: {tp: (position, last offset)}),
+    that last offset first: `read_to` trusts a position only once it is noted.
+    """
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    cls = cls or AIOKafkaConsumerThread
+    if getattr(cls._fetch_records, "_pql", False):
+        return
+    fetch = cls._fetch_records
+
+    async def _fetch_records(self, consumer, active_partitions, timeout=None, max_records=None):
+        records = await fetch(self, consumer, active_partitions, timeout=timeout, max_records=max_records)
+        handed = consumer.__dict__.setdefault("_pql_handed", {})
+        assignment = consumer._fetcher._subscriptions.subscription.assignment
+        for tp in consumer.assignment():
+            if tp.topic == source:
+                got = records.get(tp)
+                last = got[-1].offset if got else handed.get(tp, (None, None))[1]
+                try:
+                    handed[tp] = (assignment.state_value(tp).position, last)
+                except Exception:  # revoked meanwhile
+                    handed.pop(tp, None)
+        return records
+
+    _fetch_records._pql = True
+    cls._fetch_records = _fetch_records
+
+
 def read_to(app, tp: TP) -> tuple[int | None, int | None]:
     """(aiokafka's position of `tp`: the next offset its fetcher hands out, past the control and
-    aborted batches it has skipped; the offset of the last message Faust delivered to `tp`'s stream
-    since its last seek: `no_batch_across_seeks` notes it), None when not known. A partition whose position has reached its high watermark and
-    whose delivered messages are all processed has nothing left to read (progress.py's idle)."""
+    aborted batches it has skipped; the last offset handed towards `tp`'s stream: what Faust
+    delivered since its last seek (`no_batch_across_seeks`) or, when later, what aiokafka returned
+    to Faust (`noted_fetches`)), None when not known: the position is None until `noted_fetches`
+    has noted it (records it returned may still be on their way to Faust). A partition whose
+    position has reached its high watermark and whose handed messages are all processed has
+    nothing left to read (progress.py's idle)."""
     from aiokafka.structs import TopicPartition
 
+    key = TopicPartition(tp.topic, tp.partition)
     try:
-        assignment = app.consumer._thread._ensure_consumer()._fetcher._subscriptions.subscription.assignment
-        state = assignment.state_value(TopicPartition(tp.topic, tp.partition)) if assignment else None
+        consumer = app.consumer._thread._ensure_consumer()
+        assignment = consumer._fetcher._subscriptions.subscription.assignment
+        state = assignment.state_value(key) if assignment else None
         position = state.position if state is not None and state.has_valid_position else None
+        handed_at, handed = getattr(consumer, "_pql_handed", {}).get(key, (None, None))
     except Exception:  # no consumer yet, or being rebalanced
-        position = None
-    return position, getattr(app.consumer, "_pql_delivered", {}).get(tp)
+        position, handed_at, handed = None, None, None
+    if position is not None and handed_at != position:
+        position = None  # advanced by a fetch whose records are not noted yet
+    delivered = getattr(app.consumer, "_pql_delivered", {}).get(tp)
+    if handed is not None and (delivered is None or handed > delivered):
+        delivered = handed
+    return position, delivered
 
 
 def committed(app, tp: TP) -> int | None:

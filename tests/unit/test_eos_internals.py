@@ -220,6 +220,46 @@ def test_what_reached_the_stream_since_the_last_seek_is_known():
     assert eos.read_to(app, tp)[1] is None and c._read_offset[tp] == 3
 
 
+def test_a_position_counts_only_once_the_records_it_passed_are_known():
+    """eos.noted_fetches: aiokafka advances the position as getmany returns a batch; until the
+    batch is noted, and while its records have not all reached the stream, the partition is not
+    read to its position (a tick took such a partition for idle: session 14)."""
+    from types import SimpleNamespace
+
+    from aiokafka.structs import TopicPartition
+    from faust.types import TP
+
+    from streams.worker import eos
+
+    key, tp = TopicPartition("accounts", 0), TP("accounts", 0)
+    state = SimpleNamespace(position=10, has_valid_position=True)
+
+    class Kafka:  # aiokafka's consumer, as far as it is used
+        def __init__(self):
+            self._fetcher = SimpleNamespace(_subscriptions=SimpleNamespace(subscription=SimpleNamespace(
+                assignment=SimpleNamespace(state_value=lambda k: state))))
+
+        def assignment(self):
+            return {key}
+
+    class Thread:  # Faust's consumer thread, as far as it is used
+        async def _fetch_records(self, consumer, active_partitions, timeout=None, max_records=None):
+            state.position = 14  # records 10..13 returned
+            return {key: [SimpleNamespace(offset=o) for o in range(10, 14)]}
+
+    eos.noted_fetches("accounts", Thread)
+    kafka = Kafka()
+    app = SimpleNamespace(consumer=SimpleNamespace(_thread=SimpleNamespace(_ensure_consumer=lambda: kafka),
+                                                   _pql_delivered={tp: 9}))
+    assert eos.read_to(app, tp) == (None, 9)  # a position not noted yet is not trusted
+    asyncio.run(Thread()._fetch_records(kafka, {key}, timeout=1.0))
+    assert eos.read_to(app, tp) == (14, 13)  # handed up to 13: not idle until 13 is processed
+    app.consumer._pql_delivered[tp] = 13
+    assert eos.read_to(app, tp) == (14, 13)
+    state.position = 15  # a getmany in progress moved it (a marker skipped, or records on their way)
+    assert eos.read_to(app, tp)[0] is None
+
+
 def test_a_rebalance_commits_first_and_rolls_back_what_it_could_not_commit():
     """eos.Transactions.on_revoked: commit; a partition whose transaction still holds sends goes back
     to the log (its open transaction is aborted when on_assigned starts fresh producers)."""

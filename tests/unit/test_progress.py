@@ -83,6 +83,9 @@ class _Log:
 
             def poll(self, t):
                 return 0
+
+            def flush(self, t):
+                return 0
         return P()
 
     def reader(self):
@@ -150,8 +153,8 @@ def test_a_partition_taken_over_counts_the_old_owners_fences_as_it_catches_up(mo
     heard = detector_b.heard
     assert heard.view(0).told == {}
     assert heard.promote(0, 250)  # A's fence at 200 passed: A's reports read before it count
-    assert {at for _, at in heard.view(0).told.values()} == {1000}  # A's tick 1 reports, read before its tick 2 fence
-    assert heard.promote(0, 500)
+    assert {at for _, at in heard.view(0).told.values()} == {2000}  # A's tick 2 reports, read back under its fence
+    assert heard.promote(0, 500)  # (tick 5's second fence would go out with tick 6's record)
     assert {at for _, at in heard.view(0).told.values()} == {4000}
 
 
