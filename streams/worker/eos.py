@@ -593,10 +593,9 @@ def noted_fetches(source: str, cls=None) -> None:
 
     aiokafka (0.14) advances a partition's position when its fetcher returns records to Faust's
     consumer thread (`_fetch_records`); Faust then hands them to the agent's stream one by one
-    (`getmany` above). A
-    tick in between saw the position at the high watermark and the last delivered message processed,
-    and took the partition for idle with a batch still on its way: it counted reports whose fence
-    lay past envelopes it had not processed (session 14, found by the barrier's own check that a
+    (`getmany` above). A tick in between saw the position at the high watermark and the last
+    delivered message processed, and took the partition for idle with a batch still on its way: it
+    counted reports whose fence lay past envelopes it had not processed (session 14, found by the barrier's own check that a
     partition never counts backwards). Here, after each fetch, each assigned `source` partition's
     position and the last offset returned are noted (`_pql_handed`: {tp: (position, last offset)}),
     that last offset first: `read_to` trusts a position only once it is noted.

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 from faust.types import TP
 
 from streams.worker import envelope, eos, progress
+from test_ingest import Msg
 from test_publish import TOPICS, Tx, qualifying_envelope, setup
 
 
@@ -91,24 +92,11 @@ class _Log:
     def reader(self):
         log = self
 
-        class M:
-            def __init__(self, offset, value):
-                self._o, self._v = offset, value
-
-            def error(self):
-                return None
-
-            def offset(self):
-                return self._o
-
-            def value(self):
-                return self._v
-
         class R:
             at = 0
 
             def consume(self, n, timeout):
-                out = [M(o, log.records[o]) for o in range(self.at, min(len(log.records), self.at + n))]
+                out = [Msg(TOPICS.progress, 0, o, log.records[o]) for o in range(self.at, min(len(log.records), self.at + n))]
                 self.at += len(out)
                 return out
         return R()
