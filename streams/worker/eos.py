@@ -30,6 +30,7 @@ CHECKED = {"faust-streaming": "0.15.3", "aiokafka": "0.14.0"}
 INTERNALS = [
     ("faust.transport.consumer", "Consumer.ack"),            # guard_skips wraps it
     ("faust.transport.consumer", "Consumer.commit"),         # guard_commits wraps it
+    ("faust.transport.consumer", "Consumer._commit_handler.fun"),  # its timer calls commit() with no arguments
     ("faust.transport.consumer", "Consumer.seek"),           # reread_skipped
     ("faust.transport.consumer", "Consumer.perform_seek"),   # what seek_uncommitted_to_start corrects
     ("faust.transport.drivers.aiokafka", "Producer._settings_extra"),  # short_retries
@@ -76,6 +77,7 @@ INTERNALS = [
 CONSUMER_ATTRIBUTES = ["_gap", "_read_offset", "_committed_offset"]
 LIVELOCK_EVERY = 10.0  # s between Faust's livelock checks of every partition (quiet_livelock_check)
 HANDOFF_COMMIT_DELAY = 0.005  # handoffs close together share one early commit
+CATCHUP_RECORDS = 500  # records of an owned <app>-accounts partition not processed yet: catching up
 RECOVERY_IDLE = 1.0  # seconds without a changelog record before table recovery looks for its end
 BOOTSTRAP_PATIENCE = 120.0  # seconds a starting client waits for a broker that was there a moment ago
 
@@ -430,6 +432,12 @@ class Transactions:
         self.rollback = lambda partitions: None  # set by the app: memory back to the log (Publisher.rollback)
         self.frozen = False  # between a revocation and the next assignment: no envelope is published
         self.noted = None  # set by the app: notes what a commit will hold (guard_commits)
+        self.spacing = 0.0  # s the timer's commits are apart at least now (set by the tick: `catching_up`)
+
+    def catching_up(self, behind: int, interval: float) -> None:
+        """The tick found an owned partition `behind` records short of its log's end: far behind
+        (CATCHUP_RECORDS), the timer commits every `interval` s, not every PQL_COMMIT_INTERVAL."""
+        self.spacing = interval if behind > CATCHUP_RECORDS else 0.0
 
     def tid(self, partition: int) -> str:
         """The transactional id Faust uses for this source partition (TransactionManager's format)."""
@@ -437,7 +445,7 @@ class Transactions:
 
     def start(self) -> set:
         """Called by `detect` when it starts: guard commits and acks (see those functions)."""
-        guard_commits(self.app.consumer, self.lock, self.noted)
+        guard_commits(self.app.consumer, self.lock, self.noted, lambda: self.spacing)
         return guard_skips(self.app.consumer, self.source)
 
     def owns(self, partition: int) -> bool:
@@ -565,17 +573,26 @@ class Transactions:
             del self.soon[partition]
 
 
-def guard_commits(consumer, lock: asyncio.Lock, noted=None) -> None:
+def guard_commits(consumer, lock: asyncio.Lock, noted=None, spacing=None) -> None:
     """Make Faust's commits (timer, rebalance, shutdown) wait while `detect` is publishing.
 
     `noted()`, called before each commit, notes what the partitions' transactions hold: the
-    progress reports tell only what committed ones hold (streams/worker/progress.py)."""
+    progress reports tell only what committed ones hold (streams/worker/progress.py).
+    `spacing()`: seconds the timer's commits (Faust calls `commit()` without arguments from its
+    timer) must be apart now; one sooner is skipped: a worker catching up commits less often, each
+    commit a round of transaction requests to every partition leader (cluster chaos seed 2 caught
+    up in 58 s with PQL_COMMIT_INTERVAL=1.0, 100 s with 0.1; session 14). Its transactions grow
+    meanwhile; what commits together is unchanged."""
     if getattr(consumer, "_pql_guarded", False):
         return
     original = consumer.commit
+    last = [0.0]
 
     async def commit(*args, **kwargs):
+        if not args and not kwargs and spacing is not None and time.monotonic() - last[0] < spacing():
+            return False
         async with lock:
+            last[0] = time.monotonic()
             started = time.perf_counter()
             if noted is not None:
                 noted()

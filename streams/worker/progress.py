@@ -57,6 +57,7 @@ class Progress:
     def __init__(self, app, settings, topics: Topics, detector, publisher, feed):
         self.app, self.topics, self.detector, self.publisher, self.feed = app, topics, detector, publisher, feed
         self.conf = settings.confluent()
+        self.catchup = settings.catchup_commit_interval
         self.group = f"{settings.app_id}-progress"
         self.notes: dict[int, deque[tuple[int, tuple[int, int]]]] = {}  # partition -> (offset, reported) per commit
         self.reader = self.admin = self.producer = None
@@ -221,6 +222,9 @@ class Progress:
         made = await self._fence(owned)
         if made is not None:
             ends, idle, lines = made
+            done = self.publisher.processed
+            behind = max((end - done[p] for p, end in ends.items() if p in done), default=0)
+            self.publisher.tx.catching_up(behind, self.catchup)
             for p in owned:
                 told = self.detector.report(p, now, p in idle, self.committed(p))
                 if told is not None:

@@ -542,3 +542,37 @@ def test_partition_transactions_commit_side_by_side_and_a_failure_is_raised_afte
     except RuntimeError as err:
         assert str(err) == "b lost"
     assert sorted(x for x in log if x[0] != "offsets") == [("begin", "a"), ("begin", "c"), ("commit", "a"), ("commit", "c")]
+
+
+def test_faust_timer_commits_without_arguments():
+    """guard_commits tells the timer's commits (spaced while catching up) by their bare call."""
+    from faust.transport.consumer import Consumer
+
+    src = inspect.getsource(Consumer._commit_handler.fun)  # (a mode ServiceTask)
+    assert "await self.commit()" in src, "Faust's commit timer changed: review guard_commits' spacing"
+
+
+def test_timer_commits_are_spaced_while_catching_up_and_others_never():
+    from streams.worker.eos import CATCHUP_RECORDS, Transactions, guard_commits
+
+    class Consumer:
+        def __init__(self):
+            self.calls = []
+
+        async def commit(self, *args, **kwargs):
+            self.calls.append(args or kwargs or "timer")
+            return True
+
+    async def run():
+        c, tx = Consumer(), Transactions.__new__(Transactions)
+        tx.spacing = 0.0
+        guard_commits(c, asyncio.Lock(), spacing=lambda: tx.spacing)
+        assert await c.commit() and await c.commit()  # caught up: every timer commit
+        tx.catching_up(CATCHUP_RECORDS + 1, 60.0)
+        assert await c.commit() is False  # the last one was just now
+        assert await c.commit(topics={"t"})  # a commit of named partitions (an early handoff commit) goes
+        tx.catching_up(CATCHUP_RECORDS, 60.0)
+        assert await c.commit()
+        return c.calls
+
+    assert asyncio.run(run()) == ["timer", "timer", {"topics": {"t"}}, "timer"]

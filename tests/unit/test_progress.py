@@ -15,7 +15,7 @@ from test_publish import TOPICS, Tx, qualifying_envelope, setup
 def _progress(committed: dict[int, int]):
     tables, detector, pub = setup(Tx())
     app = SimpleNamespace(consumer=SimpleNamespace(_committed_offset={TP(TOPICS.accounts, p): o for p, o in committed.items()}))
-    settings = SimpleNamespace(confluent=lambda: {}, app_id="app")
+    settings = SimpleNamespace(confluent=lambda: {}, app_id="app", catchup_commit_interval=1.0)
     return progress.Progress(app, settings, TOPICS, detector, pub, feed=None), detector, pub
 
 
@@ -144,6 +144,20 @@ def test_a_partition_taken_over_counts_the_old_owners_fences_as_it_catches_up(mo
     assert {at for _, at in heard.view(0).told.values()} == {2000}  # A's tick 2 reports, read back under its fence
     assert heard.promote(0, 500)  # (tick 5's second fence would go out with tick 6's record)
     assert {at for _, at in heard.view(0).told.values()} == {4000}
+
+
+def test_the_tick_tells_the_transactions_how_far_behind_the_worker_is(monkeypatch):
+    """Commits are spaced while a partition is far behind its log (eos.guard_commits): the tick
+    measures it, the furthest-behind owned partition (processed offset to high watermark)."""
+    log, ends = _Log(), {0: 700, 1: 40}
+    monkeypatch.setattr(eos, "read_to", lambda app, tp: (None, None))
+    pr, _, pub = _worker(log, [0, 1], ends, monkeypatch)
+    pub.processed.update({0: 100, 1: 40})
+    asyncio.run(pr.tick())
+    assert pub.tx.behind == (600, 1.0)
+    pub.processed[0] = 700
+    asyncio.run(pr.tick())
+    assert pub.tx.behind == (0, 1.0)
 
 
 def test_a_partition_without_a_high_watermark_gets_no_fence():

@@ -36,6 +36,9 @@ class Tx:
     def commit_soon(self, partition):
         self.early.append(partition)
 
+    def catching_up(self, behind, interval):
+        self.behind = (behind, interval)
+
 
 def setup(tx):
     tables = Tables(*(SimpleNamespace(data={}) for _ in range(3)), app_id="app")
