@@ -438,8 +438,10 @@ class Detect:
             told, inputs = heard.told, heard.inputs
             who = ", ".join([f"partition {p}" for p in range(self.partitions) if p != partition and p not in told]
                             + [f"product.events partition {i}" for i in range(self.inputs or 0) if i not in inputs])
-            log.warning("partition %d: decisions have waited %.0f s: not heard from %s yet", partition, waited / 1000, who)
-            return
+            if who:  # (else every source was heard, and one said "nothing yet": named below)
+                log.warning("partition %d: decisions have waited %.0f s: not heard from %s yet", partition,
+                            waited / 1000, who)
+                return
         reports = [("partition", p, t) for p, t in heard.told.items() if p != partition]
         reports += [("product.events partition", p, t) for p, t in heard.inputs.items()]
         # the lowest report; on a tie an input's (a partition reports no further than the inputs it read)

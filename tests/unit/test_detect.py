@@ -361,6 +361,28 @@ def test_a_barrier_held_far_behind_names_who_holds_it(caplog):
     assert metrics.REGISTRY.get_sample_value("pql_barrier_wait_seconds", {"partition": str(me)}) == 0
 
 
+def test_a_partition_that_says_nothing_yet_is_named(caplog):
+    """Every source heard, but one partition reports "nothing yet" (it has not heard from every
+    input itself): the warning names it (it used to say "not heard from  yet", naming no one)."""
+    d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=2)
+    me = envelope.partition_of("acme", 2)
+
+    def tick(ms: int) -> bytes:
+        return next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())]))
+
+    def told(partition: int, tick_ms: int, ms: int) -> bytes:
+        return next(envelope.pack_all([envelope.told(envelope.WATERMARK, partition, tick_ms, ms)]))
+
+    for n in (1, 2, 3):
+        h = parse_ms(at(hours=n))
+        asyncio.run(d.process(_routed(h, envelope.IDLE, partition=0) + b"\n" + _routed(h, envelope.IDLE, partition=1)
+                              + b"\n" + told(1 - me, h, -envelope.IDLE) + b"\n" + body(track("Feature Used", at(hours=n)))
+                              + b"\n" + tick(h), me))
+    said = [r.message for r in caplog.records if "decisions have waited" in r.message]
+    assert said and said[0].startswith(f"partition {me}: decisions have waited 3600 s for partition {1 - me}, which "
+                                       "last reported nothing yet (it has not heard from every input)")
+
+
 def test_a_restarted_partition_that_never_hears_from_an_input_names_it(caplog):
     d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=2)
     me = envelope.partition_of("acme", 2)
