@@ -25,8 +25,8 @@ from typing import Iterable
 from streams.worker.envelope import ANSWERS, IDLE, INPUT, WATERMARK
 
 NOTHING = -IDLE  # the barrier of a partition that has not heard from every source yet
-KEEP = 128  # rungs kept per partition (a tick each: a partition further behind counts nothing until it
-#            passes the lowest kept)
+KEEP = 128  # rungs kept per partition: the newest a tick apart, older ones thinned out (`_rung`), the
+#            oldest kept, so a partition taken over far behind its log counts from its first rung on
 SNAPSHOTS = 2048  # records' snapshots kept (a fence names an offset read a tick or two before it)
 
 Report = tuple[int, int]  # (tick ms, time or IDLE)
@@ -128,8 +128,8 @@ class Reports:
         while j < len(ladder) and ladder[j][1].seq <= heard.seq:
             j += 1
         ladder[i:j] = [(end, heard)]
-        if len(ladder) > self.keep:
-            del ladder[0]
+        if len(ladder) > self.keep:  # every other rung of the older half goes (not the lowest): the
+            del ladder[1:len(ladder) // 2:2]  # older the rungs, the sparser, back to the oldest fence
 
     def promote(self, partition: int, position: int) -> bool:
         """Partition `partition` has processed its log below `position`: it counts the newest batch

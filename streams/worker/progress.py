@@ -36,7 +36,7 @@ from streams.topics import Topics
 from streams.worker import envelope, eos
 
 log = logging.getLogger("pql.progress")
-HISTORY = 120  # s of reports a starting worker reads (`_clients`)
+HISTORY = 600  # s of reports a starting worker reads (`_clients`): the fences of a partition minutes behind
 FLUSH_WAIT = 1.0  # s a tick waits for its record's ack before reading it back
 SILENT_WARN = 30_000  # ms an owned partition may tell nothing before the worker says why
 
