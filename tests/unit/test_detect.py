@@ -243,6 +243,11 @@ def _routed(tick: int, ms: int, partition: int = 3) -> bytes:
     return b
 
 
+def _tick(ms: int) -> bytes:
+    (b,) = envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())])
+    return b
+
+
 def test_an_idle_report_counts_as_its_tick():
     """Idle at a tick says nothing about what comes after it: a partition idle at hour 1 (whose
     worker may die the next moment) holds a decision at hour 4 until it reports again."""
@@ -335,21 +340,15 @@ def test_a_barrier_held_far_behind_names_who_holds_it(caplog):
     d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=2)
     me = envelope.partition_of("acme", 2)
 
-    def tick(ms: int) -> bytes:
-        return next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())]))
-
-    def told(partition: int, tick_ms: int, ms: int) -> bytes:
-        return next(envelope.pack_all([envelope.told(envelope.WATERMARK, partition, tick_ms, ms)]))
-
     h = lambda n: parse_ms(at(hours=n))  # noqa: E731
     asyncio.run(d.process(_routed(h(1), envelope.IDLE, partition=0) + b"\n" + _routed(h(1), h(1), partition=1)
-                          + b"\n" + told(1 - me, h(1), envelope.IDLE), me))
-    asyncio.run(d.process(body(track("Feature Used", at(hours=1))) + b"\n" + tick(h(1)), me))
+                          + b"\n" + _told(1 - me, h(1), envelope.IDLE), me))
+    asyncio.run(d.process(body(track("Feature Used", at(hours=1))) + b"\n" + _tick(h(1)), me))
     assert not [r for r in caplog.records if "decisions have waited" in r.message]
     # input partition 1 says nothing more while the rest goes on for two hours
     for n in (2, 3):
-        asyncio.run(d.process(_routed(h(n), envelope.IDLE, partition=0) + b"\n" + told(1 - me, h(n), envelope.IDLE)
-                              + b"\n" + body(track("Feature Used", at(hours=n))) + b"\n" + tick(h(n)), me))
+        asyncio.run(d.process(_routed(h(n), envelope.IDLE, partition=0) + b"\n" + _told(1 - me, h(n), envelope.IDLE)
+                              + b"\n" + body(track("Feature Used", at(hours=n))) + b"\n" + _tick(h(n)), me))
     first, second = [r.message for r in caplog.records if "decisions have waited" in r.message]  # (once a minute)
     assert first == (f"partition {me}: decisions have waited 3600 s for product.events partition 1, "
                      f"which last reported time {h(1)} at its tick 3600 s ago")
@@ -357,7 +356,7 @@ def test_a_barrier_held_far_behind_names_who_holds_it(caplog):
     assert metrics.REGISTRY.get_sample_value("pql_barrier_wait_seconds", {"partition": str(me)}) == 7200
     # it reports again: the barrier moves, nothing waits
     asyncio.run(d.process(_routed(h(4), envelope.IDLE, partition=1) + b"\n" + _routed(h(4), envelope.IDLE, partition=0)
-                          + b"\n" + told(1 - me, h(4), envelope.IDLE) + b"\n" + tick(h(4)), me))
+                          + b"\n" + _told(1 - me, h(4), envelope.IDLE) + b"\n" + _tick(h(4)), me))
     assert metrics.REGISTRY.get_sample_value("pql_barrier_wait_seconds", {"partition": str(me)}) == 0
 
 
@@ -367,17 +366,11 @@ def test_a_partition_that_says_nothing_yet_is_named(caplog):
     d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=2)
     me = envelope.partition_of("acme", 2)
 
-    def tick(ms: int) -> bytes:
-        return next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())]))
-
-    def told(partition: int, tick_ms: int, ms: int) -> bytes:
-        return next(envelope.pack_all([envelope.told(envelope.WATERMARK, partition, tick_ms, ms)]))
-
     for n in (1, 2, 3):
         h = parse_ms(at(hours=n))
         asyncio.run(d.process(_routed(h, envelope.IDLE, partition=0) + b"\n" + _routed(h, envelope.IDLE, partition=1)
-                              + b"\n" + told(1 - me, h, -envelope.IDLE) + b"\n" + body(track("Feature Used", at(hours=n)))
-                              + b"\n" + tick(h), me))
+                              + b"\n" + _told(1 - me, h, -envelope.IDLE) + b"\n" + body(track("Feature Used", at(hours=n)))
+                              + b"\n" + _tick(h), me))
     said = [r.message for r in caplog.records if "decisions have waited" in r.message]
     assert said and said[0].startswith(f"partition {me}: decisions have waited 3600 s for partition {1 - me}, which "
                                        "last reported nothing yet (it has not heard from every input)")
@@ -387,12 +380,9 @@ def test_a_restarted_partition_that_never_hears_from_an_input_names_it(caplog):
     d = Detect(Engine(RULES), Topics.of(Settings()), {}, {}, NoMql(), partitions=2, inputs=2)
     me = envelope.partition_of("acme", 2)
 
-    def tick(ms: int) -> bytes:
-        return next(envelope.pack_all([(envelope.marked(envelope.TICK, ""), str(ms).encode())]))
-
     for n in (1, 2, 3):  # input partition 1 never reports
         asyncio.run(d.process(_routed(parse_ms(at(hours=n)), envelope.IDLE, partition=0) + b"\n"
-                              + body(track("Feature Used", at(hours=n))) + b"\n" + tick(parse_ms(at(hours=n))), me))
+                              + body(track("Feature Used", at(hours=n))) + b"\n" + _tick(parse_ms(at(hours=n))), me))
     said = [r.message for r in caplog.records if "decisions have waited" in r.message]
     assert said and said[0] == (f"partition {me}: decisions have waited 3600 s: not heard from partition {1 - me}, "
                                 "product.events partition 1 yet")
