@@ -27,7 +27,7 @@ stack-status:
 # The whole suite: tests/unit/, then tests/stack/, which starts its own Kafka and Redis on separate
 # ports (see tests/conftest.py).
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=30
 
 # The unit half: tests/unit/, no services.
 test-fast: install

@@ -64,7 +64,7 @@ class Ingest:
                  processed: Callable[[], dict[int, int]] = dict, merge_wait: float = 0.5):
         from confluent_kafka import Consumer, Producer
 
-        self.merge = Merge(merge_wait)
+        self.merge = Merge(merge_wait, router.engine.rules.lateness // 2)
         self.read: dict[tuple[str, int], int] = {}  # input partition -> last offset consumed
         self.owned: set[tuple[str, int]] = set()  # input partitions assigned to us now (rebalance callbacks)
         # product.events / sales.responses partition -> newest event / answer time routed from it, acked
@@ -185,6 +185,17 @@ class Ingest:
             except Exception:  # not fetched yet
                 self.ends.pop(tp, None)
 
+    def _confirm(self, tps: list) -> None:
+        """Each partition's end from the broker, not the cached one (see streams/worker/merge.py). Only
+        between two polls, like `_ends`; a broker that does not answer leaves the cached end."""
+        from confluent_kafka import TopicPartition
+
+        for tp in tps:
+            try:
+                self.ends[tp] = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=2)[1]
+            except Exception as err:
+                log.debug("end of %s: %s", tp, err)
+
     def _behind(self, tp: tuple[str, int]) -> bool:
         """Has the broker more of this partition than we have read (as of the last fetch)? Yes while
         we do not know (not fetched yet, about a second after an assignment)."""
@@ -277,6 +288,8 @@ class Ingest:
             elif (parsed := self.router.parse(raw, batch, m)) is not None and self.router.wanted(event := parsed[0]):
                 self.merge.add(tp, event.ms, event.messageId, m.offset(), (event, parsed[1], m))
         assigned = [tp for tp in self.read if tp[0] in self.topics.events and tp in self.owned]
+        if stale := self.merge.unconfirmed(assigned, self._behind):
+            await asyncio.get_running_loop().run_in_executor(None, self._confirm, stale)
         for event, raw, m in self.merge.ready(assigned, self._behind, time.monotonic()):
             self.router.route_event(event, raw, batch, m)
             touched.add((m.topic(), m.partition()))

@@ -8,6 +8,12 @@ ingest tier holds what it has read per partition and passes on the event with th
 data (the broker's high watermark is past what we read) has nothing held. A partition that has
 caught up does not hold the others back; one that has unread data holds them at most `max_wait`
 seconds (a slow fetch must not stall the pipeline).
+
+"Caught up" is as of the partition's last fetch. A backlog published while the worker runs reaches
+one partition's fetch a moment before another's: the first would run weeks of event time ahead,
+past the rules' lateness, and the account's own older events would come too late (test_backlog,
+1 run in 8). So before events more than `skew` past what a caught-up partition last gave go on,
+`unconfirmed` names it and the ingest tier asks the broker for its end anew.
 """
 from __future__ import annotations
 
@@ -18,15 +24,32 @@ MAX_HELD = 100_000  # messages held in all; beyond it the earliest go on without
 
 
 class Merge:
-    def __init__(self, max_wait: float):
-        self.max_wait = max_wait
+    def __init__(self, max_wait: float, skew: int = 0):
+        self.max_wait, self.skew = max_wait, skew
         self.queues: dict[tuple[str, int], deque] = {}   # (topic, partition) -> deque of (ms, messageId, offset, item)
         self.held = 0
         self.blocked_since: float | None = None
+        self.top = 0  # the newest event time added
+        self.known: dict[Hashable, int] = {}  # partition -> newest event time it gave, or `top` when confirmed
 
     def add(self, tp: Hashable, ms: int, message_id: str, offset: int, item: Any) -> None:
         self.queues.setdefault(tp, deque()).append((ms, message_id, offset, item))
         self.held += 1
+        if ms > self.top:
+            self.top = ms
+        if ms > self.known.get(tp, 0):
+            self.known[tp] = ms
+
+    def unconfirmed(self, assigned: list, behind: Callable[[Hashable], bool]) -> list:
+        """Partitions that look caught up, with nothing held, while held events reach more than `skew`
+        past the newest they gave (or past where they were last confirmed): ask the broker for their
+        ends before `ready` (each is named once per `skew` of event time)."""
+        out = []
+        for tp in assigned:
+            if not self.queues.get(tp) and self.top > self.known.get(tp, 0) + self.skew and not behind(tp):
+                self.known[tp] = self.top
+                out.append(tp)
+        return out
 
     def first_offset(self, tp: Hashable) -> int | None:
         """The offset of the earliest message still held for `tp` (commits must not pass it)."""
@@ -38,6 +61,7 @@ class Merge:
         for tp in tps:
             q = self.queues.pop(tp, None)
             self.held -= len(q) if q else 0
+            self.known.pop(tp, None)
 
     def ready(self, assigned: list, behind: Callable[[Hashable], bool], now: float) -> list:
         """The items that may go on now, in (ms, messageId) order."""

@@ -44,6 +44,8 @@ def test_a_backlog_of_eight_weeks_gives_replays_handoffs(kafka, redis_url, uniqu
             send()
         got = read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: len(m) >= len(want), idle=2,
                    timeout=180)
+        (tmp_path / "got.jsonl").write_bytes(b"\n".join(m.value() for m in got))  # kept for a failure's diagnosis
+        (tmp_path / "want.jsonl").write_text("\n".join(want_bytes))
         ids = Counter(json.loads(m.value())["id"] for m in got)
         assert [i for i, n in ids.items() if n > 1] == []  # each once
         assert sorted(ids) == want

@@ -172,3 +172,47 @@ def test_a_message_of_a_partition_revoked_after_it_was_fetched_is_left_to_its_ne
     assert [(kind, at) for kind, at, _ in loop.report(1000)] == [("i", 0)]  # product.events partition 0 only
     reported = {line.split(b"\t")[0] for topic, body in told for line in body.split(b"\n")}
     assert reported == {b"\x1ei0"} and {topic for topic, _ in told} == {TOPICS.progress}
+
+
+class Stale(Quiet):
+    """A consumer whose cached ends are as of a fetch before a backlog was published."""
+    def __init__(self, ends):
+        self.fresh, self.asked = ends, []
+
+    def get_watermark_offsets(self, tp, timeout=None, cached=False):
+        if cached:
+            return 0, 0
+        self.asked.append(tp.partition)
+        return 0, self.fresh[tp.partition]
+
+    def commit(self, offsets, asynchronous=True):
+        pass
+
+
+def test_a_partition_that_looks_caught_up_is_asked_again_before_the_others_run_weeks_ahead():
+    """A backlog published while the worker runs: partition 0's fetch has it, partition 1's cached
+    end says nothing is there. Its end from the broker holds 0's events back (merge.py)."""
+    import json
+
+    class Sent:
+        def flush(self, timeout=0):
+            return 0
+
+    loop = ingest(lambda: {})
+    loop.consumer = Stale({0: 100, 1: 100})
+    loop.producer.flush(0)
+    loop.producer = Sent()
+    loop._produce = lambda *a, **kw: None
+    owned = [(TOPICS.events[0], 0), (TOPICS.events[0], 1)]
+    loop.owned.update(owned)
+    for tp in owned:
+        loop.read[tp] = -1
+    loop._ends()
+    assert not loop._behind(owned[1])
+    msgs = [Msg(TOPICS.events[0], 0, n, json.dumps({
+        "type": "track", "event": "X", "messageId": f"m{n}", "userId": "u", "context": {"groupId": "a"},
+        "timestamp": f"2026-10-{1 + n:02d}T00:00:00Z"}).encode()) for n in range(20)]  # 20 days
+    asyncio.run(loop.handle(msgs))
+    assert loop.consumer.asked == [1]
+    assert loop.merge.held == 20  # held: partition 1 has unread data
+    assert loop._behind(owned[1])

@@ -45,3 +45,15 @@ def test_dropped_partitions_are_forgotten():
     m.drop([A])
     assert m.held == 1 and m.first_offset(A) is None
     assert m.ready([B], lambda tp: False, 0.0) == [(1, 3)]
+
+
+def test_a_partition_that_looks_caught_up_is_confirmed_before_others_run_past_it_by_skew():
+    m = Merge(max_wait=0.5, skew=100)
+    fill(m, A, [1, 50])
+    assert m.unconfirmed([A, B], lambda tp: False) == []  # (B gave nothing, but nothing is 100 past it)
+    fill(m, A, [500])
+    assert m.unconfirmed([A, B], lambda tp: False) == [B]
+    assert m.unconfirmed([A, B], lambda tp: False) == []  # confirmed at 500: named again past 600
+    fill(m, A, [601])
+    assert m.unconfirmed([A, B], lambda tp: tp == B) == []  # known to be behind: the merge holds it anyway
+    assert m.unconfirmed([A, B], lambda tp: False) == [B]
