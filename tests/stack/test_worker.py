@@ -161,7 +161,7 @@ def test_live_equals_replay_for_unkeyed_events_and_late_group_calls(kafka, redis
             env.create_topic("product.events", 4)
             env.start_worker()
             publish_unkeyed(env.kafka, env.topic("product.events"), lines)
-            got = read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: len(m) >= len(want), idle=4)
+            got = read(env.kafka, [env.topic("pql.handoffs")], until=lambda m: len(m) >= len(want), idle=2)
             runs.append(sorted(json.loads(m.value())["id"] for m in got))
         finally:
             env.stop_all()
