@@ -67,6 +67,8 @@ class Pending:
     milestones: list[str]
     refit: bool = False      # re-decided after a late group call: only a handoff is published
     diverged: str | None = None  # set by `decide` when it publishes nothing for EARLIER_QUALIFICATION
+    mutes: int = 0               # set by `decide`: qualifications it muted (docs/semantics.md, one suppression
+                                 # per handoff): this one, or those waiting behind the suppression it publishes
 
 
 @dataclass(slots=True)
@@ -77,6 +79,7 @@ class Observation:
     qualified: list[Pending] = field(default_factory=list)     # in position order
     diverged: list[str] = field(default_factory=list)          # DIVERGENCE reasons
     refit: list[Pos] = field(default_factory=list)             # not_fit positions that fit after a late group call
+    muted: int = 0                                             # qualifications not published (`decide`, muted)
 
 
 
@@ -145,7 +148,13 @@ class Engine:
             new.sort()
             self._qualify(state, account_id, new, obs)
         for p in obs.qualified:
-            insort(state.waiting, [p.ms, p.message_id])
+            if self._muted(state, (p.ms, p.message_id)):
+                obs.muted += 1  # its decision is known: muted (no need to wait, nor to keep what it needs)
+            else:
+                insort(state.waiting, [p.ms, p.message_id])
+        silent = {(pos, mid) for pos, mid in new if not self._may_signal(state, pos, mid)}
+        if silent:  # reaches whose pql.milestone is known to be none: they need not wait
+            state.waiting[:] = [w for w in state.waiting if len(w) == 2 or ((w[0], w[1]), w[2]) not in silent]
         obs.qualified = self.due(state, account_id, cut, obs)
         for pos in obs.refit:  # scored with every event of the batch in place
             score, counted = self._score(state, pos)
@@ -364,10 +373,15 @@ class Engine:
                    if (r := self._latest(state, d.id, pos, skip=skip)) is not None and r[0] >= lo]
         return sum(self.by_id[m].rule.points for m in counted), counted
 
+    def _may_signal(self, state: AccountState, pos: Pos, mid: str) -> bool:
+        """Can a new reach still get its pql.milestone? Not once the milestone held within the qualify
+        window before it: reaches only come, never go, so that stays true."""
+        prev = self._latest(state, mid, pos, before=True)
+        return prev is None or pos[0] - prev[0] > self.window
+
     def _signal(self, state: AccountState, account_id: str, pos: Pos, mid: str, obs: Observation) -> None:
         """pql.milestone at a new reach, unless the milestone already held within the qualify window."""
-        prev = self._latest(state, mid, pos, before=True)
-        if prev is None or pos[0] - prev[0] > self.window:
+        if self._may_signal(state, pos, mid):
             obs.milestones.append(self._milestone_event(account_id, self.by_id[mid], pos, state))
 
     def _qualify(self, state: AccountState, account_id: str, new: list[tuple[Pos, str]], obs: Observation) -> None:
@@ -412,6 +426,14 @@ class Engine:
         last, later = _around(state, p.ms)
         ours = last is not None and last.status in ("accepted", "converted") and not _recycled(mql, last.status_at)
         in_cooldown = last is not None and p.ms - last.start < rules.cooldown
+        if last is not None and last.muted is not None and (in_cooldown or ours):
+            # one pql.suppressed per handoff: the first qualification after it that is not handed off
+            if not p.refit:
+                if (p.ms, p.message_id) < tuple(last.muted):  # a late event: the sorted stream published this one
+                    p.diverged = EARLIER_QUALIFICATION
+                else:
+                    p.mutes = 1
+            return state, None, []
         if fit is not None and not fit.passed:
             reason = "not_fit"
         elif mql is not None and mql.stage in IN_SALES:
@@ -425,6 +447,9 @@ class Engine:
         if reason == "not_fit" and [p.ms, p.message_id] not in state.unfit:
             insort(state.unfit, [p.ms, p.message_id])
         if reason is not None:
+            if last is not None and (in_cooldown or ours):
+                last.muted = [p.ms, p.message_id]
+                p.mutes = self._unqueue(state, last)
             data = SuppressedData(
                 **ctx, reason=reason,
                 last_handoff_at=iso(last.at) if last is not None else None,
@@ -446,6 +471,18 @@ class Engine:
         )
         out = self._event(HANDOFF, p, data)
         return state, out, sales.handed_off(state, out.id, "pql", p.ms, p.ms + rules.sla.pql)
+
+    def _muted(self, state: AccountState, pos: Pos) -> bool:
+        """`decide` would mute a qualification at `pos` whatever arrives before it is decided."""
+        last, _ = _around(state, pos[0])
+        return last is not None and _safely_muted(last, pos, self.rules.cooldown, self.bound)
+
+    def _unqueue(self, state: AccountState, h: Handoff) -> int:
+        """Drop the waiting qualifications `h`, just muted, mutes whatever comes: how many."""
+        keep = [w for w in state.waiting if len(w) == 3 or not _safely_muted(h, (w[0], w[1]), self.rules.cooldown,
+                                                                               self.bound)]
+        n, state.waiting[:] = len(state.waiting) - len(keep), keep
+        return n
 
     def _context(self, state: AccountState, p: Pending, mql: MqlRecord | None) -> dict[str, Any]:
         """What a handoff and a suppression both carry: score, evidence, fit, MQL context."""
@@ -501,6 +538,7 @@ class Engine:
             mql = mql_of(qualified[0].account_id)
             for p in qualified:
                 state, decision, stages = self.decide(state, p, mql, now)
+                obs.muted += p.mutes
                 if decision is None:
                     obs.diverged += [p.diverged] if p.diverged else []
                     continue
@@ -522,6 +560,12 @@ def _around(state: AccountState, ms: int) -> tuple[Handoff | None, Handoff | Non
         elif later is None:
             later = h
     return last, later
+
+
+def _safely_muted(h: Handoff, pos: Pos, cooldown: int, bound: int) -> bool:
+    """Is a qualification at `pos` muted by `h` (its latest handoff) whatever comes later? Its
+    episode may start earlier (`since`) but never more than `bound` before `at`."""
+    return h.muted is not None and tuple(h.muted) <= pos and pos[0] < h.at + cooldown - bound
 
 
 def _recycled(mql: MqlRecord | None, since: int | None) -> bool:

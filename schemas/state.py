@@ -41,6 +41,7 @@ class Handoff(BaseModel):
     status: str = "open"                     # open | accepted | rejected | converted
     status_at: int | None = None             # time of the latest response
     breached: bool = False
+    muted: list[Any] | None = None           # [ms, messageId] of the suppression published after it; later ones are not
 
     @property
     def start(self) -> int:

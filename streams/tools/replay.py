@@ -57,6 +57,7 @@ class Summary:
     handoffs: int = 0
     backfill: int = 0
     suppressed: Counter = field(default_factory=Counter)
+    muted: int = 0
     stages: Counter = field(default_factory=Counter)
     responses: Counter = field(default_factory=Counter)
     accounts: int = 0
@@ -85,6 +86,8 @@ class Summary:
             f"qualifications:  {self.qualifications}",
             f"handoffs:        {self.handoffs}" + (f" ({self.backfill} backfill)" if self.backfill else ""),
             "suppressed:      " + _counts(self.suppressed),
+            *([f"muted:           {self.muted} (suppressions after a handoff's first: not published)"]
+              if self.muted else []),
             "stages:          " + _counts(self.stages),
             *(["responses:       " + _counts(self.responses)] if self.responses else []),
             f"accounts:        {self.accounts}",
@@ -216,6 +219,7 @@ class Replay:
         s.duplicates += obs.duplicates
         s.too_late += len(obs.too_late)
         s.diverged.update(obs.diverged)
+        s.muted += obs.muted
         for event in obs.too_late:
             err.write(f"line {lineno}: too_late: event {event.messageId} at {event.timestamp.isoformat()} is more than "
                       f"the rules' lateness + hold behind account {account}'s newest event\n")

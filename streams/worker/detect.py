@@ -330,6 +330,8 @@ class Detect:
                            f"behind account {account}'s newest event"))
         for reason in obs.diverged:
             metrics.divergence.labels(reason).inc()
+        if obs.muted:
+            metrics.suppressions_muted.inc(obs.muted)
         self._milestones(r, obs)
         await self._decide(r, account, state, obs.qualified, partition)
         self._waits(r, partition).index.track(account, state)
@@ -350,6 +352,8 @@ class Detect:
             metrics.qualifications.inc()
             now = self.now_ms()
             state, decision, stages = self.engine.decide(state, p, record, now)
+            if p.mutes:
+                metrics.suppressions_muted.inc(p.mutes)
             if decision is None:
                 if p.diverged:
                     metrics.divergence.labels(p.diverged).inc()

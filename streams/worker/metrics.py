@@ -38,6 +38,8 @@ handoffs_backfill = Counter("pql_handoffs_backfill", "Handoffs whose qualifying 
                             registry=REGISTRY)
 handoffs_suppressed = Counter("pql_handoffs_suppressed", "Qualifications suppressed, by reason", ["reason"],
                               registry=REGISTRY)
+suppressions_muted = Counter("pql_suppressions_muted", "Qualifications not published: a pql.suppressed after the "
+                             "same handoff already was (one per handoff)", registry=REGISTRY)
 event_to_handoff = Histogram("pql_event_to_handoff_seconds", "Qualifying event timestamp to handoff published",
                              buckets=LATENCY, registry=REGISTRY)
 event_processing = Histogram("pql_event_processing_seconds", "Detection time per event in the Faust tier",

@@ -115,17 +115,19 @@ def test_any_cut_into_envelopes_gives_the_sorted_outputs(docs, data):
 
 
 def test_a_whole_history_in_one_envelope_keeps_every_decision():
-    """The issue's case: a handoff, a cooldown suppression a week later, a handoff six weeks later,
-    all applied together before anything is decided."""
+    """The issue's case: a handoff, a cooldown suppression a week later (the next two qualifications
+    muted: one suppression per handoff), a handoff six weeks later, all applied together before
+    anything is decided."""
     r = rules({"inv": {"event": "Invite Sent", "count": 3, "within": "7d", "points": 60}}, cooldown="30d")
     docs = [track("Invite Sent", at(days=d, hours=k)) for d in (0, 7, 49) for k in range(3)]
-    want, _, _ = run(r, docs)
-    assert [o["type"] for o in want if o["type"] != "pql.stage"] == (
-        ["pql.handoff"] + ["pql.suppressed"] * 3 + ["pql.handoff"])
+    want, summary, _ = run(r, docs)
+    assert [o["type"] for o in want if o["type"] != "pql.stage"] == ["pql.handoff", "pql.suppressed", "pql.handoff"]
+    assert summary.muted == 2
     engine = Engine(r)
     state, obs, first = engine.step(None, [event(d) for d in docs], "acme", lambda a: None, cut=0)
     assert first == []  # all waiting
     rest = engine.decide_all(state, engine.due(state, "acme", None, obs), lambda a: None, obs)
+    assert obs.muted == 2
     assert [json.loads(o.to_json()) for o in rest if o.type != "pql.stage"] == [
         o for o in want if o["type"] != "pql.stage"]
 

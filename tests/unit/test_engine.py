@@ -260,6 +260,45 @@ def test_cooldown_suppresses_then_expires():
     assert out[1]["data"]["last_handoff_id"] == out[0]["id"]
 
 
+def test_one_suppression_per_handoff_the_rest_muted():
+    """A busy account in cooldown qualifies at every event: one pql.suppressed after its handoff, the
+    rest counted as muted; after the cooldown it is handed off again, and its first suppression shows."""
+    r = rules({"crm": CRM}, score=20, cooldown="30d")
+    days = [0, 1, 2, 3, 10, 20, 31, 32, 33]
+    out, summary, _ = run(r, [track("Integration Connected", at(days=d), integration="hubspot") for d in days])
+    assert kinds(out) == ["pql.handoff", "pql.suppressed", "pql.handoff", "pql.suppressed"]
+    assert [o["data"]["qualified_at"][:10] for o in out] == [at(days=d)[:10] for d in (0, 1, 31, 32)]
+    assert out[3]["data"]["last_handoff_id"] == out[2]["id"]
+    assert summary.muted == 5 and summary.suppressed == {"cooldown": 2}
+
+
+def test_muted_qualifications_do_not_wait_while_decisions_are_held():
+    """Behind a held barrier (a cut far behind the stream), a whale's qualifications in a muted
+    cooldown, and its reaches that cannot signal, do not pile up in `waiting`."""
+    from detectors.engine import Engine
+    from helpers import event
+
+    engine = Engine(rules({"crm": CRM}, score=20, cooldown="30d"))
+    docs = [track("Integration Connected", at(days=0, minutes=m), integration="hubspot") for m in range(300)]
+    state, obs, out = engine.step(None, [event(d) for d in docs[:2]], "acme", lambda a: None, cut=None)
+    assert kinds([o.model_dump() for o in out if o.type != "pql.stage"]) == ["pql.handoff", "pql.suppressed"]
+    held = event(docs[-1]).ms - 10**9  # nothing more is decided
+    state, obs, out = engine.step(state, [event(d) for d in docs[2:]], "acme", lambda a: None, cut=held)
+    assert out == [] and state.waiting == [] and obs.muted == 298
+
+
+def test_a_late_qualification_before_the_published_suppression_is_a_divergence():
+    from detectors.engine import EARLIER_QUALIFICATION, Engine
+    from helpers import event
+
+    engine = Engine(rules({"crm": CRM}, score=20, cooldown="30d"))
+    first, later, late = (track("Integration Connected", at(days=d), integration="hubspot") for d in (0, 2, 1))
+    state, obs, out = engine.step(None, [event(first), event(later)], "acme", lambda a: None)
+    assert [o.type for o in out if o.type != "pql.stage"] == ["pql.handoff", "pql.suppressed"]
+    state, obs, out = engine.step(state, [event(late)], "acme", lambda a: None)
+    assert out == [] and obs.diverged == [EARLIER_QUALIFICATION] and obs.muted == 0
+
+
 def test_precedence_open_mql_keeps_owner():
     r = rules({"crm": CRM}, score=20)
     for stage in ("MQL", "SAL"):
