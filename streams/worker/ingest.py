@@ -39,6 +39,7 @@ from streams.worker.route import Batch, Router
 log = logging.getLogger("pql.ingest")
 QUIET = 30.0  # seconds without a poll after which the loop counts as stopped (/ready says 503)
 IDLE_POLL = 0.5  # s a poll waits for a first message when nothing is held (an idle tier wakes twice a second)
+CONFIRM_WAIT = 0.5  # s the merge's end confirmations (`_confirm`) may hold routing, in all
 RECREATE = 3  # times a minute the consumer may be made anew after a fatal error before the worker stops
 
 
@@ -187,12 +188,17 @@ class Ingest:
 
     def _confirm(self, tps: list) -> None:
         """Each partition's end from the broker, not the cached one (see streams/worker/merge.py). Only
-        between two polls, like `_ends`; a broker that does not answer leaves the cached end."""
+        between two polls, like `_ends`; a broker that does not answer (a node down) leaves the cached
+        end, and the routing waits at most CONFIRM_WAIT seconds in all."""
         from confluent_kafka import TopicPartition
 
+        deadline = time.monotonic() + CONFIRM_WAIT
         for tp in tps:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                self.ends[tp] = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=2)[1]
+                self.ends[tp] = self.consumer.get_watermark_offsets(TopicPartition(*tp), timeout=left)[1]
             except Exception as err:
                 log.debug("end of %s: %s", tp, err)
 
