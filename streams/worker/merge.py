@@ -43,8 +43,10 @@ class Merge:
     def unconfirmed(self, assigned: list, behind: Callable[[Hashable], bool]) -> list:
         """Partitions that look caught up, with nothing held, while held events reach more than `skew`
         past the newest they gave (or past where they were last confirmed): ask the broker for their
-        ends before `ready` (each is named once per `skew` of event time)."""
+        ends before `ready` (each is named once per `skew` of event time). Nothing held: nothing to ask."""
         out = []
+        if not self.held:
+            return out
         for tp in assigned:
             if not self.queues.get(tp) and self.top > self.known.get(tp, 0) + self.skew and not behind(tp):
                 self.known[tp] = self.top

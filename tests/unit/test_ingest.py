@@ -200,7 +200,6 @@ def test_a_partition_that_looks_caught_up_is_asked_again_before_the_others_run_w
 
     loop = ingest(lambda: {})
     loop.consumer = Stale({0: 100, 1: 100})
-    loop.producer.flush(0)
     loop.producer = Sent()
     loop._produce = lambda *a, **kw: None
     owned = [(TOPICS.events[0], 0), (TOPICS.events[0], 1)]

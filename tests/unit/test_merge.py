@@ -57,3 +57,7 @@ def test_a_partition_that_looks_caught_up_is_confirmed_before_others_run_past_it
     fill(m, A, [601])
     assert m.unconfirmed([A, B], lambda tp: tp == B) == []  # known to be behind: the merge holds it anyway
     assert m.unconfirmed([A, B], lambda tp: False) == [B]
+    m.ready([A, B], lambda tp: False, 0.0)
+    fill(m, A, [900])
+    m.ready([A, B], lambda tp: False, 0.0)
+    assert m.unconfirmed([A, B], lambda tp: False) == []  # nothing held: nothing would go past B
