@@ -64,7 +64,6 @@ INTERNALS = [
     ("faust.worker", "Worker._on_sigterm"),                  # stop_within
     ("faust.worker", "Worker._on_sigint"),
     ("faust.transport.drivers.aiokafka", "Transport._really_create_topic"),  # topic_creation_waits_for_a_node
-    ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._create_worker_consumer"),  # short_fetch_waits
     ("aiokafka.consumer.subscription_state", "TopicPartitionState.position"),  # read_to
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._fetch_records"),  # noted_fetches
     ("aiokafka", "AIOKafkaConsumer.assignment"),
@@ -81,7 +80,6 @@ HANDOFF_COMMIT_DELAY = 0.005  # handoffs close together share one early commit
 CATCHUP_RECORDS = 500  # records of an owned <app>-accounts partition not processed yet: catching up
 RECOVERY_IDLE = 1.0  # seconds without a changelog record before table recovery looks for its end
 BOOTSTRAP_PATIENCE = 120.0  # seconds a starting client waits for a broker that was there a moment ago
-FETCH_WAIT_MS = 200  # how long a Faust fetch waits for records on a broker (Faust: 1500; short_fetch_waits)
 
 
 def install(app, source: str) -> None:
@@ -101,32 +99,6 @@ def install(app, source: str) -> None:
     recovery_sees_its_end_sooner()
     bootstrap_waits_for_the_broker()
     topic_creation_waits_for_a_node()
-    short_fetch_waits()
-
-
-def short_fetch_waits() -> None:
-    """A Faust fetch waits FETCH_WAIT_MS on a broker with nothing new instead of 1500 ms.
-
-    Faust (0.15.3, `AIOKafkaConsumerThread._create_worker_consumer`) makes its aiokafka consumer with
-    `fetch_max_wait_ms=1500`, which no setting changes. A broker answers a connection's requests in
-    order, so every other request of the consumer to that broker (ListOffsets, an offset fetch) waits
-    behind an idle fetch: a starting worker waited 1.5 s for the changelogs' first offsets and 1.5 s
-    more for its committed ones (of 9.2 s to /ready, session 16), and so does every seek after a
-    rebalance or a rollback. An idle worker fetches more often: a few small requests a second.
-    """
-    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
-
-    create = AIOKafkaConsumerThread._create_worker_consumer
-    if getattr(create, "_pql", False):
-        return
-
-    def _create_worker_consumer(self, *args, **kwargs):
-        consumer = create(self, *args, **kwargs)
-        consumer._fetch_max_wait_ms = FETCH_WAIT_MS  # (read when the consumer starts its fetcher)
-        return consumer
-
-    _create_worker_consumer._pql = True
-    AIOKafkaConsumerThread._create_worker_consumer = _create_worker_consumer
 
 
 def bootstrap_waits_for_the_broker() -> None:

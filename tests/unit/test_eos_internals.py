@@ -576,20 +576,3 @@ def test_timer_commits_are_spaced_while_catching_up_and_others_never():
         return c.calls
 
     assert asyncio.run(run()) == ["timer", "timer", {"topics": {"t"}}, "timer"]
-
-
-def test_faust_fetches_wait_short_on_an_idle_broker():
-    """eos.short_fetch_waits: Faust's consumer is made with fetch_max_wait_ms=1500, and every other
-    request to that broker (the ListOffsets of a start, a seek) waited behind an idle fetch."""
-    import faust
-    from streams.worker import eos
-
-    app = faust.App("pql-fetch-test", broker="kafka://127.0.0.1:1")
-    eos.short_fetch_waits()
-    eos.short_fetch_waits()  # installing twice changes nothing
-
-    async def made():
-        return app.consumer._thread._create_worker_consumer(app.transport)
-
-    consumer = asyncio.run(made())
-    assert consumer._fetch_max_wait_ms == eos.FETCH_WAIT_MS < 1500
