@@ -430,8 +430,9 @@ class Transactions:
         self.lock = asyncio.Lock()
         self.soon: dict[int, asyncio.Task] = {}
         self.rollback = lambda partitions: None  # set by the app: memory back to the log (Publisher.rollback)
-        self.frozen = False  # between a revocation and the next assignment: no envelope is published
+        self.frozen = False  # between a revocation and the next assignment: no envelope is published (Publisher)
         self.noted = None  # set by the app: notes what a commit will hold (guard_commits)
+        self.flush = None  # set by the app: sends the table writes held for a commit (Publisher.flush)
         self.spacing = 0.0  # s the timer's commits are apart at least now (set by the tick: `catching_up`)
 
     def catching_up(self, behind: int, interval: float) -> None:
@@ -445,25 +446,25 @@ class Transactions:
 
     def start(self) -> set:
         """Called by `detect` when it starts: guard commits and acks (see those functions)."""
-        guard_commits(self.app.consumer, self.lock, self.noted, lambda: self.spacing)
+        guard_commits(self.app.consumer, self.lock, self.noted, lambda: self.spacing, self.flush, self.source)
         return guard_skips(self.app.consumer, self.source)
 
     def owns(self, partition: int) -> bool:
         return TP(self.source, partition) in self.app.consumer.assignment()
 
-    async def send_all(self, sends: list, source: int) -> None:
+    async def send_all(self, sends: list, source: int, opens: bool = True) -> None:
         """An envelope's writes, each (topic, key, value, headers, partition), into the transaction of
         source partition `source`, as one aiokafka batch per topic partition (`send_batch`; Faust's
         `send` costs a coroutine, a lock and a log call per message). In order per topic partition.
 
-        Only the first batch may start a new transaction and retry: later, the lost transaction may
-        hold this envelope's earlier batches. Fenced, or still unusable: restart clean (a restart reads
+        Only the first batch may start a new transaction and retry (`opens`: nothing of ours is in the
+        open transaction yet): later, the lost transaction may hold earlier batches. Fenced, or still unusable: restart clean (a restart reads
         again from the committed offsets, so nothing is lost or sent twice).
         """
         by_tp: dict[tuple[str, int], list] = {}
         for topic, key, value, headers, partition in sends:
             by_tp.setdefault((topic, partition), []).append((key.encode(), value, headers or []))
-        first = True
+        first = opens
         for (topic, partition), msgs in by_tp.items():
             done = 0
             while done < len(msgs):
@@ -472,8 +473,6 @@ class Transactions:
 
     async def _batch(self, topic: str, partition: int, msgs: list, start: int, source: int, first: bool) -> int:
         """Send msgs[start:] (as many as one batch holds); returns where the next batch starts."""
-        if self.frozen and first:
-            raise PartitionMoved()  # a rebalance is under way (on_revoked)
         tid = self.tid(source)
         faust_producer = self.app.producer
         for attempt in (1, 2) if first else (2,):
@@ -573,7 +572,7 @@ class Transactions:
             del self.soon[partition]
 
 
-def guard_commits(consumer, lock: asyncio.Lock, noted=None, spacing=None) -> None:
+def guard_commits(consumer, lock: asyncio.Lock, noted=None, spacing=None, flush=None, source=None) -> None:
     """Make Faust's commits (timer, rebalance, shutdown) wait while `detect` is publishing.
 
     `noted()`, called before each commit, notes what the partitions' transactions hold: the
@@ -582,7 +581,9 @@ def guard_commits(consumer, lock: asyncio.Lock, noted=None, spacing=None) -> Non
     timer) must be apart now; one sooner is skipped: a worker catching up commits less often, each
     commit a round of transaction requests to every partition leader (cluster chaos seed 2 caught
     up in 58 s with PQL_COMMIT_INTERVAL=1.0, 100 s with 0.1; session 14). Its transactions grow
-    meanwhile; what commits together is unchanged."""
+    meanwhile; what commits together is unchanged.
+    `flush(partitions)`, awaited first, sends the table writes held for the commit's `source`
+    partitions (None: all of them) into their transactions (Publisher.flush)."""
     if getattr(consumer, "_pql_guarded", False):
         return
     original = consumer.commit
@@ -594,6 +595,8 @@ def guard_commits(consumer, lock: asyncio.Lock, noted=None, spacing=None) -> Non
         async with lock:
             last[0] = time.monotonic()
             started = time.perf_counter()
+            if flush is not None:
+                await flush(committing(args, kwargs, source))
             if noted is not None:
                 noted()
             try:
@@ -603,6 +606,15 @@ def guard_commits(consumer, lock: asyncio.Lock, noted=None, spacing=None) -> Non
 
     consumer.commit = commit
     consumer._pql_guarded = True
+
+
+def committing(args: tuple, kwargs: dict, source: str | None) -> set[int] | None:
+    """The `source` partitions a Faust commit call names (`commit(topics)`: TPs or topic names);
+    None when it commits every partition."""
+    topics = kwargs.get("topics", args[0] if args else None)
+    if not topics or source is None or any(isinstance(t, str) for t in topics):
+        return None
+    return {tp.partition for tp in topics if tp.topic == source}
 
 
 def noted_fetches(source: str, cls=None) -> None:

@@ -65,6 +65,8 @@ barrier_wait = Gauge("pql_barrier_wait_seconds", "How long the barrier of an <ap
                      ["partition"], registry=REGISTRY)
 changelog_bulk = Counter("pql_changelog_bulk_records", "Changelog records read into the tables by the bulk read "
                          "before Faust's recovery (streams/worker/restore.py)", registry=REGISTRY)
+table_writes_saved = Counter("pql_table_writes_saved", "Table values written again before their transaction's commit: "
+                             "sent once, with the last value (streams/worker/publish.py)", registry=REGISTRY)
 # the sales side (streams/worker/alerts.py, and `detect` for responses and SLA clocks)
 MINUTES = (10, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
 stage_transitions = Counter("pql_stage_transitions", "Stage events published (the funnel)", ["stage", "lane"],

@@ -39,6 +39,7 @@ log = logging.getLogger("pql.progress")
 HISTORY = 600  # s of reports a starting worker reads (`_clients`): the fences of a partition minutes behind
 FLUSH_WAIT = 1.0  # s a tick waits for its record's ack before reading it back
 SILENT_WARN = 30_000  # ms an owned partition may tell nothing before the worker says why
+BEHIND_INFO = 20_000  # ms an owned partition's report may be behind its tick before the worker says why
 
 
 def parse(body: bytes) -> tuple[list[tuple[str, int, tuple[int, int]]], list[tuple[str, int, dict[int, int]]]]:
@@ -67,6 +68,7 @@ class Progress:
         self.later: list = []  # the second fence of the last tick, written with this tick's record
         self.silent: dict[int, int] = {}  # partition -> since when it has told nothing (ms)
         self.warned: dict[int, int] = {}
+        self.told_behind: dict[int, int] = {}
 
     def noted(self) -> None:
         """Before each commit (eos.guard_commits, under the publishing lock): what each partition's
@@ -188,6 +190,24 @@ class Progress:
                         (now - since) / 1000, position, end, delivered, self.publisher.processed.get(p),
                         eos.committed(self.app, TP(self.topics.accounts, p)))
 
+    def _behind(self, p: int, now: int, told: int, end: int) -> None:
+        """A partition whose report is BEHIND_INFO behind its tick holds every other partition's
+        decisions that long: every 15 s, a line says where it is (its log, its commits, the
+        inputs it has counted), so a slow partition can be told from a slow barrier."""
+        if told >= envelope.IDLE or now - told < BEHIND_INFO or now - self.told_behind.get(p, 0) < 15_000:
+            return
+        self.told_behind[p] = now
+        tp = TP(self.topics.accounts, p)
+        position, delivered = eos.read_to(self.app, tp)
+        heard = self.detector.heard
+        ladder = heard.ladders.get(p) or []
+        log.info("partition %d reports %.0f s behind: read up to %s of %d, last delivered %s, processed up to %s, "
+                 "committed %s; stream time %.0f s behind, inputs counted up to %.0f s behind; next fence at %s "
+                 "(%d on the ladder)", p, (now - told) / 1000, position, end, delivered,
+                 self.publisher.processed.get(p), eos.committed(self.app, tp),
+                 (now - self.detector.stream.get(p, 0)) / 1000, (now - self.detector._processed(p)) / 1000,
+                 ladder[0][0] if ladder else None, len(ladder))
+
     async def _fence(self, owned: list[int]) -> tuple[dict[int, int], set[int], list] | None:
         """Read what is new on `<app>-progress`, then the owned partitions' high watermarks: every
         report read counts for each under that fence (at once for an idle one). Returns (ends, the
@@ -230,6 +250,7 @@ class Progress:
                 if told is not None:
                     lines.append(envelope.told(envelope.WATERMARK, p, now, told))
                     self.silent.pop(p, None)
+                    self._behind(p, now, told, ends.get(p, -1))
                 else:
                     self._silent(p, now, ends.get(p, -1))
             for body in envelope.pack_all(self.later + lines):

@@ -285,12 +285,7 @@ def test_a_rebalance_commits_first_and_rolls_back_what_it_could_not_commit():
     rolled = []
     tx.rollback = rolled.append
     asyncio.run(tx.on_revoked(None, set()))
-    assert commits == [1] and rolled == [{2}] and tx.frozen
-
-    async def first_send():
-        with pytest.raises(eos.PartitionMoved):  # nothing is published until the assignment
-            await tx.send_all([("t", "k", b"v", None, 0)], source=0)
-    asyncio.run(first_send())
+    assert commits == [1] and rolled == [{2}] and tx.frozen  # nothing is published until the assignment (test_publish)
     app.assignor = SimpleNamespace(group_for_topic=lambda t: {}[t])  # before the first assignment
     assert tx.uncommitted() == set()
 
@@ -576,3 +571,35 @@ def test_timer_commits_are_spaced_while_catching_up_and_others_never():
         return c.calls
 
     assert asyncio.run(run()) == ["timer", "timer", {"topics": {"t"}}, "timer"]
+
+
+def test_a_commit_sends_the_table_writes_of_the_partitions_it_commits_first():
+    from faust.types import TP
+
+    from streams.worker.eos import guard_commits
+
+    class Consumer:
+        def __init__(self):
+            self.calls = []
+
+        async def commit(self, *args, **kwargs):
+            self.calls.append("commit")
+            return True
+
+    async def run():
+        c, flushed = Consumer(), []
+
+        async def flush(partitions):
+            flushed.append(partitions)
+            c.calls.append("flush")
+
+        guard_commits(c, asyncio.Lock(), flush=flush, source="src")
+        await c.commit()  # the timer: every partition
+        await c.commit(topics={TP("src", 3), TP("other", 1)})  # an early commit of one partition
+        await c.commit(start_new_transaction=False)  # Faust's stop
+        await c.commit({"src"})  # topic names: every partition
+        return c.calls, flushed
+
+    calls, flushed = asyncio.run(run())
+    assert calls == ["flush", "commit"] * 4
+    assert flushed == [None, {3}, None, None]

@@ -25,13 +25,14 @@ class NoMql:
 
 class Tx:
     def __init__(self, move_at: int | None = None):
-        self.sent, self.early, self.move_at = [], [], move_at
+        self.sent, self.early, self.move_at, self.frozen, self.values = [], [], move_at, False, []
 
-    async def send_all(self, sends, source):
+    async def send_all(self, sends, source, opens=True):
         for topic, key, value, headers, partition in sends:
             if self.move_at is not None and len(self.sent) == self.move_at:
                 raise PartitionMoved()
             self.sent.append((topic, key, partition, source))
+            self.values.append(value)
 
     def commit_soon(self, partition):
         self.early.append(partition)
@@ -59,12 +60,54 @@ def test_every_write_goes_into_the_source_partitions_transaction():
     p = envelope.partition_of("acme", 4)
     result = asyncio.run(detector.process(qualifying_envelope("acme"), p))
     assert asyncio.run(pub.publish(result, p, offset=41))
+    assert TOPICS.handoffs in [s[0] for s in tx.sent]
+    assert not any(s[0].endswith("-changelog") for s in tx.sent)  # table writes wait for the commit
+    asyncio.run(pub.flush(None))
     topics = [s[0] for s in tx.sent]
-    assert TOPICS.handoffs in topics and "app-accounts-changelog" in topics and "app-clocks-changelog" in topics
+    assert "app-accounts-changelog" in topics and "app-clocks-changelog" in topics
     assert all(partition == p and source == p for _, _, partition, source in tx.sent)
     assert json.loads(tables.accounts.data["acme"])["account_id"] == "acme"
     assert json.loads(tables.clocks.data[str(p)])  # the handoff's SLA clock
     assert pub.processed == {p: 42} and tx.early == [p]  # a handoff: commit this partition now
+
+
+def test_a_key_written_by_several_envelopes_goes_to_its_changelog_once_per_commit_with_its_last_value():
+    tx = Tx()
+    tables, detector, pub = setup(tx)
+    p = envelope.partition_of("acme", 4)
+    for offset, hours in enumerate((1, 2, 3)):
+        (body,) = envelope.pack_all([("acme", json.dumps(track("Page Viewed", at(hours=hours), account="acme")).encode())])
+        assert asyncio.run(pub.publish(asyncio.run(detector.process(body, p)), p, offset))
+    other = (p + 1) % 4
+    asyncio.run(pub.flush({other}))  # a commit of another partition sends nothing of p's
+    assert tx.sent == []
+    asyncio.run(pub.flush({p}))
+    written = [(s[0], s[1]) for s in tx.sent]
+    assert written.count(("app-accounts-changelog", '"acme"')) == 1
+    (value,) = [v for (t, k, _, _), v in zip(tx.sent, tx.values) if k == '"acme"']
+    assert value == tables.accounts.data["acme"]  # the last value, as memory has it
+    asyncio.run(pub.flush(None))  # sent once: nothing held any more
+    assert len(tx.sent) == len(written)
+
+
+def test_a_rollback_drops_the_table_writes_held_for_the_commit():
+    tx = Tx()
+    tx.app = SimpleNamespace(tables=SimpleNamespace(recovery=SimpleNamespace(revoke=lambda tp: None)))
+    tables, detector, pub = setup(tx)
+    p = envelope.partition_of("acme", 4)
+    assert asyncio.run(pub.publish(asyncio.run(detector.process(qualifying_envelope("acme"), p)), p, 0))
+    pub.rollback({p})
+    asyncio.run(pub.flush(None))
+    assert not any(s[0].endswith("-changelog") for s in tx.sent)
+
+
+def test_nothing_is_published_while_a_rebalance_is_under_way():
+    tx = Tx()
+    tx.frozen = True
+    tables, detector, pub = setup(tx)
+    p = envelope.partition_of("acme", 4)
+    assert not asyncio.run(pub.publish(asyncio.run(detector.process(qualifying_envelope("acme"), p)), p, 0))
+    assert tables.accounts.data == {} and pub.unsent == {} and tx.sent == []
 
 
 def test_a_partition_that_moves_mid_envelope_leaves_memory_untouched():
