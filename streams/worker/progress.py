@@ -194,18 +194,20 @@ class Progress:
         """A partition whose report is BEHIND_INFO behind its tick holds every other partition's
         decisions that long: every 15 s, a line says where it is (its log, its commits, the
         inputs it has counted), so a slow partition can be told from a slow barrier."""
-        if told >= envelope.IDLE or now - told < BEHIND_INFO or now - self.told_behind.get(p, 0) < 15_000:
+        if told < 0 or told >= envelope.IDLE or now - told < BEHIND_INFO or now - self.told_behind.get(p, 0) < 15_000:
             return
         self.told_behind[p] = now
         tp = TP(self.topics.accounts, p)
         position, delivered = eos.read_to(self.app, tp)
-        heard = self.detector.heard
-        ladder = heard.ladders.get(p) or []
-        log.info("partition %d reports %.0f s behind: read up to %s of %d, last delivered %s, processed up to %s, "
-                 "committed %s; stream time %.0f s behind, inputs counted up to %.0f s behind; next fence at %s "
-                 "(%d on the ladder)", p, (now - told) / 1000, position, end, delivered,
-                 self.publisher.processed.get(p), eos.committed(self.app, tp),
-                 (now - self.detector.stream.get(p, 0)) / 1000, (now - self.detector._processed(p)) / 1000,
+        ladder = self.detector.heard.ladders.get(p) or []
+
+        def behind(t: int | None) -> str:
+            return "not known" if t is None or t <= 0 else "now" if t >= envelope.IDLE else f"{(now - t) / 1000:.0f} s behind"
+
+        log.info("partition %d reports %s: read up to %s of %d, last delivered %s, processed up to %s, committed %s; "
+                 "stream time %s, inputs counted up to %s; next fence at %s (%d on the ladder)", p, behind(told),
+                 position, end, delivered, self.publisher.processed.get(p), eos.committed(self.app, tp),
+                 behind(self.detector.stream.get(p)), behind(self.detector._processed(p)),
                  ladder[0][0] if ladder else None, len(ladder))
 
     async def _fence(self, owned: list[int]) -> tuple[dict[int, int], set[int], list] | None:

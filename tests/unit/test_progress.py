@@ -173,3 +173,21 @@ def test_a_partition_without_a_high_watermark_gets_no_fence():
     pr.admin = SimpleNamespace(list_offsets=lambda asked, **kw: {
         tp: answered(-1001 if tp.partition == 0 else 40) for tp in asked})
     assert pr._ends([0, 1]) == {1: 40}
+
+
+def test_a_partition_whose_report_lags_says_where_it_is_every_15_s(monkeypatch, caplog):
+    pr, detector, pub = _progress({1: 40})
+    monkeypatch.setattr(eos, "read_to", lambda app, tp: (60, 59))
+    detector.stream[1], pub.processed[1] = 70_000, 60
+    caplog.set_level("INFO", logger="pql.progress")
+    pr._behind(1, 100_000, 90_000, 80)  # 10 s behind: nothing to say
+    pr._behind(1, 100_000, -envelope.IDLE, 80)  # nothing heard yet (the barrier warning says who)
+    pr._behind(1, 100_000, envelope.IDLE, 80)
+    assert caplog.messages == []
+    pr._behind(1, 100_000, 75_000, 80)
+    pr._behind(1, 110_000, 75_000, 80)  # said 10 s ago
+    (said,) = caplog.messages
+    assert said.startswith("partition 1 reports 25 s behind: read up to 60 of 80") and "committed 40" in said
+    assert "stream time 30 s behind" in said
+    pr._behind(1, 115_000, 75_000, 80)
+    assert len(caplog.messages) == 2
