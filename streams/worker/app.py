@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faust
@@ -106,6 +107,7 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
     app.pql_feed = feed  # (/ready: the ingest tier is polling)
     progress = Progress(app, s, topics, detector, publisher, feed)
     tx.noted = progress.noted
+    app.pql_progress = progress  # (/ready, and the tick watchdog of Monitor)
     app.timer(s.sla_tick, name="pql.tick")(progress.tick)
     app.task(alerts.Task(s, topics, rules, mql).run)
     Monitor(app, (topics.accounts, *topics.crm), rules.version, publisher.processed).install()
@@ -148,6 +150,9 @@ def run_worker(settings: Settings, rules: Rules) -> None:
 
 def make_worker(app: faust.App, level: str, shutdown_timeout: float = 30.0) -> faust.Worker:
     worker = faust.Worker(app, loglevel=level, quiet=True)
+    # Blocking Kafka calls (the ingest tier's and the alerts task's polls, commits, lag reads) run in
+    # the loop's default executor: Python's default of cores + 4 threads (6 here) was all taken by them
+    worker.loop.set_default_executor(ThreadPoolExecutor(max_workers=32, thread_name_prefix="pql"))
     eos.stop_within(worker, shutdown_timeout)  # a stop is bounded, even with Kafka gone
     # Faust's terminal spinner (at warn and error) sets the root logger to DEBUG: every debug call
     # in aiokafka (one per send) then builds a record for nothing (5 % of a loaded worker's CPU).

@@ -10,6 +10,7 @@ from streams.worker import metrics
 
 log = logging.getLogger("pql.worker")
 STALL = 30.0  # seconds a partition may have lag without progress before the worker says so
+TICK_STALL = 30.0  # seconds a tick may run before the worker says where it waits (and /ready says 503)
 
 
 class Monitor:
@@ -19,6 +20,7 @@ class Monitor:
         self.app, self.sources, self.rules_version, self.processed = app, sources, rules_version, processed
         self.rebalance_started = time.perf_counter()
         self.progress = Unmoved()  # tp -> position, for partitions with lag
+        self.tick_warned = 0.0  # monotonic time of the last "the tick has run for" warning
 
     def install(self) -> None:
         app = self.app
@@ -43,6 +45,7 @@ class Monitor:
         For envelopes, "processed" is the offset after the last one `detect` published (the fetch
         position runs ahead of processing and would hide a backlog); for crm.lifecycle, the position.
         """
+        self.tick_stalled()
         consumer = self.app.consumer
         for tp in consumer.assignment():
             if tp.topic not in self.sources:
@@ -56,6 +59,17 @@ class Monitor:
             if position is not None and end is not None:
                 metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, end - position))
                 await self.stalled(tp, position, end)
+
+    def tick_stalled(self) -> None:
+        """The tick carries the progress reports: while one hangs, every decision waits and nothing
+        else says so. Past TICK_STALL, a warning every TICK_STALL with where our tasks wait."""
+        progress = getattr(self.app, "pql_progress", None)
+        now = time.monotonic()
+        running = progress.running(now) if progress is not None else 0.0
+        if running >= TICK_STALL and now - self.tick_warned >= TICK_STALL:
+            self.tick_warned = now
+            log.warning("the tick has run for %.0f s (progress reports wait for it, and every decision with "
+                        "them); where our tasks wait: %s", running, waits(app=self.app))
 
     async def stalled(self, tp, position: int, end: int) -> None:
         """Say so when a partition with lag has not moved for STALL seconds (with what Faust thinks
@@ -120,10 +134,12 @@ async def metrics_page(web, request):
 
 
 def ready(app) -> bool:
-    """Partitions assigned, their tables recovered, and the ingest tier polling: the worker is processing."""
-    feed = getattr(app, "pql_feed", None)
+    """Partitions assigned, their tables recovered, the ingest tier polling and the tick not hung: the
+    worker is processing."""
+    feed, progress = getattr(app, "pql_feed", None), getattr(app, "pql_progress", None)
     return (bool(app.consumer.assignment()) and not app.rebalancing and app.tables.recovery.completed.is_set()
-            and (feed is None or feed.alive()))
+            and (feed is None or feed.alive())
+            and (progress is None or progress.running(time.monotonic()) < TICK_STALL))
 
 
 async def health_page(web, request):

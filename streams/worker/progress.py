@@ -28,6 +28,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 from faust.types import TP
 
@@ -69,6 +70,10 @@ class Progress:
         self.silent: dict[int, int] = {}  # partition -> since when it has told nothing (ms)
         self.warned: dict[int, int] = {}
         self.told_behind: dict[int, int] = {}
+        # The tick's blocking calls run on a thread of their own: in the shared executor they queued
+        # behind the other tiers' polls, and a tick that never ends holds every decision in silence
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pql-tick")
+        self.started: float | None = None  # monotonic time the running tick started (None: none running)
 
     def noted(self) -> None:
         """Before each commit (eos.guard_commits, under the publishing lock): what each partition's
@@ -191,10 +196,12 @@ class Progress:
                         eos.committed(self.app, TP(self.topics.accounts, p)))
 
     def _behind(self, p: int, now: int, told: int, end: int) -> None:
-        """A partition whose report is BEHIND_INFO behind its tick holds every other partition's
-        decisions that long: every 15 s, a line says where it is (its log, its commits, the
-        inputs it has counted), so a slow partition can be told from a slow barrier."""
-        if told < 0 or told >= envelope.IDLE or now - told < BEHIND_INFO or now - self.told_behind.get(p, 0) < 15_000:
+        """A partition whose report is BEHIND_INFO behind the newest report of any partition holds
+        every other partition's decisions that long: every 15 s, a line says where it is (its log,
+        its commits, the inputs it has counted), so a slow partition can be told from a slow barrier."""
+        reports = [v for _, v in self.detector.heard.logged.told.values() if 0 <= v < envelope.IDLE]
+        front = max(reports, default=told)
+        if told < 0 or told >= envelope.IDLE or front - told < BEHIND_INFO or now - self.told_behind.get(p, 0) < 15_000:
             return
         self.told_behind[p] = now
         tp = TP(self.topics.accounts, p)
@@ -202,12 +209,12 @@ class Progress:
         ladder = self.detector.heard.ladders.get(p) or []
 
         def behind(t: int | None) -> str:
-            return "not known" if t is None or t <= 0 else "now" if t >= envelope.IDLE else f"{(now - t) / 1000:.0f} s behind"
+            return "not known" if t is None or t <= 0 else "now" if t >= envelope.IDLE else f"{(front - t) / 1000:.0f} s"
 
-        log.info("partition %d reports %s: read up to %s of %d, last delivered %s, processed up to %s, committed %s; "
-                 "stream time %s, inputs counted up to %s; next fence at %s (%d on the ladder)", p, behind(told),
-                 position, end, delivered, self.publisher.processed.get(p), eos.committed(self.app, tp),
-                 behind(self.detector.stream.get(p)), behind(self.detector._processed(p)),
+        log.info("partition %d reports %s behind the newest report: read up to %s of %d, last delivered %s, processed "
+                 "up to %s, committed %s; its stream time %s behind, its inputs counted up to %s behind; next fence "
+                 "at %s (%d on the ladder)", p, behind(told), position, end, delivered, self.publisher.processed.get(p),
+                 eos.committed(self.app, tp), behind(self.detector.stream.get(p)), behind(self.detector._processed(p)),
                  ladder[0][0] if ladder else None, len(ladder))
 
     async def _fence(self, owned: list[int]) -> tuple[dict[int, int], set[int], list] | None:
@@ -216,7 +223,7 @@ class Progress:
         idle partitions, the fence line to write), None when the broker did not answer."""
         self._read()
         read = self.read
-        ends = await asyncio.get_running_loop().run_in_executor(None, self._ends, owned) if owned else {}
+        ends = await self._blocking(self._ends, owned) if owned else {}
         if ends is None:
             return None
         heard, lines = self.detector.heard, []
@@ -228,12 +235,26 @@ class Progress:
             heard.promote(p, ends[p])  # an idle partition then tells the reports it counts
         return ends, idle, lines
 
+    def running(self, now: float) -> float:
+        """Seconds the current tick has been running (0 when none is: Monitor warns past TICK_STALL)."""
+        return 0.0 if self.started is None else now - self.started
+
+    async def _blocking(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
     async def tick(self) -> None:
+        self.started = time.monotonic()
+        try:
+            await self._tick()
+        finally:
+            self.started = None
+
+    async def _tick(self) -> None:
         loop = self.feed.loop
         if loop is None:  # the ingest tier has not started yet
             return
         if self.reader is None:
-            self._clients()
+            await self._blocking(self._clients)
         owned = sorted(tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.topics.accounts)
         self.publisher.forget(owned)
         for kept in (self.notes, self.silent):
@@ -259,7 +280,7 @@ class Progress:
                 produce(self.producer, self.topics.progress, body, on_delivery=self._acked)
             # Our reports count here too once acked and read back, under a second fence (else a
             # partition's report reached the others a tick later: p99 event -> handoff 1.9 s, not 0.1 s)
-            self._read(await asyncio.get_running_loop().run_in_executor(None, self._flush, loop))
+            self._read(await self._blocking(self._flush, loop))
             again = await self._fence(owned)
             self.later = again[2] if again is not None else []  # (its fence line goes with the next record)
         loop.tick([p for p in owned if self.publisher.needs_tick(p, now)], now)
