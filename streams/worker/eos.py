@@ -458,8 +458,9 @@ class Transactions:
         `send` costs a coroutine, a lock and a log call per message). In order per topic partition.
 
         Only the first batch may start a new transaction and retry (`opens`: nothing of ours is in the
-        open transaction yet): later, the lost transaction may hold earlier batches. Fenced, or still unusable: restart clean (a restart reads
-        again from the committed offsets, so nothing is lost or sent twice).
+        open transaction yet): later, the lost transaction may hold earlier batches. Fenced, or still
+        unusable: restart clean (a restart reads again from the committed offsets, so nothing is lost
+        or sent twice).
         """
         by_tp: dict[tuple[str, int], list] = {}
         for topic, key, value, headers, partition in sends:
