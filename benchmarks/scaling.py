@@ -80,7 +80,9 @@ def expected_outputs(lines: list[bytes]) -> tuple[int, list[str]]:
 
 
 def throughput(partitions: int, lines: list[bytes], expected: int, want: list[str], workers: int = 1) -> tuple[float, float, bool]:
-    """(events/s of the worker(s), events/s of the raw client, handoff ids == replay's)."""
+    """(events/s of the worker(s), events/s of the raw client, handoff ids == replay's). The rate is
+    0 when the outputs did not all come (the drain went quiet for 60 s short of them): a run that
+    stalls has no throughput (at 256 partitions one gave "198 million events/s" from no output)."""
     prefix = f"scale{partitions}w{workers}t{int(time.time())}."
     topic = prefix + "product.events"
     sb.backlog(topic, lines)
@@ -102,6 +104,10 @@ def throughput(partitions: int, lines: list[bytes], expected: int, want: list[st
         for w in procs:
             w.wait(90)
     same = sorted(set(handoffs)) == want and len(handoffs) == len(want)
+    if outputs < expected:
+        print(f"({partitions} partitions: {outputs:,} of {expected:,} outputs, then none for 60 s; "
+              f"read benchmarks/out/{prefix}*.log)", flush=True)
+        return 0.0, raw, same
     return n / (t1 - t0), raw, same
 
 
@@ -158,10 +164,11 @@ def main() -> None:
     first = None
     for p in a.partitions:
         rate, raw, same = throughput(p, lines, expected, want)
-        first = first or rate
+        first = first or rate or None
         idle = idle_cpu(p, a.idle_seconds)
         lat = None if a.skip_latency else p99(p, a.rate, a.latency_seconds, 5000)
-        print(f"| {p} | {rate:,.0f} ({rate / first:.2f} of the first) | {raw:,.0f} | {rate / raw:.2f} | "
+        of = f"{rate / first:.2f} of the first" if first else "-"
+        print(f"| {p} | {rate:,.0f} ({of}) | {raw:,.0f} | {rate / raw:.2f} | "
               f"{'yes' if same else 'NO'} | {idle:.1f} | {'-' if lat is None else f'{lat:.0f} ms'} |", flush=True)
     if a.pair:
         one, raw1, same1 = throughput(a.pair, lines, expected, want, workers=1)
