@@ -189,32 +189,36 @@ class Progress:
         since = self.silent.setdefault(p, now)
         if now - since >= SILENT_WARN and now - self.warned.get(p, 0) >= 60_000:
             self.warned[p] = now
-            position, delivered = eos.read_to(self.app, TP(self.topics.accounts, p))
             log.warning("partition %d has told the others nothing for %.0f s (it has committed nothing since it was "
-                        "assigned): read up to %s of %d, last delivered %s, processed up to %s, committed %s", p,
-                        (now - since) / 1000, position, end, delivered, self.publisher.processed.get(p),
-                        eos.committed(self.app, TP(self.topics.accounts, p)))
+                        "assigned): %s", p, (now - since) / 1000, self._where(p, end))
 
-    def _behind(self, p: int, now: int, told: int, end: int) -> None:
-        """A partition whose report is BEHIND_INFO behind the newest report of any partition holds
-        every other partition's decisions that long: every 15 s, a line says where it is (its log,
-        its commits, the inputs it has counted), so a slow partition can be told from a slow barrier."""
-        reports = [v for _, v in self.detector.heard.logged.told.values() if 0 <= v < envelope.IDLE]
-        front = max(reports, default=told)
-        if told < 0 or told >= envelope.IDLE or front - told < BEHIND_INFO or now - self.told_behind.get(p, 0) < 15_000:
-            return
-        self.told_behind[p] = now
+    def _where(self, p: int, end: int) -> str:
+        """Where partition p is in its log, for the lines that say why it holds the others."""
         tp = TP(self.topics.accounts, p)
         position, delivered = eos.read_to(self.app, tp)
+        return (f"read up to {position} of {end}, last delivered {delivered}, processed up to "
+                f"{self.publisher.processed.get(p)}, committed {eos.committed(self.app, tp)}")
+
+    def _front(self) -> int | None:
+        """The newest time any partition has reported (None: none yet)."""
+        return max((v for _, v in self.detector.heard.logged.told.values() if 0 <= v < envelope.IDLE), default=None)
+
+    def _behind(self, p: int, now: int, told: int, end: int, front: int | None) -> None:
+        """A partition whose report is BEHIND_INFO behind the newest report of any partition (`front`)
+        holds every other partition's decisions that long: every 15 s, a line says where it is (its
+        log, its commits, the inputs it has counted), so a slow partition can be told from a slow barrier."""
+        if told < 0 or told >= envelope.IDLE or front is None or front - told < BEHIND_INFO \
+                or now - self.told_behind.get(p, 0) < 15_000:
+            return
+        self.told_behind[p] = now
         ladder = self.detector.heard.ladders.get(p) or []
 
         def behind(t: int | None) -> str:
             return "not known" if t is None or t <= 0 else "now" if t >= envelope.IDLE else f"{(front - t) / 1000:.0f} s"
 
-        log.info("partition %d reports %s behind the newest report: read up to %s of %d, last delivered %s, processed "
-                 "up to %s, committed %s; its stream time %s behind, its inputs counted up to %s behind; next fence "
-                 "at %s (%d on the ladder)", p, behind(told), position, end, delivered, self.publisher.processed.get(p),
-                 eos.committed(self.app, tp), behind(self.detector.stream.get(p)), behind(self.detector._processed(p)),
+        log.info("partition %d reports %s behind the newest report: %s; its stream time %s behind, its inputs counted "
+                 "up to %s behind; next fence at %s (%d on the ladder)", p, behind(told), self._where(p, end),
+                 behind(self.detector.stream.get(p)), behind(self.detector._processed(p)),
                  ladder[0][0] if ladder else None, len(ladder))
 
     async def _fence(self, owned: list[int]) -> tuple[dict[int, int], set[int], list] | None:
@@ -268,12 +272,13 @@ class Progress:
             done = self.publisher.processed
             behind = max((end - done[p] for p, end in ends.items() if p in done), default=0)
             self.publisher.tx.catching_up(behind, self.catchup)
+            front = self._front()
             for p in owned:
                 told = self.detector.report(p, now, p in idle, self.committed(p))
                 if told is not None:
                     lines.append(envelope.told(envelope.WATERMARK, p, now, told))
                     self.silent.pop(p, None)
-                    self._behind(p, now, told, ends.get(p, -1))
+                    self._behind(p, now, told, ends.get(p, -1), front)
                 else:
                     self._silent(p, now, ends.get(p, -1))
             for body in envelope.pack_all(self.later + lines):

@@ -181,14 +181,14 @@ def test_a_partition_whose_report_lags_says_where_it_is_every_15_s(monkeypatch, 
     detector.stream[1], pub.processed[1] = 70_000, 60
     detector.heard.hear([("w", 0, (99_000, 100_000)), ("w", 2, (99_000, envelope.IDLE))], 1)  # the newest: 100 s
     caplog.set_level("INFO", logger="pql.progress")
-    pr._behind(1, 500_000, 90_000, 80)  # 10 s behind the newest report: nothing to say
-    pr._behind(1, 500_000, -envelope.IDLE, 80)  # nothing heard yet (the barrier warning says who)
-    pr._behind(1, 500_000, envelope.IDLE, 80)
+    pr._behind(1, 500_000, 90_000, 80, pr._front())  # 10 s behind the newest report: nothing to say
+    pr._behind(1, 500_000, -envelope.IDLE, 80, pr._front())  # nothing heard yet (the barrier warning says who)
+    pr._behind(1, 500_000, envelope.IDLE, 80, pr._front())
     assert caplog.messages == []
-    pr._behind(1, 500_000, 75_000, 80)
-    pr._behind(1, 510_000, 75_000, 80)  # said 10 s ago
+    pr._behind(1, 500_000, 75_000, 80, pr._front())
+    pr._behind(1, 510_000, 75_000, 80, pr._front())  # said 10 s ago
     (said,) = caplog.messages
     assert said.startswith("partition 1 reports 25 s behind the newest report: read up to 60 of 80")
     assert "committed 40" in said and "its stream time 30 s behind" in said
-    pr._behind(1, 515_000, 75_000, 80)
+    pr._behind(1, 515_000, 75_000, 80, pr._front())
     assert len(caplog.messages) == 2
