@@ -151,3 +151,4 @@ class Publisher:
         for gone in (self.open_clocks, self.processed, self.reported, self.tick_cache, self.unsent):
             for p in [p for p in gone if p not in owned]:
                 del gone[p]
+        self.opened.intersection_update(owned)  # (back later on a fresh producer: its first send opens)

@@ -90,6 +90,16 @@ def test_a_key_written_by_several_envelopes_goes_to_its_changelog_once_per_commi
     assert len(tx.sent) == len(written)
 
 
+def test_a_partition_given_up_leaves_no_trace_of_its_transaction():
+    tx = Tx()
+    tables, detector, pub = setup(tx)
+    p = envelope.partition_of("acme", 4)
+    assert asyncio.run(pub.publish(asyncio.run(detector.process(qualifying_envelope("acme"), p)), p, 0))
+    assert p in pub.opened and p in pub.unsent
+    pub.forget([q for q in range(4) if q != p])
+    assert p not in pub.opened and p not in pub.unsent
+
+
 def test_a_rollback_drops_the_table_writes_held_for_the_commit():
     tx = Tx()
     tx.app = SimpleNamespace(tables=SimpleNamespace(recovery=SimpleNamespace(revoke=lambda tp: None)))
