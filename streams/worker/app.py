@@ -37,6 +37,11 @@ log = logging.getLogger("pql.worker")
 # Ticks of event time a partition may decide past the lowest report it counts: a busy partition's
 # report tells what it had counted a tick before (streams/worker/progress.py), one more tick to run.
 SLACK_TICKS = 3
+# Bytes of one producer batch (aiokafka's default, 16 KB, is one round trip per 16 KB: aiokafka sends
+# one batch per partition at a time, and a commit's table writes for a partition, often hundreds of
+# KB, waited for tens of them in turn: most of a commit's time at 64 partitions, issue 25). Under
+# the broker's default 1 MB message limit.
+BATCH_BYTES = 512 * 1024
 
 
 def make_app(s: Settings) -> faust.App:
@@ -51,6 +56,7 @@ def make_app(s: Settings) -> faust.App:
         processing_guarantee="exactly_once",
         producer_acks=-1,
         producer_max_request_size=MAX_VALUE_BYTES,  # a large changelog value (streams/worker/tables.py)
+        producer_max_batch_size=BATCH_BYTES,
         topic_replication_factor=s.replication or 1,
         topic_partitions=s.partitions,
         broker_commit_interval=s.commit_interval,

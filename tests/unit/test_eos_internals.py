@@ -603,3 +603,33 @@ def test_a_commit_sends_the_table_writes_of_the_partitions_it_commits_first():
     calls, flushed = asyncio.run(run())
     assert calls == ["flush", "commit"] * 4
     assert flushed == [None, {3}, None, None]
+
+
+def test_handoffs_of_several_partitions_share_one_early_commit():
+    """eos.Transactions.commit_soon: partitions with handoffs close together commit in one call (their
+    transactions side by side), and one that comes while that commit runs gets the next."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from streams.worker import eos
+
+    calls = []
+
+    async def commit(topics):
+        calls.append(sorted(topics))
+        if len(calls) == 1:
+            tx.commit_soon(9)  # a handoff published while the first commit runs
+        await asyncio.sleep(0)
+
+    tx = eos.Transactions(SimpleNamespace(consumer=SimpleNamespace(commit=commit)), "accounts")
+
+    async def run():
+        for p in (3, 1, 3, 7):
+            tx.commit_soon(p)
+        while tx.soon_task is not None:
+            await asyncio.sleep(0.001)
+
+    asyncio.run(run())
+    assert calls == [[TP("accounts", 1), TP("accounts", 3), TP("accounts", 7)], [TP("accounts", 9)]]
+    assert not tx.soon
