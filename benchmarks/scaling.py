@@ -103,6 +103,7 @@ def throughput(partitions: int, lines: list[bytes], expected: int, want: list[st
             w.send_signal(signal.SIGTERM)
         for w in procs:
             w.wait(90)
+        sb.drop_topics(prefix)
     same = sorted(set(handoffs)) == want and len(handoffs) == len(want)
     if outputs < expected:
         print(f"({partitions} partitions: {outputs:,} of {expected:,} outputs, then none for 60 s; "
@@ -129,14 +130,17 @@ def idle_cpu(partitions: int, seconds: float) -> float:
     finally:
         w.send_signal(signal.SIGTERM)
         w.wait(90)
+        sb.drop_topics(prefix)
 
 
 def p99(partitions: int, rate: float, seconds: float, accounts: int) -> float | None:
     os.environ["PQL_PARTITIONS"] = str(partitions)
+    prefix = f"lat{partitions}t{int(time.time())}."
     try:
-        seen, _ = sb.latency(f"lat{partitions}t{int(time.time())}.", seconds, rate, accounts)
+        seen, _ = sb.latency(prefix, seconds, rate, accounts)
     finally:
         del os.environ["PQL_PARTITIONS"]
+        sb.drop_topics(prefix)
     if len(seen) < 2:
         return None
     return statistics.quantiles([read - ev for _, ev, _, read in seen], n=100)[98]

@@ -177,6 +177,19 @@ def backlog(topic: str, lines: list[bytes]) -> None:
     produce(topic, lines)
 
 
+def drop_topics(prefix: str) -> None:
+    """Delete a run's topics (its inputs, outputs and changelogs: names start with the prefix). A
+    partition is three open files on the broker: kept, 64- and 256-partition runs took the local
+    broker past its open-file limit within a session (`Too many open files`, then it stopped)."""
+    admin = AdminClient({"bootstrap.servers": BOOT})
+    names = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix.strip("."))]
+    for f in (admin.delete_topics(names, operation_timeout=30).values() if names else []):
+        try:
+            f.result()
+        except Exception as err:  # (gone already)
+            print(f"could not delete a bench topic: {err}")
+
+
 def worker_log(prefix: str) -> Path:
     return ROOT / "benchmarks" / "out" / f"{prefix}worker.log"
 
