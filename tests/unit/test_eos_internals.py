@@ -633,3 +633,32 @@ def test_handoffs_of_several_partitions_share_one_early_commit():
     asyncio.run(run())
     assert calls == [[TP("accounts", 1), TP("accounts", 3), TP("accounts", 7)], [TP("accounts", 9)]]
     assert not tx.soon
+
+
+def test_the_owned_partitions_are_asked_of_faust_once_per_rebalance():
+    """eos.Transactions.owned (the ingest tier's pacing asks every 2 ms): Faust's assignment() once,
+    then again only after an assignment."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from streams.worker import eos
+
+    asked = []
+    assignment = {TP("accounts", 1), TP("accounts", 4), TP("accounts-changelog", 2)}
+
+    def current():
+        asked.append(1)
+        return set(assignment)
+
+    async def nothing(tid):
+        return None
+
+    app = SimpleNamespace(consumer=SimpleNamespace(assignment=current), conf=SimpleNamespace(id="app"),
+                          assignor=SimpleNamespace(group_for_topic=lambda t: 0),
+                          producer=SimpleNamespace(stop_transaction=nothing, begin_transaction=nothing))
+    tx = eos.Transactions(app, "accounts")
+    assert tx.owned() == {1, 4} and tx.owned() == {1, 4} and len(asked) == 1
+    assignment.add(TP("accounts", 7))
+    asyncio.run(tx.on_assigned(None, {TP("accounts", 7)}))
+    assert tx.owned() == {1, 4, 7} and len(asked) == 2
