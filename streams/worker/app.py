@@ -102,7 +102,7 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
     publisher = Publisher(tx, topics, tables, detector)
     app.agent(envelopes, name="detect", concurrency=1)(detect.Agent(detector, publisher, tx, dead).run)
     app.agent(app.topic(*topics.crm, **raw), name="crm", concurrency=1)(crm.Agent(mql, dead).run)
-    tx.rollback, tx.flush = publisher.rollback, publisher.flush
+    tx.rollback, tx.flush, tx.held = publisher.rollback, publisher.flush, publisher.held
     app.on_partitions_revoked.connect(tx.on_revoked)
     app.on_partitions_assigned.connect(tx.on_assigned)
     app.timer(0.2, name="pql.reread")(eos.reread_skipped)

@@ -41,6 +41,7 @@ class Publisher:
         self.tick_cache: dict[int, tuple] = {}  # partition -> (waits, clocks values, waiting?, earliest due)
         self.unsent: dict[int, dict[tuple[str, str], bytes]] = {}  # partition -> table writes for its commit
         self.opened: set[int] = set()  # partitions whose open transaction holds our sends
+        self.lost: set[int] = set()  # partitions whose held writes could not be sent (they moved): to roll back
 
     def sends(self, r: "Result", p: int) -> tuple[list, dict, dict, dict, bytes | None, bytes | None]:
         """The result's sends, as (topic, key, value, headers, partition); its table writes,
@@ -110,6 +111,11 @@ class Publisher:
                                            source=p, opens=opens)
                 except PartitionMoved:
                     log.info("partition %d moved before its commit; its new owner reads its envelopes again", p)
+                    self.lost.add(p)
+
+    def held(self) -> set[int]:
+        """Partitions whose table values in memory are not all in their transaction (eos.Transactions.on_revoked)."""
+        return {p for p, writes in self.unsent.items() if writes} | self.lost
 
     def rollback(self, partitions: set[int]) -> None:
         """Memory goes back to the log for these partitions: their open transaction is about to be
@@ -123,6 +129,7 @@ class Publisher:
                 recovery.revoke(TP(self.tables.changelog(table), p))
         for p in partitions:  # read again from the committed offset: what it was told may be ahead of that
             self.unsent.pop(p, None)
+            self.lost.discard(p)
             self.opened.discard(p)
             for kept in (d.stream, d.busy, self.processed, self.reported):
                 kept.pop(p, None)

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from streams.worker import eos
+
 # A changelog record may be this large (Kafka's default is 1 MB). The engine's caps keep an account
 # well under 1 MB (docs/semantics.md, bounded state); the margin is for a partition's SLA clocks,
 # which grow with its open handoffs (~90 bytes each). The producer's request size matches it.
@@ -41,8 +43,11 @@ class Tables:
         return f"{self.app_id}-{table}-changelog"
 
     def forget(self, partitions: set[int], partition_of: Callable[[str], int]) -> int:
-        """Drop every value of these partitions from memory; returns how many."""
+        """Drop every value of these partitions from memory (and a RocksDB store's offsets of their
+        changelogs, so that recovery reads them from the start); returns how many."""
         n = 0
+        for table in (self.accounts, self.users, self.clocks):
+            eos.forget_persisted_offsets(table.data, partitions)
         for table in (self.accounts, self.users):
             store = table.data
             for key in [k for k in list(store.keys()) if partition_of(k) in partitions]:

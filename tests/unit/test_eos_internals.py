@@ -662,3 +662,51 @@ def test_the_owned_partitions_are_asked_of_faust_once_per_rebalance():
     assignment.add(TP("accounts", 7))
     asyncio.run(tx.on_assigned(None, {TP("accounts", 7)}))
     assert tx.owned() == {1, 4, 7} and len(asked) == 2
+
+
+def test_a_rebalance_commits_even_while_catching_up_and_rolls_back_writes_not_in_a_transaction():
+    """A worker catching up spaces its timer's commits (`catching_up`); the commit before a rebalance
+    must not be skipped for it, and a partition whose writes never reached its transaction (held, or
+    lost to a move) is rolled back like one whose transaction failed."""
+    from types import SimpleNamespace
+
+    from streams.worker import eos
+
+    commits = []
+
+    async def commit(*args, **kwargs):
+        commits.append(1)
+        return True
+
+    consumer = SimpleNamespace(commit=commit)
+    app = SimpleNamespace(conf=SimpleNamespace(id="app"), assignor=SimpleNamespace(group_for_topic=lambda t: 1),
+                          consumer=consumer, producer=SimpleNamespace(_transaction_producers={}))
+    tx = eos.Transactions(app, "accounts")
+    eos.guard_commits(consumer, tx.lock, spacing=lambda: tx.spacing)
+    tx.catching_up(10_000, 30.0)
+    assert asyncio.run(consumer.commit()) is True and commits == [1]
+    assert asyncio.run(consumer.commit()) is False and commits == [1]  # the timer's next one: spaced
+    rolled = []
+    tx.rollback, tx.held = rolled.append, lambda: {3}
+    asyncio.run(tx.on_revoked(None, set()))
+    assert commits == [1, 1] and rolled == [{3}]
+
+
+def test_a_rollback_makes_a_rocksdb_store_read_its_changelog_from_the_start(tmp_path):
+    """Faust's RocksDB store remembers how far it read each changelog partition; after our rollback
+    dropped the partition's values, recovery must not go on from there (eos.forget_persisted_offsets)."""
+    pytest.importorskip("rocksdict")
+    import faust
+    from faust.types import TP
+
+    from streams.worker import eos
+
+    app = faust.App("pql-test-rocks", store="rocksdb://", datadir=str(tmp_path))
+    table = app.Table("t", partitions=2, value_type=bytes)
+    store = table.data
+    tp0, tp1 = (TP("pql-test-rocks-t-changelog", p) for p in (0, 1))
+    store.set_persisted_offset(tp0, 41)
+    store.set_persisted_offset(tp1, 7)
+    eos.forget_persisted_offsets(store, {0})
+    assert store.persisted_offset(tp0) is None and store.persisted_offset(tp1) == 7
+    eos.forget_persisted_offsets({}, {0})  # a memory store's data: nothing to do

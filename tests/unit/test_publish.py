@@ -111,6 +111,22 @@ def test_a_rollback_drops_the_table_writes_held_for_the_commit():
     assert not any(s[0].endswith("-changelog") for s in tx.sent)
 
 
+def test_writes_held_or_lost_to_a_move_are_named_for_the_rollback():
+    """Publisher.held: partitions whose values in memory are not all in their transaction; a rebalance
+    rolls them back (eos.Transactions.on_revoked)."""
+    tx = Tx()
+    tx.app = SimpleNamespace(tables=SimpleNamespace(recovery=SimpleNamespace(revoke=lambda tp: None)))
+    tables, detector, pub = setup(tx)
+    p = envelope.partition_of("acme", 4)
+    assert asyncio.run(pub.publish(asyncio.run(detector.process(qualifying_envelope("acme"), p)), p, 0))
+    assert pub.held() == {p}
+    tx.move_at = len(tx.sent)  # the partition moves before its commit: the held writes are not sent
+    asyncio.run(pub.flush(None))
+    assert pub.unsent == {} and pub.held() == {p}
+    pub.rollback({p})
+    assert pub.held() == set() and "acme" not in tables.accounts.data
+
+
 def test_nothing_is_published_while_a_rebalance_is_under_way():
     tx = Tx()
     tx.frozen = True
