@@ -1,11 +1,15 @@
 """Publishing an envelope's result (phase 2 of `detect`): outputs, state and the input offset in one
 transaction, so they commit together or not at all.
 
-Outputs and forwarded lines are sent at once; the table writes wait for the commit (`flush`, called
-under the publishing lock just before it) and a key written by several envelopes in one
-transaction is sent once, with its last value, as Kafka Streams' record cache does. A hot account's
-state (the simulator's whale: 440 KB) was sent with every envelope that touched it, 10-20 times a
-second, three times over on a cluster (cluster chaos, session 17).
+Outputs are sent at once; the table writes wait for the commit (`flush`, called under the
+publishing lock just before it) and a key written by several envelopes in one transaction is sent
+once, with its last value, as Kafka Streams' record cache does. A hot account's state (the
+simulator's whale: 440 KB) was sent with every envelope that touched it, 10-20 times a second, three
+times over on a cluster (cluster chaos, session 17). Identity's forwarded lines wait for the commit
+too, gathered per destination partition: sent per envelope, each envelope became up to one envelope
+per other partition (64 partitions at 5,000 events/s: 1,620 envelopes a second in all, then 827;
+issue 25). Nothing reads them before the commit either way (read_committed), and their order per
+destination is kept.
 
 Every write for an envelope of partition p goes to partition p of a co-partitioned topic (the table
 changelogs, pql.handoffs, pql.signals), or to another <app>-accounts partition (identity's forwarded
@@ -40,18 +44,17 @@ class Publisher:
         self.open_clocks: dict[int, int] = {}  # partition -> handoffs awaiting a response
         self.tick_cache: dict[int, tuple] = {}  # partition -> (waits, clocks values, waiting?, earliest due)
         self.unsent: dict[int, dict[tuple[str, str], bytes]] = {}  # partition -> table writes for its commit
+        self.forwards: dict[int, dict[int, list]] = {}  # partition -> destination -> lines for its commit
         self.opened: set[int] = set()  # partitions whose open transaction holds our sends
         self.lost: set[int] = set()  # partitions whose held writes could not be sent (they moved): to roll back
 
     def sends(self, r: "Result", p: int) -> tuple[list, dict, dict, dict, bytes | None, bytes | None]:
-        """The result's sends, as (topic, key, value, headers, partition); its table writes,
+        """The result's outputs, as (topic, key, value, headers, partition); its table writes,
         {(changelog, key): value}; and the table values. States are JSON without the fields at their
         defaults (read back as those defaults)."""
         accounts = {a: state.model_dump_json(exclude_defaults=True).encode() for a, state in r.states.items()}
         users = {key: u.model_dump_json(exclude_defaults=True).encode() for key, u in r.users.items()}
         out = [(topic, key, value, CE_HEADERS, p) for topic, key, value in r.outputs]
-        for q, lines in sorted(r.forward.items()):  # identity's lines for other partitions
-            out += [(self.topics.accounts, "", body, None, q) for body in envelope.pack_all(lines)]
         writes = {(self.tables.changelog("accounts"), json.dumps(a)): body for a, body in accounts.items()}
         writes.update({(self.tables.changelog("users"), json.dumps(k)): body for k, body in users.items()})
         clocks = json.dumps(r.clocks, separators=(",", ":")).encode() if r.clocks_changed else None
@@ -79,6 +82,9 @@ class Publisher:
         if held:
             metrics.table_writes_saved.inc(len(held.keys() & writes.keys()))
         held.update(writes)
+        forwards = self.forwards.setdefault(p, {})
+        for q, lines in r.forward.items():  # identity's lines for other partitions
+            forwards.setdefault(q, []).extend(lines)
         t = self.tables
         for account, body in accounts.items():
             t.accounts.data[account] = body
@@ -98,24 +104,29 @@ class Publisher:
         return True
 
     async def flush(self, partitions: set[int] | None) -> None:
-        """Send the table writes held for these partitions (None: all) into their transactions: a
-        commit follows at once (eos.guard_commits; the caller holds `tx.lock`). A partition that moved
-        is skipped: its transaction is aborted and its memory rolled back (`rollback`)."""
-        for p in sorted(self.unsent if partitions is None else partitions & self.unsent.keys()):
-            writes = self.unsent.pop(p)
+        """Send the forwarded lines and table writes held for these partitions (None: all) into their
+        transactions: a commit follows at once (eos.guard_commits; the caller holds `tx.lock`). A
+        partition that moved is skipped: its transaction is aborted and its memory rolled back
+        (`rollback`)."""
+        held = self.unsent.keys() | self.forwards.keys()
+        for p in sorted(held if partitions is None else partitions & held):
+            writes, forwards = self.unsent.pop(p, {}), self.forwards.pop(p, {})
             opens = p not in self.opened
             self.opened.discard(p)
-            if writes:
+            sends = [(self.topics.accounts, "", body, None, q)
+                     for q, lines in sorted(forwards.items()) for body in envelope.pack_all(lines)]
+            sends += [(topic, key, value, None, p) for (topic, key), value in writes.items()]
+            if sends:
                 try:
-                    await self.tx.send_all([(topic, key, value, None, p) for (topic, key), value in writes.items()],
-                                           source=p, opens=opens)
+                    await self.tx.send_all(sends, source=p, opens=opens)
                 except PartitionMoved:
                     log.info("partition %d moved before its commit; its new owner reads its envelopes again", p)
                     self.lost.add(p)
 
     def held(self) -> set[int]:
         """Partitions whose table values in memory are not all in their transaction (eos.Transactions.on_revoked)."""
-        return {p for p, writes in self.unsent.items() if writes} | self.lost
+        held = {p for p, writes in self.unsent.items() if writes} | {p for p, lines in self.forwards.items() if lines}
+        return held | self.lost
 
     def rollback(self, partitions: set[int]) -> None:
         """Memory goes back to the log for these partitions: their open transaction is about to be
@@ -130,6 +141,7 @@ class Publisher:
         for p in partitions:  # read again from the committed offset: what it was told may be ahead of that
             self.unsent.pop(p, None)
             self.lost.discard(p)
+            self.forwards.pop(p, None)
             self.opened.discard(p)
             for kept in (d.stream, d.busy, self.processed, self.reported):
                 kept.pop(p, None)
@@ -156,7 +168,7 @@ class Publisher:
 
     def forget(self, owned: list[int]) -> None:
         """Partitions this worker no longer owns leave the progress and the open-clocks gauge."""
-        for gone in (self.open_clocks, self.processed, self.reported, self.tick_cache, self.unsent):
+        for gone in (self.open_clocks, self.processed, self.reported, self.tick_cache, self.unsent, self.forwards):
             for p in [p for p in gone if p not in owned]:
                 del gone[p]
         self.opened.intersection_update(owned)  # (back later on a fresh producer: its first send opens)

@@ -146,14 +146,25 @@ def test_a_partition_that_moves_mid_envelope_leaves_memory_untouched():
     assert pub.processed == {} and tx.early == [] and detector.parsed == {}
 
 
-def test_lines_for_another_partition_are_forwarded_in_this_transaction():
+def test_lines_for_another_partition_are_forwarded_in_this_transaction_once_per_commit():
+    """Identity's lines for another partition wait for the commit like table writes: two envelopes'
+    lines for the same partition go as one envelope, in their order, into the source's transaction."""
     tx = Tx()
     tables, detector, pub = setup(tx)
     p = envelope.partition_of("acme", 4)
     other = (p + 1) % 4
     assert asyncio.run(pub.publish(asyncio.run(detector.process(qualifying_envelope("acme"), other)), other, 0))
-    assert [(s[0], s[2], s[3]) for s in tx.sent] == [(TOPICS.accounts, p, other)]
+    (body,) = envelope.pack_all([("acme", json.dumps(track("Page Viewed", at(hours=9), account="acme")).encode())])
+    assert asyncio.run(pub.publish(asyncio.run(detector.process(body, other)), other, 1))
+    assert not any(s[0] == TOPICS.accounts for s in tx.sent)  # not before the commit
+    asyncio.run(pub.flush({other}))
+    forwarded = [(s, v) for s, v in zip(tx.sent, tx.values) if s[0] == TOPICS.accounts]
+    assert [(s[0], s[2], s[3]) for s, _ in forwarded] == [(TOPICS.accounts, p, other)]
+    lines = list(envelope.unpack(forwarded[0][1]))
+    assert len(lines) > 1 and json.loads(lines[-1][2])["event"] == "Page Viewed"  # the later envelope's last
     assert tables.accounts.data == {}
+    asyncio.run(pub.flush(None))  # sent once
+    assert len([s for s in tx.sent if s[0] == TOPICS.accounts]) == 1
 
 
 def test_a_rollback_puts_memory_back_to_the_log_for_those_partitions_only():
