@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from detectors import identity, sales
 from detectors.engine import Engine, Observation, Pending
 from detectors.settle import Waiting
 from schemas.cloudevents import HANDOFF, STAGE, CloudEvent
+from schemas.formats import NewerFormat, check_headers, readable, unversioned, versioned
 from schemas.events import InvalidEvent
 from schemas.sales import SalesResponse
 from schemas.state import AccountState, UserState
@@ -67,6 +69,7 @@ from streams.worker.monitor import Unmoved
 
 log = logging.getLogger("pql.detect")
 IDLE = envelope.IDLE  # the cut of an idle tick: everything, except accounts still expecting held events
+EXIT_NEWER_FORMAT = 78  # (EX_CONFIG) the exit status of a worker that met a newer format
 BARRIER_WARN = 60_000  # ms decisions may wait for a barrier that does not move before the worker names who holds it
 
 
@@ -97,7 +100,7 @@ class Waits:
     index: Waiting = field(default_factory=Waiting)
 
     def dump(self) -> bytes:
-        return json.dumps({"stream": self.stream, "accounts": self.index.accounts}, separators=(",", ":")).encode()
+        return versioned(json.dumps({"stream": self.stream, "accounts": self.index.accounts}, separators=(",", ":")).encode())
 
 
 class Detect:
@@ -136,14 +139,16 @@ class Detect:
             # A parsed copy is used only if it is exactly what the table holds. It leaves the cache
             # while in use (the core changes it in place) and comes back only when published (`keep`).
             hit = self.unkeep(account)
-            state = hit[1] if hit is not None and hit[0] == stored else AccountState.model_validate_json(stored)
+            state = hit[1] if hit is not None and hit[0] == stored else AccountState.model_validate_json(
+                readable(stored, f"the state of account {account!r}"))
         return state
 
     def _user(self, r: Result, key: str) -> UserState:
         u = r.users.get(key)
         if u is None:
             stored = self.users.get(key)
-            u = r.users[key] = UserState.model_validate_json(stored) if stored else UserState(key=key)
+            u = r.users[key] = (UserState.model_validate_json(readable(stored, "a user's state (identity)")) if stored
+                                else UserState(key=key))
         return u
 
     def keep(self, account: str, body: bytes, state: AccountState) -> None:
@@ -170,13 +175,13 @@ class Detect:
     def _clocks(self, r: Result, partition: int) -> sales.Clocks:
         if r.clocks is None:
             stored = self.clocks.get(str(partition))
-            r.clocks = json.loads(stored) if stored else {}
+            r.clocks = unversioned(json.loads(readable(stored, f"partition {partition}'s SLA clocks"))) if stored else {}
         return r.clocks
 
     def _waits(self, r: Result, partition: int) -> Waits:
         if r.waits is None:
             stored = self.clocks.get(f"w{partition}")
-            d = json.loads(stored) if stored else {}
+            d = json.loads(readable(stored, f"partition {partition}'s waiting decisions")) if stored else {}
             r.waits = Waits(max(d.get("stream", 0), self.stream.get(partition, 0)), Waiting(d.get("accounts", {})))
             r.waits_before = dict(r.waits.index.accounts)
         return r.waits
@@ -450,6 +455,14 @@ class Detect:
         log.warning("partition %d: decisions have waited %.0f s for %s %d, which last reported %s at its tick "
                     "%.0f s ago", partition, waited / 1000, kind, p, said, (now - tick) / 1000)
 
+def refuse(err: NewerFormat) -> None:
+    """Stop the worker: it met a value or envelope of a newer release (schemas/formats.py). Nothing is
+    committed past it; the partition goes to a worker that reads it."""
+    log.critical("%s; stopping", err)
+    logging.shutdown()
+    os._exit(EXIT_NEWER_FORMAT)
+
+
 class Agent:
     """The `detect` agent's loop: one envelope at a time (concurrency 1: faust-streaming issue 606)."""
 
@@ -463,7 +476,11 @@ class Agent:
 
     async def envelope(self, ev, acking: set) -> None:
         m = ev.message
-        r = await self.detector.process(ev.value, m.partition, m.offset)  # phase 1: no sends; may wait for Redis
+        try:
+            check_headers(m.headers, f"envelope {m.offset} of {m.topic} partition {m.partition}")
+            r = await self.detector.process(ev.value, m.partition, m.offset)  # phase 1: no sends; may wait for Redis
+        except NewerFormat as err:
+            refuse(err)
         for nth, (key, raw, reason, detail) in enumerate(r.dead):  # at-least-once, like every dead letter
             await self.dead.send(key.encode(), raw, m, reason, detail, nth)  # (a repeat has the same id)
         # Phase 2: outputs, state and the ack go into the partition's transaction as one unit; a

@@ -29,6 +29,7 @@ import logging
 import time
 from typing import Callable
 
+from schemas import formats
 from streams.produce import produce
 from streams.topics import Topics
 from streams.worker import dlq, envelope, metrics
@@ -305,7 +306,7 @@ class Ingest:
         self.flying = touched  # (a report made while they fly tells what was acked before)
         for (topic, partition), items in batch.envelopes.items():
             for body in envelope.pack_all(items):
-                self._produce(topic, body, partition=partition)
+                self._produce(topic, body, partition=partition, headers=formats.HEADERS)
         for kind, n in batch.consumed.items():
             metrics.events_consumed.labels(kind).inc(n)
         for m, reason, detail in batch.rejects:
@@ -346,7 +347,7 @@ class Ingest:
             elif topic in self.topics.responses:
                 reports.append((envelope.ANSWERS, at, (ms, envelope.IDLE if idle else self.answered.get(at, 0))))
         for body in envelope.pack_all([envelope.told(kind, at, *told) for kind, at, told in reports]):
-            self._produce(self.topics.progress, body)
+            self._produce(self.topics.progress, body, headers=formats.HEADERS)
         self.producer.poll(0)
         return reports
 
@@ -354,7 +355,7 @@ class Ingest:
         """A tick line (wall clock, ms) to each of these accounts partitions: SLA clocks advance and
         waiting decisions are made (streams/worker/progress.py says which need one)."""
         for p in partitions:
-            self._produce(self.topics.accounts, envelope.tick(ms), partition=p)
+            self._produce(self.topics.accounts, envelope.tick(ms), partition=p, headers=formats.HEADERS)
         self.producer.poll(0)
 
     def _produce(self, topic: str, value: bytes, **kw) -> None:

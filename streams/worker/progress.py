@@ -32,9 +32,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from faust.types import TP
 
+from schemas import formats
+from schemas.formats import NewerFormat, check_headers
 from streams.produce import produce
 from streams.topics import Topics
 from streams.worker import envelope, eos
+from streams.worker.detect import refuse
 
 log = logging.getLogger("pql.progress")
 HISTORY = 600  # s of reports a starting worker reads (`_clients`): the fences of a partition minutes behind
@@ -135,6 +138,10 @@ class Progress:
                     continue
                 self.read = m.offset() + 1
                 if m.value():
+                    try:
+                        check_headers(m.headers(), f"record {m.offset()} of {m.topic()}")
+                    except NewerFormat as err:
+                        refuse(err)
                     reports, fences = parse(m.value())
                     heard.hear(reports, self.read)
                     for writer, offset, ends in fences:
@@ -282,7 +289,7 @@ class Progress:
                 else:
                     self._silent(p, now, ends.get(p, -1))
             for body in envelope.pack_all(self.later + lines):
-                produce(self.producer, self.topics.progress, body, on_delivery=self._acked)
+                produce(self.producer, self.topics.progress, body, on_delivery=self._acked, headers=formats.HEADERS)
             # Our reports count here too once acked and read back, under a second fence (else a
             # partition's report reached the others a tick later: p99 event -> handoff 1.9 s, not 0.1 s)
             self._read(await self._blocking(self._flush, loop))

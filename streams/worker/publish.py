@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 from faust.types import TP
 
+from schemas import formats
+from schemas.formats import unversioned, versioned
 from streams.topics import Topics
 from streams.worker import envelope, metrics
 from streams.worker.eos import PartitionMoved, Transactions
@@ -52,12 +54,12 @@ class Publisher:
         """The result's outputs, as (topic, key, value, headers, partition); its table writes,
         {(changelog, key): value}; and the table values. States are JSON without the fields at their
         defaults (read back as those defaults)."""
-        accounts = {a: state.model_dump_json(exclude_defaults=True).encode() for a, state in r.states.items()}
-        users = {key: u.model_dump_json(exclude_defaults=True).encode() for key, u in r.users.items()}
+        accounts = {a: versioned(state.model_dump_json(exclude_defaults=True).encode()) for a, state in r.states.items()}
+        users = {key: versioned(u.model_dump_json(exclude_defaults=True).encode()) for key, u in r.users.items()}
         out = [(topic, key, value, CE_HEADERS, p) for topic, key, value in r.outputs]
         writes = {(self.tables.changelog("accounts"), json.dumps(a)): body for a, body in accounts.items()}
         writes.update({(self.tables.changelog("users"), json.dumps(k)): body for k, body in users.items()})
-        clocks = json.dumps(r.clocks, separators=(",", ":")).encode() if r.clocks_changed else None
+        clocks = versioned(json.dumps(r.clocks, separators=(",", ":")).encode(), clock_shaped=True) if r.clocks_changed else None
         if clocks is not None:
             writes[(self.tables.changelog("clocks"), json.dumps(str(p)))] = clocks
         waits = r.waits.dump() if r.waits_changed else None
@@ -113,7 +115,7 @@ class Publisher:
             writes, forwards = self.unsent.pop(p, {}), self.forwards.pop(p, {})
             opens = p not in self.opened
             self.opened.discard(p)
-            sends = [(self.topics.accounts, "", body, None, q)
+            sends = [(self.topics.accounts, "", body, formats.HEADERS, q)
                      for q, lines in sorted(forwards.items()) for body in envelope.pack_all(lines)]
             sends += [(topic, key, value, None, p) for (topic, key), value in writes.items()]
             if sends:
@@ -157,7 +159,7 @@ class Publisher:
         seen = self.tick_cache.get(p)
         if seen is None or seen[0] != waits or seen[1] != clocks:
             accounts = json.loads(waits).get("accounts") if waits else None
-            due = min((at for at, _ in json.loads(clocks).values()), default=None) if clocks else None
+            due = min((at for at, _ in unversioned(json.loads(clocks)).values()), default=None) if clocks else None
             seen = self.tick_cache[p] = (waits, clocks, bool(accounts), due)
         return seen[2] or (seen[3] is not None and seen[3] <= now)
 

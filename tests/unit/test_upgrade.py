@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from schemas.formats import FORMAT, version_of
 from schemas.rules import load_rules
 from pipeline import Pipeline
 
@@ -52,3 +53,5 @@ def test_a_worker_reads_what_the_release_before_left_and_publishes_what_a_fresh_
     fresh.tick(meta["end_tick"])
     assert len(fresh.outputs()) > len(before) > 0
     assert before + upgraded.outputs() == fresh.outputs()
+    written = upgraded.changelog()  # what it wrote carries this release's format
+    assert written and all(version_of(v) == FORMAT for v in written.values())
