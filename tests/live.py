@@ -53,12 +53,13 @@ class Env:
         for f in admin.create_topics([NewTopic(self.topic(name), partitions, 1)]).values():
             f.result(timeout=30)
 
-    def start_worker(self, name: str = "w", port: int | None = None, **extra) -> subprocess.Popen:
+    def start_worker(self, name: str = "w", port: int | None = None, cwd: Path = ROOT, **extra) -> subprocess.Popen:
         """`port`: PQL_WEB_PORT (a free one by default; a worker restarted under the same
-        PQL_INSTANCE_ID needs its old one: Faust's assignor checks the member's URL)."""
+        PQL_INSTANCE_ID needs its old one: Faust's assignor checks the member's URL). `cwd`: the
+        source tree it runs (another release's, for upgrade tests)."""
         log = open(self.tmp / f"{name}-{len(self.workers)}.log", "w")
         port = port or free_port()
-        proc = subprocess.Popen([*PQL, "worker"], env=self.env(PQL_WEB_PORT=port, **extra), cwd=ROOT,
+        proc = subprocess.Popen([*PQL, "worker"], env=self.env(PQL_WEB_PORT=port, **extra), cwd=cwd,
                                 stdout=log, stderr=subprocess.STDOUT)
         proc.web_port = port  # type: ignore[attr-defined]
         proc.log_path = log.name  # type: ignore[attr-defined]
