@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from live import ROOT, publish
+from live import ROOT, publish, read
+from schemas.formats import FORMAT, version_of
 import test_exactly_once
 from test_exactly_once import expected_handoffs, handoff_counts, stream
 
@@ -54,3 +55,6 @@ def test_a_rolling_upgrade_under_load_keeps_every_handoff_exact_and_once(eo, tmp
     for w in new:
         log = open(w.log_path).read()
         assert "CRITICAL" not in log and "has format" not in log, log[-2000:]
+    changelog = read(eo.kafka, [eo.vars["PQL_APP_ID"] + "-accounts-changelog"], until=lambda m: True, idle=2)
+    formats = {version_of(m.value()) for m in changelog if m.value()}
+    assert formats == {0, FORMAT}, f"both releases wrote state: {formats}"
