@@ -97,6 +97,7 @@ class Engine:
         self.alert_max_age = alert_max_age
         self.detectors = [Detector(mid, m) for mid, m in rules.milestones.items()]
         self.by_id = {d.id: d for d in self.detectors}
+        self.signatures = {d.id: d.signature for d in self.detectors}
         self.listening: dict[tuple[str, str], list[Detector]] = {}
         for d in self.detectors:
             for name in d.names:
@@ -128,6 +129,7 @@ class Engine:
         if state is None:
             first = events[0].ms if events else 0
             state = AccountState(account_id=account_id, newest=first, pruned_at=first)
+        self.reconcile(state)
         obs = Observation()
         new: list[tuple[Pos, str]] = []
         # held events released by a group call come with its MARK lines, after their user key's
@@ -192,6 +194,7 @@ class Engine:
         to release their held events, nothing (unless `cut` is None)."""
         if not state.waiting or (cut is not None and any(e[1] for e in state.expect.values())):
             return []
+        self.reconcile(state)
         k = len(state.waiting) if cut is None else bisect_right(state.waiting, [cut, "\U0010ffff"])
         ready, state.waiting[:k] = state.waiting[:k], []
         pending = []
@@ -200,8 +203,42 @@ class Engine:
                 if obs is not None:
                     self._signal(state, account_id, (w[0], w[1]), w[2], obs)
             else:
-                pending.append(Pending(account_id, w[0], w[1], *self._score(state, (w[0], w[1]))))
+                score, counted = self._score(state, (w[0], w[1]))
+                if score >= self.rules.qualify.score:  # (fewer only after a rules change took points away)
+                    pending.append(Pending(account_id, w[0], w[1], score, counted))
         return pending
+
+    def reconcile(self, state: AccountState) -> None:
+        """The account's milestones as these rules define them (docs/operations.md "Changing rules"):
+        a milestone the rules no longer have, or whose matching changed, loses its rows and reaches
+        (a changed one starts over, like a new one); one whose count, within or sequence order changed
+        gets its reaches again from its kept rows (silently: what they find in the past is not
+        signalled nor qualified), without its anchor. `defs` records what each was kept under; an
+        entry missing (a state from before it was recorded) is taken as the current definition."""
+        defs = state.defs
+        held = state.hits.keys() | state.reach.keys() | state.anchor.keys()
+        if defs.keys() == held and all(self.signatures.get(m) == s for m, s in defs.items()):
+            return
+        for mid in held | defs.keys():
+            now, was = self.signatures.get(mid), defs.get(mid)
+            if now is not None and was in (None, now):
+                defs[mid] = now
+                continue
+            state.anchor.pop(mid, None)
+            if now is not None and now.split(".")[0] == was.split(".")[0]:  # the same match: same rows
+                reach = self.by_id[mid].reaches(state.hits.get(mid, []))
+                if reach:
+                    state.reach[mid] = reach
+                else:
+                    state.reach.pop(mid, None)
+                defs[mid] = now
+            else:  # gone from the rules, or matching other events now
+                for part in (state.hits, state.reach, defs):
+                    part.pop(mid, None)
+            held_at = {tuple(r) for r in state.reach.get(mid, ())}
+            state.waiting[:] = [w for w in state.waiting if len(w) == 2 or w[2] != mid or (w[0], w[1]) in held_at]
+        for mid in [m for m in defs if m not in held]:
+            del defs[mid]
 
     def _apply(self, state: AccountState, event: Any, account_id: str, obs: Observation,
                floor: int | None = None) -> list[tuple[Pos, str]]:
@@ -240,6 +277,8 @@ class Engine:
         messageId is a repeat; a repeat of a row dropped by MAX_ROWS is older than every kept row, so
         it is dropped again at once)."""
         rows = state.hits.setdefault(d.id, [])
+        if d.id not in state.defs:
+            state.defs[d.id] = d.signature
         pos = position(row)
         i = bisect_left(rows, pos, key=position)
         if i < len(rows) and position(rows[i]) == pos:
@@ -322,7 +361,7 @@ class Engine:
         for mid in list(state.hits):
             d = self.by_id.get(mid)
             if d is None:  # a milestone the rules no longer have
-                for part in (state.hits, state.reach, state.anchor):
+                for part in (state.hits, state.reach, state.anchor, state.defs):
                     part.pop(mid, None)
                 continue
             reach = state.reach.get(mid, [])

@@ -56,10 +56,24 @@ def _ms(row: list[Any]) -> int:
     return row[0]
 
 
+def signature(rule: Milestone) -> str:
+    """What a milestone's kept rows and reaches depend on, as "<matching>.<holding>" (two short
+    hashes): which events make rows and what a row holds (type, names, where, distinct, ratio), then
+    when the rows make it hold (count, within, the sequence's order). Points and description are in
+    neither: they change no row or reach (docs/operations.md "Changing rules")."""
+    def h(*parts: Any) -> str:
+        return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
+
+    ratio = rule.ratio.model_dump() if rule.ratio else None
+    return (h(rule.type, sorted(rule.names), rule.where, rule.distinct, ratio) + "."
+            + h(rule.count, rule.within, rule.sequence))
+
+
 class Detector:
     def __init__(self, mid: str, rule: Milestone):
         self.id = mid
         self.rule = rule
+        self.signature = signature(rule)
         self.kind = rule.kind
         self.type = rule.type
         self.names = frozenset(rule.names)
@@ -133,6 +147,10 @@ class Detector:
                 if step == len(steps):
                     return [_evidence(x) for x in found]
         return None
+
+    def reaches(self, rows: list[list[Any]]) -> list[list[Any]]:
+        """Every kept row's position where the milestone holds (a holding change: count, within)."""
+        return [list(position(r)) for j, r in enumerate(rows) if self.holds(rows, j) is not None]
 
     def keep(self, rows: list[list[Any]], cut: int) -> None:
         """Drop rows no event at or after `cut` can need (the expiry sweep)."""

@@ -68,6 +68,7 @@ class AccountState(BaseModel):
     unfit: list[list[Any]] = Field(default_factory=list)              # positions suppressed not_fit (a late group call re-checks them)
     waiting: list[list[Any]] = Field(default_factory=list)            # qualified positions not yet decided (rules `settle`)
     expect: dict[str, list[Any]] = Field(default_factory=dict)        # group call messageId -> [ms, slots pending, slots marked]
+    defs: dict[str, str] = Field(default_factory=dict)                # milestone -> signature of the definition its hits and reaches follow
     sales: Sales | None = None               # from the first qualification on (most accounts never qualify)
 
 

@@ -149,8 +149,11 @@ def values(msgs) -> list[dict]:
 
 
 def replay(env: Env, events: Path, rules: Path | None = None, mql: Path | None = None,
-           milestones: bool = False, now: str | None = None, responses: Path | None = None) -> list[str]:
+           milestones: bool = False, now: str | None = None, responses: Path | None = None,
+           switch: str | None = None) -> list[str]:
     args = ["replay", str(events), "--rules", str(rules or ROOT / "examples/rules.yaml")]
+    if switch:
+        args += ["--switch", switch]
     if now:
         args += ["--now", now]
     if mql:

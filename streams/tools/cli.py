@@ -62,9 +62,12 @@ def rules_check(file: str) -> None:
               envvar="PQL_MAX_FUTURE", metavar="SECONDS",
               help="An event dated more than this ahead of its receivedAt (else --processed-at) is corrected by "
                    "its sentAt, or refused as `future`, as in the worker.")
+@click.option("--switch", "switches", multiple=True, metavar="LINE:RULES",
+              help="From input line LINE on, decide with the rules file RULES, as a worker restarted with them "
+                   "there would (a rules deploy: docs/operations.md \"Changing rules\"). Repeatable.")
 def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool, stages: bool,
            now: str | None, responses_path: str | None, alert_max_age: float, processed_at: str | None,
-           max_future: float) -> None:
+           max_future: float, switches: tuple[str, ...]) -> None:
     """Run the detection engine over an EVENTS.jsonl file (the backtest).
 
     Handoffs and suppressions (CloudEvents, one per line) go to stdout; rejected lines and a
@@ -75,6 +78,13 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
     from streams.tools import replay as rp
 
     engine = Engine(_rules(rules_path), alert_max_age_ms(alert_max_age))
+    at: dict[int, Engine] = {}
+    for s in switches:
+        line, sep, path = s.partition(":")
+        if not sep or not line.isdigit() or int(line) < 1:
+            click.echo(f"pql: --switch {s!r}: give LINE:RULES, LINE a line number (from 1)", err=True)
+            sys.exit(2)
+        at[int(line)] = Engine(_rules(path), alert_max_age_ms(alert_max_age))
     try:
         mql = rp.load_mql(mql_path) if mql_path else {}
     except rp.MqlFileError as err:
@@ -82,7 +92,8 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
         sys.exit(2)
     now_ms, processed_ms = _time("--now", now), _time("--processed-at", processed_at)
     responses = rp.load_responses(responses_path, sys.stderr) if responses_path else []
-    summary = rp.run(events, engine, mql, milestones, stages, now_ms, responses, processed_ms, int(max_future * 1000))
+    summary = rp.run(events, engine, mql, milestones, stages, now_ms, responses, processed_ms, int(max_future * 1000),
+                     at)
     click.echo(summary.render(), err=True)
 
 

@@ -156,6 +156,13 @@ class Replay:
         self.processed_at = processed_at
         self.settle, self.stream, self.waiting = rules.settle, 0, Waiting()
 
+    def switch(self, engine: Engine) -> None:
+        """Decide with these rules from now on; state is kept (a worker restarted with new rules)."""
+        self.engine = engine
+        rules = engine.rules
+        self.identity = identity.Users(rules.hold, rules.bound)
+        self.settle = rules.settle
+
     def feed(self, lineno: int, raw: bytes, out: IO[str], err: IO[str]) -> None:
         s = self.summary
         s.lines += 1
@@ -283,10 +290,13 @@ class Replay:
 def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], out: IO[str], err: IO[str],
            milestones: bool = False, progress=None, stages: bool = False, now: int | None = None,
            responses: list[tuple[int, SalesResponse]] = (), processed_at: int | None = None,
-           max_future: int = 3_600_000) -> Summary:
+           max_future: int = 3_600_000, switches: dict[int, Engine] | None = None) -> Summary:
+    """`switches`: {line: engine}: from that line on, decide with that engine's rules (a rules deploy)."""
     r = Replay(engine, mql, milestones, stages, responses, now, processed_at, max_future)
     started = time.perf_counter()
     for n, raw in enumerate(lines, 1):
+        if switches and n in switches:
+            r.switch(switches[n])
         if raw.strip():
             r.feed(n, raw, out, err)
         if progress is not None and n % 8192 == 0:
@@ -303,11 +313,11 @@ def replay(lines: Iterable[bytes], engine: Engine, mql: dict[str, MqlRecord], ou
 
 def run(events: str, engine: Engine, mql: dict[str, MqlRecord], milestones: bool, stages: bool = False,
         now: int | None = None, responses: list[tuple[int, SalesResponse]] = (), processed_at: int | None = None,
-        max_future: int = 3_600_000) -> Summary:
+        max_future: int = 3_600_000, switches: dict[int, Engine] | None = None) -> Summary:
     """Replay a file to stdout/stderr, with a progress bar when stderr is a terminal."""
     out, err = sys.stdout, sys.stderr
     return over_file(events, "replay", err.isatty(), lambda f, progress: replay(
-        f, engine, mql, out, err, milestones, progress, stages, now, responses, processed_at, max_future))
+        f, engine, mql, out, err, milestones, progress, stages, now, responses, processed_at, max_future, switches))
 
 
 def over_file(path: str, label: str, bar: bool, work: Callable[[IO[bytes], Callable[[int], None] | None], Any]) -> Any:
