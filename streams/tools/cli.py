@@ -98,6 +98,36 @@ def replay(events: str, rules_path: str, mql_path: str | None, milestones: bool,
 
 
 @main.command()
+@click.argument("history", type=click.Path(exists=True, dir_okay=False))
+@click.option("--rules", "rules_path", required=True, type=click.Path(dir_okay=False),
+              help="The rules the workers will run next (PQL_RULES after the deploy).")
+@click.option("--crash-after", type=int, hidden=True, help="(tests) exit after N records, before the commit.")
+def bootstrap(history: str, rules_path: str, crash_after: int | None) -> None:
+    """Rebuild the account tables from a HISTORY.jsonl with new rules, so that new milestones see the
+    past; what they decide is published flagged backfill. One Kafka transaction. Stop the workers
+    first (docs/operations.md "Changing rules")."""
+    import time
+
+    from detectors.engine import Engine
+    from streams.tools import bootstrap as bs
+
+    engine = Engine(_rules(rules_path), 0)  # decided now about the past: every handoff a backfill
+    settings = _settings()
+    say = lambda text: click.echo(f"pql bootstrap: {text}", err=True)  # noqa: E731
+    with open(history, "rb") as f:
+        lines = f.read().splitlines()
+    try:
+        res = bs.run(lines, engine, settings, int(time.time() * 1000), sys.stderr, crash_after, say)
+    except bs.BootstrapError as err:
+        say(str(err))
+        sys.exit(1)
+    s = res.summary
+    say(f"{res.accounts:,} account states written ({res.kept_sales:,} with their sales history kept), "
+        f"{s.handoffs:,} handoffs (backfill) and {sum(s.suppressed.values()):,} suppressions published, "
+        f"{s.too_late:,} events too late, {sum(map(len, s.invalid.values())):,} invalid lines, in {res.seconds:.1f} s")
+
+
+@main.command()
 @click.argument("events", type=click.Path(exists=True, dir_okay=False))
 @click.option("--rules", "rules_path", required=True, type=click.Path(dir_okay=False), help="The current rules YAML.")
 @click.option("--against", "candidate_path", required=True, type=click.Path(dir_okay=False),
