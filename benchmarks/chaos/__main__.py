@@ -18,11 +18,13 @@ import argparse
 import json
 import os
 import re
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
+from pathlib import Path
 
 from confluent_kafka import Producer
 
@@ -79,8 +81,8 @@ def run(stack: Stack, seed: int, a) -> report.Outcome:
            "PQL_ALERT_RETRY_DELAY": "10"}
     endpoint = observe.Endpoint()
     env["PQL_WEBHOOK_URL"] = endpoint.url
-    workers = Workers(2, {**os.environ, **env}, work, a.web_port, static=a.static)
-    faults = schedule(seed, a.duration, cluster=a.cluster)
+    workers = Workers(2, {**os.environ, **env}, work, a.web_port, static=a.static, tree=old_release(a, work))
+    faults = schedule(seed, a.duration, cluster=a.cluster, upgrade=bool(a.upgrade_from))
     responder = observe.Responder(stack.kafka, prefix + "sales.responses", ANSWER_AFTER)
     obs = observe.Observer(stack.kafka, [prefix + "pql.handoffs", prefix + "pql.signals"],
                            prefix + "pql.events.dlq", responder.on_handoff)
@@ -157,13 +159,23 @@ def outcome(seed, a, expected, summary, obs, endpoint, workers, faults, rss, cou
     start, stop = rss[0][0] if rss else 0, rss[-1][0] if rss else 0
     o.rss = (max((m for t, _, m in rss if t < start + 60), default=0),
              max((m for t, _, m in rss if t > stop - 60), default=0), max((m for _, _, m in rss), default=0))
-    o.notes = [f"{f.kind} at +{f.at:.0f}s" + (f" (worker {f.slot})" if f.kind == "sigkill" else "")
+    o.notes = [f"{f.kind} at +{f.at:.0f}s" + (f" (worker {f.slot})" if f.kind in ("sigkill", "upgrade") else "")
                + (f": took {f.ended - f.started:.1f}s" if f.ended and f.started else "")
                + (f" {'; '.join(f.notes)}" if f.notes else "") for f in faults]
     (work / "outcome.md").write_text(report.table([o]) + "\n" + "\n".join(o.notes + o.exits) + "\n")
     (work / "faults.json").write_text(json.dumps([vars(f) for f in faults]))
     (work / "alerts.json").write_text(json.dumps(endpoint.delivered))
     return o
+
+
+def old_release(a, work: Path) -> Path:
+    """The tree the workers start from: this one, or with --upgrade-from that commit's (git archive)."""
+    if not a.upgrade_from:
+        return ROOT
+    tree = work / "old-release"
+    tree.mkdir()
+    subprocess.run(f"git archive {a.upgrade_from} | tar -x -C {tree}", shell=True, cwd=ROOT, check=True)
+    return tree
 
 
 def main() -> None:
@@ -183,6 +195,9 @@ def main() -> None:
     ap.add_argument("--cluster", action="store_true",
                     help="Kafka as three KRaft nodes (replication 3, min ISR 2): nodes killed in turn and a rolling "
                          "restart instead of the broker restart")
+    ap.add_argument("--upgrade-from", metavar="COMMIT",
+                    help="start both workers from that release (git archive) and upgrade them to this one, one at a "
+                         "time (SIGTERM, start), in the first half of the run: a rolling upgrade under the faults")
     a = ap.parse_args()
     port = 19192 if a.cluster and a.kafka_port == 49092 else a.kafka_port  # (see the docstring)
     stack = Stack(port, a.redis_port, ROOT / ".stack/chaos", cluster=a.cluster)

@@ -80,8 +80,10 @@ class Workers:
     """`n` `pql worker` processes with one app id. `check()` restarts any that exited, as a supervisor
     would, and records exits we did not cause."""
 
-    def __init__(self, n: int, env: dict, logdir: Path, web_port: int, static: bool = False):
+    def __init__(self, n: int, env: dict, logdir: Path, web_port: int, static: bool = False, tree: Path = ROOT):
+        """`tree`: the source tree the workers run (another release's, for `--upgrade-from`)."""
         self.env, self.logdir, self.web_port, self.static = env, logdir, web_port, static
+        self.trees = [tree] * n
         self.procs: list[subprocess.Popen | None] = [None] * n
         self.lives: list[Life] = []
         self.offsets: dict[int, int] = {}  # pid -> where its life starts in the slot's log
@@ -97,7 +99,7 @@ class Workers:
         path = self.log_path(slot)
         with open(path, "ab") as log:
             offset = log.tell()
-            proc = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], cwd=ROOT,
+            proc = subprocess.Popen([sys.executable, "-m", "streams.tools.cli", "worker"], cwd=self.trees[slot],
                                     env={**self.env, "PQL_WEB_PORT": str(self.port(slot)),
                                          **({"PQL_INSTANCE_ID": f"worker-{slot}"} if self.static else {})},
                                     stdout=log, stderr=subprocess.STDOUT)
@@ -126,6 +128,17 @@ class Workers:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 self._ended(proc, "sigkill")
+            self.start(slot)
+
+    def upgrade(self, slot: int, tree: Path = ROOT) -> None:
+        """Stop the worker in `slot` (SIGTERM: it commits and leaves) and start it from `tree`."""
+        with self.lock:
+            proc = self.procs[slot]
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(60)
+                self._ended(proc, "upgraded")
+            self.trees[slot] = tree
             self.start(slot)
 
     def check(self) -> None:
@@ -160,7 +173,7 @@ class Workers:
 
 @dataclass
 class Fault:
-    kind: str            # sigkill, kafka_restart, redis_down, alerts_500, alerts_hang, node_kill, rolling_restart
+    kind: str            # sigkill, kafka_restart, redis_down, alerts_500, alerts_hang, node_kill, rolling_restart, upgrade
     at: float            # seconds after the stream starts
     length: float = 0.0  # seconds the fault lasts (0: an instant)
     slot: int = 0        # sigkill: which worker; node_kill: which cluster node
@@ -169,7 +182,7 @@ class Fault:
     notes: list[str] = field(default_factory=list)
 
 
-def schedule(seed: int, duration: float, workers: int = 2, cluster: bool = False) -> list[Fault]:
+def schedule(seed: int, duration: float, workers: int = 2, cluster: bool = False, upgrade: bool = False) -> list[Fault]:
     """A SIGKILL every 10-30 s, one broker restart, Redis down 60 s, the alert endpoint failing
     (500s for 60 s) and hanging (120 s): drawn from `seed`. With `cluster`, instead of the broker
     restart: each of the three nodes SIGKILLed for 15 s in turn (its partitions' leaders, the group
@@ -189,6 +202,9 @@ def schedule(seed: int, duration: float, workers: int = 2, cluster: bool = False
     faults.append(Fault("redis_down", rng.uniform(0.5, 0.6) * duration, 60))
     faults.append(Fault("alerts_500", rng.uniform(0.1, 0.25) * duration, 60))
     faults.append(Fault("alerts_hang", rng.uniform(0.6, 0.7) * duration, 120))
+    if upgrade:  # a rolling upgrade: one worker, then the other, in the first half
+        faults += [Fault("upgrade", rng.uniform(0.15, 0.2) * duration, slot=0),
+                   Fault("upgrade", rng.uniform(0.25, 0.3) * duration, slot=1)]
     return sorted(faults, key=lambda f: f.at)
 
 
@@ -219,6 +235,9 @@ class Injector:
 
     def sigkill(self, f: Fault) -> None:
         self.workers.kill(f.slot)
+
+    def upgrade(self, f: Fault) -> None:
+        self.workers.upgrade(f.slot)
 
     def kafka_restart(self, f: Fault) -> None:
         self.stack.run("down-kafka")
