@@ -99,9 +99,13 @@ class Engine:
         self.by_id = {d.id: d for d in self.detectors}
         self.signatures = {d.id: d.signature for d in self.detectors}
         self.listening: dict[tuple[str, str], list[Detector]] = {}
+        self.every: dict[str, list[Detector]] = {}  # call type -> detectors of `event: "*"`
         for d in self.detectors:
             for name in d.names:
-                self.listening.setdefault((d.type, name), []).append(d)
+                if name == "*":
+                    self.every.setdefault(d.type, []).append(d)
+                else:
+                    self.listening.setdefault((d.type, name), []).append(d)
         self.bound = rules.bound
         self.window = rules.qualify.window
         fit = rules.fit.traits if rules.fit else None
@@ -114,7 +118,7 @@ class Engine:
         if isinstance(event, Group):
             return True
         name = event.name
-        return name is not None and (event.type, name) in self.listening
+        return event.type in self.every or (name is not None and (event.type, name) in self.listening)
 
     def observe(self, state: AccountState | None, event: Any, account_id: str,
                 cut: int | None = None) -> tuple[AccountState, Observation]:
@@ -257,7 +261,10 @@ class Engine:
             return []
         new: list[tuple[Pos, str]] = []
         inserted = repeat = False
-        for d in self.listening.get((event.type, event.name), ()):
+        listening = self.listening.get((event.type, event.name), ())
+        if self.every and event.type in self.every:
+            listening = [*listening, *self.every[event.type]]
+        for d in listening:
             if d.where(event) and (row := d.row(event)) is not None:
                 found = self._insert(state, d, row)
                 if found is None:

@@ -48,6 +48,11 @@ def _short(v: Any) -> Any:
     return v
 
 
+def _person(event: Any) -> Any:
+    """`distinct: userId`: the call's user, else its anonymousId (seat growth)."""
+    return event.userId or event.anonymousId or MISSING
+
+
 def position(row: list[Any]) -> tuple[int, str]:
     return row[0], row[1]
 
@@ -81,7 +86,7 @@ class Detector:
         self.where = compile_conditions(rule.where)
         self.within = rule.within
         self.count = rule.count
-        self.distinct = getter(rule.distinct) if rule.distinct else None
+        self.distinct = (_person if rule.distinct == "userId" else getter(rule.distinct)) if rule.distinct else None
         # properties worth showing as evidence: what `where` and `ratio` look at
         paths = list(rule.where) + ([rule.ratio.of, rule.ratio.to] if rule.ratio else [])
         self.shown = [(p, getter(p)) for p in paths]
@@ -110,7 +115,8 @@ class Detector:
             if value is MISSING or value is None:
                 return None  # nothing to count distinctly
             key = distinct_key(value)
-        return [event.ms, event.messageId, event.name, key, self._props(event)]
+        name = event.name if event.name is not None else event.type  # (an unnamed page call, for "*")
+        return [event.ms, event.messageId, name, key, self._props(event)]
 
     def affected(self, rows: list[list[Any]], i: int) -> range:
         """Indexes of the rows whose outcome a row inserted at `i` can change."""

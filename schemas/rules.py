@@ -86,7 +86,7 @@ class Ratio(_Strict):
 class Milestone(_Strict):
     description: str | None = None
     type: Literal["track", "page", "screen"] = "track"
-    event: Name | None = None
+    event: Name | list[Name] | None = None   # a name, a list of names (any of them), or "*" (every call of `type`)
     where: Conditions = {}
     distinct: Name | None = None
     count: Annotated[int, Field(ge=1)] = 1
@@ -106,6 +106,13 @@ class Milestone(_Strict):
                 raise ValueError("a sequence needs within")
         elif self.event is None:
             raise ValueError("give event (or sequence)")
+        elif isinstance(self.event, list):
+            if not self.event:
+                raise ValueError("event: give at least one name")
+            if "*" in self.event:
+                raise ValueError('event: "*" (every call) stands alone, not in a list')
+            if len(set(self.event)) != len(self.event):
+                raise ValueError("event: a name is listed twice")
         if self.ratio is not None and (self.distinct or self.count != 1 or self.within):
             raise ValueError("a ratio looks at one event: it takes no distinct, count or within")
         return self
@@ -116,8 +123,10 @@ class Milestone(_Strict):
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Event names this milestone listens to."""
-        return tuple(self.sequence) if self.sequence else (self.event or "",)
+        """Event names this milestone listens to ("*": every call of its type)."""
+        if self.sequence:
+            return tuple(self.sequence)
+        return tuple(self.event) if isinstance(self.event, list) else (self.event or "",)
 
 
 class Sla(_Strict):

@@ -21,6 +21,7 @@ WORDS = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Stark", "Wayne", "Wo
          "Cyberdyne", "Aperture", "Vandelay", "Pied Piper", "Massive", "Dunder", "Oscorp", "Gringotts"]
 NOISE = ["Feature Used", "Dashboard Viewed", "Report Exported", "Search Performed", "Settings Updated"]
 ACTIVATION = ["Source Connected", "Job Run", "Results Viewed"]
+GROWING = 0.1  # share of accounts whose team grows (seat growth)
 INTEGRATIONS = ["salesforce", "hubspot", "slack", "github", "jira"]
 # persona -> share of accounts
 PERSONAS = [("browser", 0.55), ("inviter", 0.12), ("limit", 0.10), ("activator", 0.10), ("integrator", 0.08),
@@ -56,6 +57,8 @@ class Simulator:
         self.rng = random.Random(seed)
         late = random.Random(seed + 1)  # its own stream: late_group=0 leaves the events as they were
         self.late = [late.random() < late_group for _ in range(accounts)]
+        seats = random.Random(seed + 2)  # accounts whose team grows: more people sign in over time
+        self.growing = [seats.random() < GROWING for _ in range(accounts)]
         self.n = accounts
         self.start = int((start or START).timestamp() * 1000)
         self.span = span_ms
@@ -76,11 +79,15 @@ class Simulator:
         return doc
 
     def _track(self, i: int, ms: int, event: str, **props) -> dict:
-        user = self.rng.randrange(2)
+        user = self.rng.randrange(self.team(i))
         doc = self._doc(i, ms, user, "track", event=event, properties=props)
         if self.rng.random() < 0.9 and not self.late[i]:  # the rest resolve through the user's group call
             doc["context"] = {"groupId": self.account(i), "library": {"name": "pql-simulate"}}
         return doc
+
+    def team(self, i: int) -> int:
+        """People active in account i now: two; a growing account adds one every few steps, up to 9."""
+        return 2 + min(7, self.progress[i] // 4) if self.growing[i] else 2
 
     def _group(self, i: int, ms: int, user: int) -> dict:
         r = random.Random(i)  # traits are stable per account
@@ -105,6 +112,8 @@ class Simulator:
             return self._track(i, ms, ACTIVATION[step % 3], source=rng.choice(["postgres", "s3", "bigquery"]))
         if persona in ("integrator", "champion") and rng.random() < 0.05:
             return self._track(i, ms, "Integration Connected", integration=rng.choice(INTEGRATIONS))
+        if self.growing[i] and rng.random() < 0.3:
+            return self._track(i, ms, "Signed In")
         if rng.random() < 0.01:  # an anonymous visitor no group call ties to an account
             self.seq += 1
             return {"type": "track", "event": rng.choice(NOISE + ["Invite Sent"]), "messageId": f"{self.prefix}{self.seq:09d}",

@@ -35,7 +35,7 @@ def test_a_worker_restarted_with_changed_rules_publishes_what_replay_across_the_
         changed = new_rules(tmp_path / "changed.yaml")
         expected = replay(env, events, milestones=True, now="now", switch=f"{half + 1}:{changed}")
         decided = {json.loads(x)["data"].get("rules_version") for x in expected if '"pql.handoff"' in x}
-        assert decided == {"2026-11-23", "changed"}, decided
+        assert decided == {"2026-12-07", "changed"}, decided
         env.create_topic("product.events", 1)  # one input partition: the worker sees the file's order
         first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
         first.write_bytes(b"\n".join(lines[:half]) + b"\n")

@@ -31,6 +31,8 @@ RULES = rules(
         "act": {"sequence": ["Source Connected", "Job Run", "Results Viewed"], "within": "2d", "points": 40},
         "crm": {"event": "Integration Connected", "points": 20},
         "jobs": {"event": "Job Run", "count": 4, "points": 10},
+        "seats": {"event": "*", "distinct": "userId", "count": 2, "within": "1d", "points": 10},  # seat growth
+        "either": {"event": ["Invite Sent", "Integration Connected"], "count": 3, "within": "2d", "points": 10},
     },
     score=60, window="3d", cooldown="4d", lateness=f"{LATENESS_H}h", hold="1d",
     fit={"traits": {"employees": {"gte": 10}}},

@@ -13,7 +13,8 @@ EXAMPLE = (ROOT / "examples/rules.yaml").read_text()
 
 def test_example_loads():
     r = load_rules(ROOT / "examples/rules.yaml")
-    assert r.version == "2026-11-23" and set(r.milestones) == {"team_invites", "usage_limit", "activation", "crm_integration"}
+    assert r.version == "2026-12-07" and set(r.milestones) == {"team_invites", "usage_limit", "activation", "seat_growth",
+                                                              "crm_integration"}
     assert r.cooldown == 30 * 86_400_000 and r.sla.pql == 3_600_000
     assert r.lateness == 7 * 86_400_000 and r.hold == 86_400_000
 
@@ -34,7 +35,7 @@ BROKEN = [
     # (replace this, with this, expected fragment of the message)
     ("    count: 3\n", "    count: 0\n", ":13: milestones.team_invites.count: Input should be greater than or equal to 1"),
     ("    within: 7d\n    points: 60", "    within: 7 days\n    points: 60", ":14: milestones.team_invites.within: expected a duration"),
-    ('version: "2026-11-23"', "versio: x", "version: Field required"),
+    ('version: "2026-12-07"', "versio: x", "version: Field required"),
     ("{in: [salesforce, hubspot]}", "{among: [salesforce]}", "unknown operator 'among'"),
     ("{in: [salesforce, hubspot]}", "[salesforce, hubspot]", "a list needs an operator"),
     ("    sequence: [Source Connected, Job Run, Results Viewed]", "    event: Job Run\n    sequence: [A, B]",
@@ -42,7 +43,7 @@ BROKEN = [
     ("  score: 60", "  score: 60\n  extra: 1", "qualify.extra: Extra inputs are not permitted"),
     ("employees: {gte: 10}", "employees: {gte: [10]}", "gte takes a number or a string"),
     ("milestones:", "milestones: [\n", "not valid YAML"),
-    ("hold: 1d ", "hold: 23d ", ":35: hold: lateness + hold must be shorter than cooldown"),
+    ("hold: 1d ", "hold: 23d ", ":42: hold: lateness + hold must be shorter than cooldown"),
 ]
 
 
@@ -65,7 +66,7 @@ def test_missing_file(tmp_path):
 def test_cli_rules_check(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "streams.tools.cli", "rules", "check", str(ROOT / "examples/rules.yaml")],
                         capture_output=True, text=True, cwd=ROOT)
-    assert ok.returncode == 0 and "ok: version 2026-11-23" in ok.stdout
+    assert ok.returncode == 0 and "ok: version 2026-12-07" in ok.stdout
     f = tmp_path / "bad.yaml"
     f.write_text(EXAMPLE.replace("    points: 20", "    points: -5"))
     bad = subprocess.run([sys.executable, "-m", "streams.tools.cli", "rules", "check", str(f)],
