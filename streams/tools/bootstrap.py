@@ -104,6 +104,12 @@ def current_sales(conf: dict, topic: str, timeout: float = 30.0) -> dict[str, Ac
     return out
 
 
+def _topics(conf: dict) -> list[str]:
+    from confluent_kafka.admin import AdminClient
+
+    return list(AdminClient(conf).list_topics(timeout=30).topics)
+
+
 def workers_running(conf: dict, group: str) -> int:
     """Members of the workers' consumer group (Faust's group is the app id)."""
     from confluent_kafka.admin import AdminClient
@@ -122,6 +128,11 @@ def run(history: list[bytes], engine: Engine, settings: Settings, now: int, err:
     if members:
         raise BootstrapError(f"{members} worker(s) of PQL_APP_ID {settings.app_id!r} are running: stop them first "
                              "(the tables must not change while bootstrap rebuilds them)")
+    have = set(_topics(conf))
+    missing = [t for t in (changelog, topics.handoffs, topics.signals) if t not in have]
+    if missing:
+        raise BootstrapError(f"no topic {', '.join(missing)}: start a worker once with this PQL_APP_ID (it creates "
+                             "them), stop it, then bootstrap")
     seeded = current_sales(conf, changelog)
     log(f"{len(seeded):,} accounts have a sales history in {changelog}")
     order, valid = in_time_order(history, err)
