@@ -79,6 +79,7 @@ class Observation:
     qualified: list[Pending] = field(default_factory=list)     # in position order
     diverged: list[str] = field(default_factory=list)          # DIVERGENCE reasons
     refit: list[Pos] = field(default_factory=list)             # not_fit positions that fit after a late group call
+    fresh: list = field(default_factory=list)                  # (position, milestone) rows of `fades` milestones inserted
     muted: int = 0                                             # qualifications not published (`decide`, muted)
 
 
@@ -150,7 +151,7 @@ class Engine:
             new += found  # the batch, far ahead, cannot expire what its qualification is scored on
         for call, slot, ms in marks:
             self._expect(state, call, ms, None, slot)
-        if new:
+        if new or obs.fresh:
             new.sort()
             self._qualify(state, account_id, new, obs)
         for p in obs.qualified:
@@ -272,6 +273,8 @@ class Engine:
                     continue
                 new += found
                 inserted = True
+                if d.fades is not None:  # later positions may count its points again
+                    obs.fresh.append(((row[0], row[1]), d.id))
         if inserted:
             self._late_evidence(state, ms, obs)
         elif repeat:
@@ -416,8 +419,18 @@ class Engine:
     def _score(self, state: AccountState, pos: Pos, skip: set | None = None) -> tuple[int, list[str]]:
         lo = pos[0] - self.window
         counted = [d.id for d in self.detectors
-                   if (r := self._latest(state, d.id, pos, skip=skip)) is not None and r[0] >= lo]
+                   if (r := self._latest(state, d.id, pos, skip=skip)) is not None and r[0] >= lo
+                   and (d.fades is None or self._fresh(state, d, pos, skip))]
         return sum(self.by_id[m].rule.points for m in counted), counted
+
+    @staticmethod
+    def _fresh(state: AccountState, d: Detector, pos: Pos, skip: set | None) -> bool:
+        """Has the account had an event matching `d` within its `fades` at or before `pos`?"""
+        rows = state.hits.get(d.id, ())
+        k = bisect_right(rows, pos, key=position) - 1
+        while k >= 0 and skip is not None and ((rows[k][0], rows[k][1]), d.id) in skip:
+            k -= 1
+        return k >= 0 and pos[0] - rows[k][0] <= d.fades
 
     def _may_signal(self, state: AccountState, pos: Pos, mid: str) -> bool:
         """Can a new reach still get its pql.milestone? Not once the milestone held within the qualify
@@ -431,15 +444,17 @@ class Engine:
             obs.milestones.append(self._milestone_event(account_id, self.by_id[mid], pos, state))
 
     def _qualify(self, state: AccountState, account_id: str, new: list[tuple[Pos, str]], obs: Observation) -> None:
-        """Positions that qualify now and did not before: new reaches, and reaches the new ones bring
-        inside their qualify window."""
-        first, last = new[0][0], new[-1][0]
-        skip = set(new)
+        """Positions that qualify now and did not before: new reaches, the reaches the new ones bring
+        inside their qualify window, and those a new row of a `fades` milestone keeps fresh."""
+        skip = set(new) | set(obs.fresh)
+        spans = [(new[0][0], (new[-1][0][0] + self.window, "\U0010ffff"))] if new else []
+        spans += [(pos, (pos[0] + self.by_id[mid].fades, "\U0010ffff")) for pos, mid in obs.fresh]
         candidates = set()
         for reach in state.reach.values():
-            lo = bisect_left(reach, first, key=tuple)
-            hi = bisect_right(reach, (last[0] + self.window, "\U0010ffff"), key=tuple)
-            candidates.update(tuple(r) for r in reach[lo:hi])
+            for first, end in spans:
+                lo = bisect_left(reach, first, key=tuple)
+                hi = bisect_right(reach, end, key=tuple)
+                candidates.update(tuple(r) for r in reach[lo:hi])
         for pos in sorted(candidates):
             score, counted = self._score(state, pos)
             if score < self.rules.qualify.score:

@@ -70,8 +70,9 @@ def signature(rule: Milestone) -> str:
         return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=4).hexdigest()
 
     ratio = rule.ratio.model_dump() if rule.ratio else None
+    growth = rule.growth.model_dump() if rule.growth else None
     return (h(rule.type, sorted(rule.names), rule.where, rule.distinct, ratio) + "."
-            + h(rule.count, rule.within, rule.sequence))
+            + h(rule.count, rule.within, rule.sequence, growth))
 
 
 class Detector:
@@ -86,6 +87,10 @@ class Detector:
         self.where = compile_conditions(rule.where)
         self.within = rule.within
         self.count = rule.count
+        self.fades = rule.fades
+        self.growth = rule.growth
+        if rule.growth:  # rows are looked at two windows back
+            self.within = 2 * rule.growth.over
         self.distinct = (_person if rule.distinct == "userId" else getter(rule.distinct)) if rule.distinct else None
         # properties worth showing as evidence: what `where` and `ratio` look at
         paths = list(rule.where) + ([rule.ratio.of, rule.ratio.to] if rule.ratio else [])
@@ -124,13 +129,15 @@ class Detector:
             return range(i, i + 1)
         if self.within is None:
             return range(i, len(rows))
-        end = bisect_right(rows, rows[i][0] + self.within, key=_ms)
-        return range(i, end)
+        end = bisect_right(rows, rows[i][0] + (self.growth.over if self.growth else self.within), key=_ms)
+        return range(i, end)  # (a trend's row in a later position's earlier window cannot come: Rules)
 
     def holds(self, rows: list[list[Any]], i: int) -> list[Evidence] | None:
         """Evidence if the milestone holds at rows[i] (the window ends there), else None."""
         if self.kind == "ratio":
             return [_evidence(rows[i])]
+        if self.growth is not None:
+            return self._growth(rows, i)
         lo = 0 if self.within is None else bisect_left(rows, rows[i][0] - self.within, key=_ms)
         inside = rows[lo:i + 1]
         if self.kind == "sequence":
@@ -143,6 +150,21 @@ class Detector:
         elif len(inside) < self.count:
             return None
         return [_evidence(r) for r in inside[-(self.count if self.within is None else max(self.count, 10)):]]
+
+    def _growth(self, rows: list[list[Any]], i: int) -> list[Evidence] | None:
+        """Reached at rows[i] when the window `over` ending there (closed) holds at least `min` and
+        at least `at_least` times what the `over` before it holds (counts, or distinct values)."""
+        g, t = self.growth, rows[i][0]
+        mid = bisect_left(rows, t - g.over, key=_ms)
+        lo = bisect_left(rows, t - 2 * g.over, key=_ms)
+        now, before = rows[mid:i + 1], rows[lo:mid]
+        if self.distinct is not None:
+            n, m = len({r[3] for r in now}), len({r[3] for r in before})
+        else:
+            n, m = len(now), len(before)
+        if n < g.min or n < g.at_least * m:
+            return None
+        return [_evidence(r) for r in now[-max(g.min, 10):]]
 
     def _sequence(self, inside: list[list[Any]]) -> list[Evidence] | None:
         steps, step, found = self.rule.sequence, 0, []
@@ -159,13 +181,15 @@ class Detector:
         return [list(position(r)) for j, r in enumerate(rows) if self.holds(rows, j) is not None]
 
     def keep(self, rows: list[list[Any]], cut: int) -> None:
-        """Drop rows no event at or after `cut` can need (the expiry sweep)."""
+        """Drop rows no event at or after `cut` can need (the expiry sweep). With `fades`, also the
+        latest row before those: how long the account has gone without a matching event."""
         if not rows:
             return
+        extra = 1 if self.fades is not None else 0
         if self.kind == "ratio":
-            rows[:] = rows[bisect_left(rows, cut, key=_ms):]
+            rows[:] = rows[max(0, bisect_left(rows, cut, key=_ms) - extra):]
         elif self.within is not None:
-            rows[:] = rows[bisect_left(rows, cut - self.within, key=_ms):][-MAX_ROWS:]
+            rows[:] = rows[max(0, bisect_left(rows, cut - self.within, key=_ms) - extra):][-MAX_ROWS:]
         else:
             i = bisect_left(rows, cut, key=_ms)
             before = rows[:i]

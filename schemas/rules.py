@@ -83,6 +83,15 @@ class Ratio(_Strict):
     at_least: Annotated[float, Field(gt=0)]
 
 
+class Growth(_Strict):
+    """A trend: the count in the window `over` ending at an event is at least `at_least` times the
+    count in the `over` before it, and at least `min`."""
+
+    over: Duration
+    at_least: Annotated[float, Field(gt=0)]
+    min: Annotated[int, Field(ge=1)] = 1
+
+
 class Milestone(_Strict):
     description: str | None = None
     type: Literal["track", "page", "screen"] = "track"
@@ -93,6 +102,8 @@ class Milestone(_Strict):
     within: Duration | None = None
     ratio: Ratio | None = None
     sequence: Annotated[list[Name], Field(min_length=2)] | None = None
+    growth: Growth | None = None
+    fades: Duration | None = None            # its points stop counting after this long without a matching event
     points: Annotated[int, Field(ge=0)]
 
     @model_validator(mode="after")
@@ -115,11 +126,15 @@ class Milestone(_Strict):
                 raise ValueError("event: a name is listed twice")
         if self.ratio is not None and (self.distinct or self.count != 1 or self.within):
             raise ValueError("a ratio looks at one event: it takes no distinct, count or within")
+        if self.growth is not None and (self.sequence or self.ratio or self.count != 1 or self.within):
+            raise ValueError("growth compares two windows of its own (over): it takes no count, within, ratio or sequence")
+        if self.fades is not None and self.fades <= 0:
+            raise ValueError("fades: give a duration")
         return self
 
     @property
     def kind(self) -> str:
-        return "sequence" if self.sequence else "ratio" if self.ratio else "count"
+        return "sequence" if self.sequence else "ratio" if self.ratio else "growth" if self.growth else "count"
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -184,6 +199,17 @@ class Rules(_Strict):
         if lateness is not None and v > lateness:
             raise ValueError("settle must not be longer than lateness (a waiting qualification needs its events)")
         return v
+
+    @model_validator(mode="after")
+    def _growth_windows_settled(self) -> "Rules":
+        # A trend's earlier window must be final when its later one is judged: no event may still
+        # arrive in it (late ones by `lateness`, held ones by `hold` before their group call).
+        for mid, m in self.milestones.items():
+            if m.growth is not None and m.growth.over < self.lateness + 2 * self.hold:
+                raise ValueError(f"milestones.{mid}.growth.over: must be at least lateness + 2 x hold "
+                                 f"({(self.lateness + 2 * self.hold) // 3_600_000} h here): events may still "
+                                 "arrive in its earlier window until then")
+        return self
 
     @property
     def bound(self) -> int:

@@ -30,7 +30,8 @@ RULES = rules(
                                                       "at_least": 0.8}, "points": 30},
         "act": {"sequence": ["Source Connected", "Job Run", "Results Viewed"], "within": "2d", "points": 40},
         "crm": {"event": "Integration Connected", "points": 20},
-        "jobs": {"event": "Job Run", "count": 4, "points": 10},
+        "jobs": {"event": "Job Run", "count": 4, "points": 10, "fades": "1d"},  # decay
+        "trend": {"event": "Feature Used", "growth": {"over": "4d", "at_least": 2, "min": 3}, "points": 10},
         "seats": {"event": "*", "distinct": "userId", "count": 2, "within": "1d", "points": 10},  # seat growth
         "either": {"event": ["Invite Sent", "Integration Connected"], "count": 3, "within": "2d", "points": 10},
     },
