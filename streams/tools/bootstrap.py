@@ -110,12 +110,14 @@ def _topics(conf: dict) -> list[str]:
     return list(AdminClient(conf).list_topics(timeout=30).topics)
 
 
-def workers_running(conf: dict, group: str) -> int:
-    """Members of the workers' consumer group (Faust's group is the app id)."""
+def workers_running(conf: dict, app_id: str) -> int:
+    """Members of the workers' consumer groups (Faust's, the app id, and the ingest tier's)."""
     from confluent_kafka.admin import AdminClient
 
-    found = AdminClient(conf).describe_consumer_groups([group])[group].result(timeout=30)
-    return len(found.members)
+    admin = AdminClient(conf)  # (kept alive until the answers: a dropped client never answers)
+    groups = [app_id, f"{app_id}-ingest"]
+    found = admin.describe_consumer_groups(groups, request_timeout=30)
+    return sum(len(found[g].result(timeout=40).members) for g in groups)
 
 
 def run(history: list[bytes], engine: Engine, settings: Settings, now: int, err: IO[str],
