@@ -110,14 +110,25 @@ def _topics(conf: dict) -> list[str]:
     return list(AdminClient(conf).list_topics(timeout=30).topics)
 
 
-def workers_running(conf: dict, app_id: str) -> int:
-    """Members of the workers' consumer groups (Faust's, the app id, and the ingest tier's)."""
+def workers_running(conf: dict, app_id: str, patience: float = 60.0) -> int:
+    """Members of the workers' consumer groups (Faust's, the app id, and the ingest tier's). A broker
+    still loading its group coordinator is asked again."""
+    from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient
 
     admin = AdminClient(conf)  # (kept alive until the answers: a dropped client never answers)
     groups = [app_id, f"{app_id}-ingest"]
-    found = admin.describe_consumer_groups(groups, request_timeout=30)
-    return sum(len(found[g].result(timeout=40).members) for g in groups)
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            found = admin.describe_consumer_groups(groups, request_timeout=30)
+            return sum(len(found[g].result(timeout=40).members) for g in groups)
+        except KafkaException as err:
+            code = err.args[0].code() if err.args and hasattr(err.args[0], "code") else None
+            if code not in (KafkaError.COORDINATOR_LOAD_IN_PROGRESS, KafkaError.COORDINATOR_NOT_AVAILABLE) \
+                    or time.monotonic() > deadline:
+                raise BootstrapError(f"could not tell whether workers run (describing groups {groups}: {err})")
+            time.sleep(1)
 
 
 def run(history: list[bytes], engine: Engine, settings: Settings, now: int, err: IO[str],
