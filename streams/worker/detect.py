@@ -455,6 +455,7 @@ class Detect:
         log.warning("partition %d: decisions have waited %.0f s for %s %d, which last reported %s at its tick "
                     "%.0f s ago", partition, waited / 1000, kind, p, said, (now - tick) / 1000)
 
+
 def refuse(err: NewerFormat) -> None:
     """Stop the worker: it met a value or envelope of a newer release (schemas/formats.py). Nothing is
     committed past it; the partition goes to a worker that reads it."""
