@@ -60,7 +60,8 @@ def run(stack: Stack, seed: int, a) -> report.Outcome:
     work = OUT / tag
     work.mkdir(parents=True)
     rules = work / "rules.yaml"
-    text = re.sub(r"^sla: .*$", f"sla: {{pql: {SLA}s, mql: 24h}}", (ROOT / "examples/rules.yaml").read_text(), flags=re.M)
+    tree = old_release(a, work)  # (its example rules: both releases must read them)
+    text = re.sub(r"^sla: .*$", f"sla: {{pql: {SLA}s, mql: 24h}}", (tree / "examples/rules.yaml").read_text(), flags=re.M)
     rules.write_text(text + (f"settle: {a.settle}\n" if a.settle else ""))
     count = int(a.rate * a.duration)
     t0 = time.time() + 60  # the stream's first event time: after generation, replay and start-up
@@ -81,7 +82,7 @@ def run(stack: Stack, seed: int, a) -> report.Outcome:
            "PQL_ALERT_RETRY_DELAY": "10"}
     endpoint = observe.Endpoint()
     env["PQL_WEBHOOK_URL"] = endpoint.url
-    workers = Workers(2, {**os.environ, **env}, work, a.web_port, static=a.static, tree=old_release(a, work))
+    workers = Workers(2, {**os.environ, **env}, work, a.web_port, static=a.static, tree=tree)
     faults = schedule(seed, a.duration, cluster=a.cluster, upgrade=bool(a.upgrade_from))
     responder = observe.Responder(stack.kafka, prefix + "sales.responses", ANSWER_AFTER)
     obs = observe.Observer(stack.kafka, [prefix + "pql.handoffs", prefix + "pql.signals"],
