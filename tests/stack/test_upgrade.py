@@ -30,12 +30,12 @@ def old_release(tmp_path):
 
 
 def test_a_rolling_upgrade_under_load_keeps_every_handoff_exact_and_once(eo, tmp_path, old_release):
-    lines = stream(accounts=1200, seed=14)
+    lines = stream(accounts=600, seed=14)
     expected = expected_handoffs(eo, lines, tmp_path)
     eo.create_topic("product.events", 4)
     a, b = eo.start_worker("a-old", cwd=old_release), eo.start_worker("b-old", cwd=old_release)
     eo.wait_ready(a, b)
-    sender = threading.Thread(target=publish, args=(eo.kafka, eo.topic("product.events"), lines), kwargs={"rate": 120})
+    sender = threading.Thread(target=publish, args=(eo.kafka, eo.topic("product.events"), lines), kwargs={"rate": 100})
     sender.start()
     time.sleep(8)
     new = []
