@@ -1,7 +1,7 @@
 """Rules changed on a running deployment (docs/operations.md "Changing rules"): a worker restarted
 with new rules keeps its tables; each account's state follows the new rules from its next event
 (detectors/engine.py `reconcile`). `pql replay --switch LINE:RULES` runs the same engine across the
-same change, so what is asserted here is what the live worker does (tests/stack/test_rules_change.py)."""
+same change, so what is asserted here is what the live worker does (tests/stack/test_rules_change_live.py)."""
 import io
 import json
 
