@@ -5,7 +5,7 @@ import os
 import platform
 import sys
 
-from benchmarks import backlog, backtest_bench, disorder, replay_bench, scaling, stream_bench
+from benchmarks import backlog, backtest_bench, bootstrap_bench, disorder, replay_bench, scaling, stream_bench
 
 
 def machine() -> str:
@@ -29,6 +29,8 @@ def main() -> None:
     backlog.main()
     print("\n## scaling: one worker at 4 to 256 partitions, and one vs two workers at 64")
     scaling.main()
+    print("\n## pql bootstrap: 1M history events sorted by account, beside pql replay")
+    bootstrap_bench.main()
 
 
 if __name__ == "__main__":
