@@ -4,12 +4,11 @@
 """
 from __future__ import annotations
 
-import argparse
 import io
 import re
 import time
 
-from benchmarks.replay_bench import ROOT, dataset
+from benchmarks.replay_bench import ROOT, dataset_of_args
 from detectors.engine import Engine
 from schemas.rules import Rules, load_rules
 from streams.tools import backtest as bt
@@ -27,11 +26,7 @@ def candidate(current: Rules) -> Rules:
 
 
 def main() -> dict:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--events", type=int, default=1_000_000)
-    ap.add_argument("--accounts", type=int, default=50_000)
-    a, _ = ap.parse_known_args()
-    path = dataset(a.events, a.accounts)
+    a, path = dataset_of_args()
     current = load_rules(ROOT / "examples/rules.yaml")
     cand = candidate(current)
     started = time.perf_counter()

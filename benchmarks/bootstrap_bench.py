@@ -7,8 +7,6 @@ Runs the CLI as a user does, against the dev stack, with its own app id and topi
 """
 from __future__ import annotations
 
-import argparse
-import io
 import json
 import os
 import resource
@@ -18,11 +16,8 @@ import time
 
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from benchmarks.replay_bench import OUT, ROOT, dataset
+from benchmarks.replay_bench import OUT, ROOT, dataset_of_args, replay_only
 from benchmarks.stream_bench import BOOT, drop_topics
-from detectors.engine import Engine
-from schemas.rules import load_rules
-from streams.tools.replay import replay
 
 PARTITIONS = 4
 
@@ -48,17 +43,10 @@ def by_account(path):
 
 
 def main() -> dict:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--events", type=int, default=1_000_000)
-    ap.add_argument("--accounts", type=int, default=50_000)
-    a, _ = ap.parse_known_args()
-    path = dataset(a.events, a.accounts)
+    a, path = dataset_of_args()
     export = by_account(path)
     rules = ROOT / "examples/rules.yaml"
-    started = time.perf_counter()
-    with open(path, "rb") as f:
-        replay(f, Engine(load_rules(rules)), {}, io.StringIO(), io.StringIO())
-    baseline = time.perf_counter() - started
+    baseline, _, _ = replay_only(path)  # (examples/rules.yaml, time order)
 
     app = f"bench-bootstrap-{int(time.time())}"
     admin = AdminClient({"bootstrap.servers": BOOT})

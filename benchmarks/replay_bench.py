@@ -43,6 +43,15 @@ def json_only(path: Path) -> float:
     return time.perf_counter() - started
 
 
+def dataset_of_args() -> tuple[argparse.Namespace, Path]:
+    """--events / --accounts of the command line (other arguments are the caller's) and that dataset."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--events", type=int, default=1_000_000)
+    ap.add_argument("--accounts", type=int, default=50_000)
+    a, _ = ap.parse_known_args()
+    return a, dataset(a.events, a.accounts)
+
+
 def replay_only(path: Path) -> tuple[float, object, int]:
     engine = Engine(load_rules(ROOT / "examples/rules.yaml"))
     out, err = io.StringIO(), io.StringIO()

@@ -10,6 +10,7 @@ import subprocess
 
 import yaml
 
+from helpers import export_by_account
 from live import PQL, ROOT, Env, read, replay
 from streams.tools.simulate import Simulator
 
@@ -22,11 +23,7 @@ def test_bootstrap_rebuilds_state_from_history_in_any_order_once_and_all_or_noth
         history = tmp_path / "history.jsonl"
         history.write_bytes(b"\n".join(lines) + b"\n")
         by_account = tmp_path / "by-account.jsonl"  # an export sorted by account, then time
-        docs = [(json.loads(x), x) for x in lines if x.startswith(b"{") and x.endswith(b"}")]
-        docs = [(d, x) for d, x in docs if isinstance(d, dict)]
-        key = lambda dx: (str(dx[0].get("groupId") or (dx[0].get("context") or {}).get("groupId") or dx[0].get("userId")),  # noqa: E731
-                          str(dx[0].get("timestamp")))
-        by_account.write_bytes(b"\n".join(x for _, x in sorted(docs, key=key)) + b"\n")
+        by_account.write_bytes(b"\n".join(export_by_account(lines)) + b"\n")
         rules = yaml.safe_load((ROOT / "examples/rules.yaml").read_text())
         rules["version"] = "with-exports"
         rules["milestones"]["exports"] = {"event": "Report Exported", "count": 3, "within": "3d", "points": 60}

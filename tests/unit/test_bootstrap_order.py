@@ -2,25 +2,18 @@
 account (then time) is the common case: read as it is, a user's events without `context.groupId`
 come after their account's later events, and the lateness bound drops them."""
 import io
-import json
 
 from detectors.engine import Engine
+from helpers import export_by_account
 from schemas.rules import load_rules
 from streams.tools.bootstrap import in_time_order
 from streams.tools.replay import replay
 from streams.tools.simulate import Simulator
 
 
-def by_account(lines: list[bytes]) -> list[bytes]:
-    docs = [(json.loads(x), x) for x in lines if x.startswith(b"{") and x.endswith(b"}")]
-    key = lambda dx: (str(dx[0].get("groupId") or (dx[0].get("context") or {}).get("groupId") or dx[0].get("userId")),  # noqa: E731
-                      str(dx[0].get("timestamp")))
-    return [x for _, x in sorted(docs, key=key)] + [b"not json"]
-
-
 def test_an_export_sorted_by_account_runs_as_the_stream_in_time_order_would():
     lines = list(Simulator(accounts=300, seed=5, late_group=0.3, span_ms=42 * 86_400_000).events(20_000))
-    export = by_account(lines)
+    export = export_by_account(lines) + [b"not json"]
     rules = load_rules("examples/rules.yaml")
     as_read = replay(export, Engine(rules), {}, io.StringIO(), io.StringIO())
     assert as_read.too_late > 0
