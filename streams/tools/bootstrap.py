@@ -52,7 +52,7 @@ class Result:
     seconds: float
 
 
-def in_time_order(lines: list[bytes], err: IO[str]) -> tuple[list[int], int]:
+def in_time_order(lines: list[bytes]) -> tuple[list[int], int]:
     """Indexes of the lines by event time (ties by messageId, then file order); lines that do not
     parse keep their place at the front (replay reports them). Returns (order, lines that parsed)."""
     keyed, bad = [], []
@@ -148,7 +148,7 @@ def run(history: list[bytes], engine: Engine, settings: Settings, now: int, err:
                              "them), stop it, then bootstrap")
     seeded = current_sales(conf, changelog)
     log(f"{len(seeded):,} accounts have a sales history in {changelog}")
-    order, valid = in_time_order(history, err)
+    order, valid = in_time_order(history)
     log(f"{len(history):,} history lines, {valid:,} events, in event-time order")
     out = io.StringIO()
     r = Replay(engine, MqlStore(settings.redis_url, settings.redis_prefix), processed_at=now)  # (read at decisions)

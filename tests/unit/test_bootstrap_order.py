@@ -17,7 +17,7 @@ def test_an_export_sorted_by_account_runs_as_the_stream_in_time_order_would():
     rules = load_rules("examples/rules.yaml")
     as_read = replay(export, Engine(rules), {}, io.StringIO(), io.StringIO())
     assert as_read.too_late > 0
-    order, valid = in_time_order(export, io.StringIO())
+    order, valid = in_time_order(export)
     assert sorted(order) == list(range(len(export)))
     assert len(export) - 1 in order[:len(export) - valid]  # lines that do not parse first (reported), then by time
     ours, theirs = io.StringIO(), io.StringIO()
