@@ -73,10 +73,9 @@ def make_app(s: Settings) -> faust.App:
         broker_session_timeout=s.session_timeout,
         broker_heartbeat_interval=s.session_timeout / 5,
         consumer_group_instance_id=s.instance_id,  # None: dynamic membership
-        # Faust's memory store drops a standby partition's keys whenever a recovery completes, and
-        # a standby that becomes active is read from its start anyway: standbys only cost CPU and
-        # memory there (streams/worker/restore.py reads an active partition's changelog quickly).
-        table_standby_replicas=0 if s.store == "memory://" else 1,
+        # A partition that becomes active is read from its changelog's start whatever a standby
+        # held (streams/worker/restore.py, quickly): standbys would only cost CPU and memory.
+        table_standby_replicas=0,
     )
 
 

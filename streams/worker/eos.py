@@ -57,7 +57,8 @@ INTERNALS = [
     ("aiokafka.producer.transaction_manager", "TransactionManager.is_in_transaction"),
     ("faust.tables.recovery", "Recovery.revoke"),                                # publish.Publisher.rollback
     ("faust.stores.rocksdb", "Store.offset_key"),                                # forget_persisted_offsets
-    ("faust.stores.rocksdb", "Store._db_for_partition"),
+    ("faust.stores.rocksdb", "Store._db_for_partition"),                         # restore: the bulk read
+    ("faust.stores.rocksdb", "Store.set_persisted_offset"),
     ("faust.transport.drivers.aiokafka", "AIOKafkaConsumerThread._highwaters"),  # broker_highwaters
     ("aiokafka", "AIOKafkaConsumer.end_offsets"),
     ("faust.transport.consumer", "Consumer._add_gap"),       # exclusive_gaps

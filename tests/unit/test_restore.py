@@ -1,8 +1,10 @@
-"""The bulk changelog read (streams/worker/restore.py): it fills the memory store exactly as Faust's
-own recovery would, and reads a partition again whenever Faust may have let go of its keys.
+"""The bulk changelog read (streams/worker/restore.py): it fills the memory or RocksDB store exactly
+as Faust's own recovery would, and reads a partition again whenever Faust may have let go of its keys.
 The read itself against a real Kafka is proved by tests/stack/test_exactly_once.py (SIGKILLs)."""
 import json
 from types import SimpleNamespace
+
+import pytest
 
 from faust.types import TP
 from faust.types.tuples import Message
@@ -94,3 +96,58 @@ def test_each_assignment_reads_what_it_does_not_hold_and_faust_goes_on_from_ther
     actives.add(TP("t", 0))  # ... and comes back: its keys may be gone, so it is read again
     app.consumer_generation_id = 5
     assert r.persisted_offset(TP("t", 0)) == 41 and reads[-1] == {TP("t", 0)}
+
+
+def test_a_rocksdb_partition_is_emptied_then_filled_as_faust_fills_it(tmp_path):
+    """With rocksdb:// the bulk read writes the changelog's raw bytes into the partition's database,
+    after dropping whatever it held (values of an aborted transaction, say), and records the offset."""
+    pytest.importorskip("rocksdict")
+    from streams.worker import restore
+
+    def rocks_tables(name):
+        app = make_app(Settings(app_id=name, kafka_bootstrap="127.0.0.1:1", store="rocksdb://", data_dir=tmp_path / name))
+        return app, Tables.create(app, 4)
+
+    app, tables = rocks_tables("rocks-ours")
+    store, topic = tables.accounts.data, tables.changelog("accounts")
+    stale = store._db_for_partition(3)
+    stale.put(json.dumps("acct-9").encode(), b'{"account_id":"acct-9","aborted":true}')
+    other = store._db_for_partition(1)
+    other.put(json.dumps("acct-5").encode(), b'{"account_id":"acct-5"}')
+    records = [(0, json.dumps("acct-1").encode(), b'{"account_id":"acct-1","newest":1}'),
+               (1, json.dumps("acct-2").encode(), b'{"account_id":"acct-2"}'),
+               (2, json.dumps("acct-1").encode(), b'{"account_id":"acct-1","newest":2}'),
+               (3, json.dumps("acct-2").encode(), None)]
+    ours = Restore(app, {}, [tables.accounts])
+    restore.empty(store, 3)
+    for offset, key, value in records:
+        ours._apply(tables.accounts, Raw(topic, 3, offset, key, value))
+    mine = dict(store._db_for_partition(3).items())
+
+    faust_app, faust_tables = rocks_tables("rocks-faust")
+    table = faust_tables.accounts
+    schema = table.changelog_topic.schema
+    events = []
+    for offset, key, value in records:
+        m = Message(topic, 3, offset, 0.0, 0, {}, key, value, None)
+        events.append(SimpleNamespace(key=schema.loads_key(faust_app, m), value=schema.loads_value(faust_app, m),
+                                      message=m))
+    table.data.apply_changelog_batch(events, to_key=table._to_key, to_value=table._to_value)
+    theirs = {k: v for k, v in table.data._db_for_partition(3).items() if k != table.data.offset_key}
+    assert mine == theirs == {json.dumps("acct-1").encode(): b'{"account_id":"acct-1","newest":2}'}
+    assert dict(store._db_for_partition(1).items()) == {json.dumps("acct-5").encode(): b'{"account_id":"acct-5"}'}
+
+
+def test_a_rocksdb_store_answers_from_the_bulk_read_then_from_its_own_offset(tmp_path):
+    pytest.importorskip("rocksdict")
+    app = make_app(Settings(app_id="rocks-answers", kafka_bootstrap="127.0.0.1:1", store="rocksdb://", data_dir=tmp_path))
+    tables = Tables.create(app, 4)
+    store = tables.accounts.data
+    tp = TP(tables.changelog("accounts"), 2)
+    r = Restore(app, {}, [tables.accounts])
+    r.install()
+    r.generation = app.consumer_generation_id  # (no assignment to read here)
+    r.answer[tp] = 17
+    store.set_persisted_offset(tp, 9)
+    assert store.persisted_offset(tp) == 17  # the bulk read's answer, once
+    assert store.persisted_offset(tp) == 9   # then what the store keeps
