@@ -710,3 +710,33 @@ def test_a_rollback_makes_a_rocksdb_store_read_its_changelog_from_the_start(tmp_
     eos.forget_persisted_offsets(store, {0})
     assert store.persisted_offset(tp0) is None and store.persisted_offset(tp1) == 7
     eos.forget_persisted_offsets({}, {0})  # a memory store's data: nothing to do
+
+
+def test_fetches_wait_briefly_while_a_rebalance_runs_and_as_faust_set_them_after():
+    """Recovery's offsets requests queue behind a fetch on the consumer's connection
+    (eos.quick_fetches_while_rebalancing): fetches wait 100 ms from a rebalance's start to its end."""
+    import aiokafka
+    import aiokafka.consumer.fetcher as fetcher
+    import faust.transport.drivers.aiokafka as driver
+
+    from streams.config import Settings
+    from streams.worker import eos
+    from streams.worker.app import make_app
+
+    assert "fetch_max_wait_ms=1500" in inspect.getsource(driver.AIOKafkaConsumerThread._create_worker_consumer)
+    assert "self._fetch_max_wait_ms," in inspect.getsource(fetcher.Fetcher._get_actions_per_node), (
+        "aiokafka's Fetcher no longer reads _fetch_max_wait_ms per request: review quick_fetches_while_rebalancing")
+    app = make_app(Settings(app_id="fetch-wait", kafka_bootstrap="127.0.0.1:1"))
+    eos.quick_fetches_while_rebalancing(app)
+    eos.quick_fetches_while_rebalancing(app)  # twice: once
+
+    async def rebalance():
+        consumer = aiokafka.AIOKafkaConsumer(bootstrap_servers="127.0.0.1:1", fetch_max_wait_ms=1500)
+        consumer._fetcher = type("Fetcher", (), {"_fetch_max_wait_ms": 1500})()
+        app.consumer._thread._consumer = consumer
+        app.on_rebalance_start()
+        during = (consumer._fetch_max_wait_ms, consumer._fetcher._fetch_max_wait_ms, app.rebalancing)
+        app.on_rebalance_end()
+        return during, (consumer._fetch_max_wait_ms, consumer._fetcher._fetch_max_wait_ms, app.rebalancing)
+
+    assert asyncio.run(rebalance()) == ((100, 100, True), (1500, 1500, False))
