@@ -63,7 +63,6 @@ INTERNALS = [
     ("aiokafka", "AIOKafkaConsumer.end_offsets"),
     ("faust.transport.consumer", "Consumer._add_gap"),       # exclusive_gaps
     ("faust.transport.consumer", "Consumer.getmany"),        # no_batch_across_seeks
-    ("faust.tables.recovery", "Recovery._slurp_changelogs.fun"),  # recovery_sees_its_end_sooner
     ("faust.worker", "Worker._on_sigterm"),                  # stop_within
     ("faust.worker", "Worker._on_sigint"),
     ("faust.transport.drivers.aiokafka", "Transport._really_create_topic"),  # topic_creation_waits_for_a_node
@@ -83,7 +82,6 @@ CONSUMER_ATTRIBUTES = ["_gap", "_read_offset", "_committed_offset"]
 LIVELOCK_EVERY = 10.0  # s between Faust's livelock checks of every partition (quiet_livelock_check)
 HANDOFF_COMMIT_DELAY = 0.005  # handoffs close together share one early commit
 CATCHUP_RECORDS = 500  # records of an owned <app>-accounts partition not processed yet: catching up
-RECOVERY_IDLE = 1.0  # seconds without a changelog record before table recovery looks for its end
 BOOTSTRAP_PATIENCE = 120.0  # seconds a starting client waits for a broker that was there a moment ago
 REBALANCE_FETCH_WAIT_MS = 100  # longest wait of a fetch while partitions are assigned and recovered
 
@@ -102,7 +100,6 @@ def install(app, source: str) -> None:
     noted_fetches(source)
     remembered_topic_groups()
     coordinator_lookup_survives_a_closed_connection()
-    recovery_sees_its_end_sooner()
     quick_fetches_while_rebalancing(app)
     bootstrap_waits_for_the_broker()
     topic_creation_waits_for_a_node()
@@ -175,24 +172,6 @@ async def patiently(call, patience: float, pause: float = 1.0):
             await asyncio.sleep(pause)
 
 
-def recovery_sees_its_end_sooner() -> None:
-    """Table recovery ends about 2 s after the changelogs' last record instead of 10-15 s.
-
-    A transactional changelog partition ends with a commit marker (and, after a SIGKILL, aborted
-    records), which a read_committed consumer never returns, so the offsets Faust counts never reach
-    the end. Faust (0.15.3, `Recovery._slurp_changelogs`) finds that out only after two empty
-    5-second waits for the next record (`detect_aborted_tx`: "the position is past the end"): every
-    recovery of ours ended 10-15 s after its last record (chaos run, session 9: 12 s of a 33 s
-    recovery). The wait is RECOVERY_IDLE here; Faust's rule of two empty waits in a row, which lets
-    fetched records reach the queue first, is kept.
-    """
-    import faust.tables.recovery as recovery
-
-    if isinstance(recovery.asyncio, _ShortWaits):
-        return
-    recovery.asyncio = _ShortWaits()
-
-
 def quick_fetches_while_rebalancing(app) -> None:
     """From a rebalance's start to "Worker ready" the consumer's fetches wait at most
     REBALANCE_FETCH_WAIT_MS for data, then Faust's 1.5 s again.
@@ -231,17 +210,6 @@ def fetch_wait(app, ms: int) -> None:
     fetcher = getattr(consumer, "_fetcher", None)
     if fetcher is not None:
         fetcher._fetch_max_wait_ms = ms
-
-
-class _ShortWaits:
-    """`asyncio` as faust.tables.recovery sees it: `wait_for` waits at most RECOVERY_IDLE."""
-
-    def __getattr__(self, name: str):
-        return getattr(asyncio, name)
-
-    @staticmethod
-    def wait_for(awaitable, timeout=None):
-        return asyncio.wait_for(awaitable, timeout if timeout is None else min(timeout, RECOVERY_IDLE))
 
 
 def coordinator_lookup_survives_a_closed_connection() -> None:

@@ -18,14 +18,11 @@ with a store that persisted it. A partition Faust revokes
 partitions are left to Faust (the worker runs none, streams/worker/app.py).
 
 One path for both stores. RocksDB tables went through Faust's record-by-record recovery until
-session 20: it ends on a timeout (two empty waits, the consumer's position past the end), and the
-SIGKILL test with rocksdb:// lost handoffs in CI (250 of 1,500, about one run in four there; not
-reproduced here in 9 runs). A RocksDB partition read here starts empty, so values that a SIGKILLed or
+session 20, which can declare a changelog's end while records are still on their way to its queue
+(docs/exactly-once.md): the SIGKILL test with rocksdb:// lost handoffs in CI (250 of 1,500) and under
+a CPU hog here (202 of 1,500: users whose group-call link was in the changelog but not in the
+recovered table). A RocksDB partition read here starts empty, so values that a SIGKILLed or
 rolled-back transaction left in its files are gone too.
-
-The read blocks the event loop (the store's question is not a coroutine); Faust's consumer thread
-keeps the group membership meanwhile. It stops after STALL seconds without a record, and Faust's
-recovery reads whatever is left.
 """
 from __future__ import annotations
 

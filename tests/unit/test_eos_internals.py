@@ -391,30 +391,6 @@ def test_a_connection_closed_under_a_coordinator_lookup_is_retried():
     assert asyncio.run(Sender._find_coordinator(sender, 1, "tid")) == 1 and answers == []
 
 
-def test_table_recovery_looks_for_its_end_after_a_short_wait():
-    """Faust waited two empty 5 s reads before noticing a changelog's commit marker (eos.recovery_sees_its_end_sooner)."""
-    import time
-
-    import faust.tables.recovery as recovery
-
-    from streams.worker import eos
-
-    src = inspect.getsource(recovery.Recovery._slurp_changelogs.fun)
-    assert "asyncio.wait_for(" in src and "timeout_count > 1" in src and "detect_aborted_tx" in src, (
-        "Recovery._slurp_changelogs no longer waits on asyncio.wait_for: review recovery_sees_its_end_sooner")
-    eos.recovery_sees_its_end_sooner()
-    eos.recovery_sees_its_end_sooner()  # installing twice changes nothing
-
-    async def wait() -> float:
-        started = time.perf_counter()
-        with pytest.raises(asyncio.TimeoutError):
-            await recovery.asyncio.wait_for(asyncio.Event().wait(), timeout=5.0)
-        return time.perf_counter() - started
-
-    assert asyncio.run(wait()) < 5.0 * 0.5
-    assert recovery.asyncio.sleep is asyncio.sleep  # everything else is asyncio's own
-
-
 def test_a_starting_client_waits_for_a_restarting_broker_then_gives_up():
     """aiokafka gave up at the first refused connection: a worker started during a broker restart exited."""
     from aiokafka.client import AIOKafkaClient
