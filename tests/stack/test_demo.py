@@ -7,7 +7,7 @@ from live import ROOT, free_port
 
 
 def test_demo_prints_live_handoffs(kafka, redis_url):
-    env = {**os.environ, "PQL_KAFKA_BOOTSTRAP": kafka, "PQL_REDIS_URL": redis_url, "PQL_DEMO_SECONDS": "20",
+    env = {**os.environ, "PQL_KAFKA_BOOTSTRAP": kafka, "PQL_REDIS_URL": redis_url, "PQL_DEMO_SECONDS": "10",
            "PQL_DEMO_RATE": "400", "PQL_WEB_PORT": str(free_port())}
     res = subprocess.run([sys.executable, "-m", "streams.tools.demo"], env=env, capture_output=True, text=True, cwd=ROOT,
                          timeout=180)

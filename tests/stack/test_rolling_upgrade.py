@@ -35,7 +35,7 @@ def test_a_rolling_upgrade_under_load_keeps_every_handoff_exact_and_once(eo, tmp
     eo.create_topic("product.events", 4)
     a, b = eo.start_worker("a-old", cwd=old_release), eo.start_worker("b-old", cwd=old_release)
     eo.wait_ready(a, b)
-    sender = threading.Thread(target=publish, args=(eo.kafka, eo.topic("product.events"), lines), kwargs={"rate": 60})
+    sender = threading.Thread(target=publish, args=(eo.kafka, eo.topic("product.events"), lines), kwargs={"rate": 75})
     sender.start()
     time.sleep(8)
     new = []

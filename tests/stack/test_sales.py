@@ -248,8 +248,9 @@ def test_sla_clocks_survive_restarts_and_breach_once(kafka, redis_url, unique, t
         got = signals(env, until=lambda s: sum(x["type"] == "pql.sla_breached" for x in s) >= 3, idle=3.0)
         assert sorted(x["subject"] for x in got if x["type"] == "pql.sla_breached") == ["acct-1", "acct-2", "acct-3"]
         kill9(w)  # after the breaches: a restart must not breach again
-        env.start_worker(**worker_vars(endpoint))
-        time.sleep(12)
+        w = env.start_worker(**worker_vars(endpoint))
+        env.wait_ready(w)
+        time.sleep(4)  # four ticks of the recovered clocks
         got = signals(env, until=lambda s: True, idle=1.0)
         breaches = Counter(x["id"] for x in got if x["type"] == "pql.sla_breached")
         assert len(breaches) == 3 and set(breaches.values()) == {1}
