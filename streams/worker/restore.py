@@ -106,6 +106,7 @@ class Restore:
                 store = self.tables[tp.topic].data
                 if is_rocksdb(store):
                     store.set_persisted_offset(tp, end - 1)
+        log.info("changelog partitions kept through the rebalance: %d, read up to their ends already", len(ends))
 
     def read(self, tps: set[TP]) -> None:
         """Each partition from its start to its last stable offset into its table's memory store."""
