@@ -95,10 +95,10 @@ def test_sigkill_at_random_instants_loses_and_duplicates_nothing(eo, tmp_path, s
     expected = expected_handoffs(eo, lines, tmp_path)
     eo.create_topic("product.events", 4)
     worker = eo.start_worker(PQL_STORE=store)
-    sender = threading.Thread(target=publish, args=(eo.kafka, eo.topic("product.events"), lines), kwargs={"rate": 200})
+    sender = threading.Thread(target=publish, args=(eo.kafka, eo.topic("product.events"), lines), kwargs={"rate": 250})
     sender.start()
-    rng = random.Random(5)  # (200/s: ~50 s of sending, room for 4-5 restarts of ~10 s each; at 250/s a
-    kills, busy_kills = 0, 0  # worker faster at its work met only 2 busy kills, session 17)
+    rng = random.Random(5)  # (250/s: ~40 s of sending, room for 4 restarts of 8-10 s each; session 17's
+    kills, busy_kills = 0, 0  # restarts took ~15 s and met only 2 busy kills at 250/s)
     while sender.is_alive() or busy_kills < 3:
         if _wait_busy(eo, worker, timeout=30):  # kill while it is processing, at a random instant
             busy_kills += 1
