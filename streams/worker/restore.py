@@ -23,6 +23,10 @@ session 20, which can declare a changelog's end while records are still on their
 a CPU hog here (202 of 1,500: users whose group-call link was in the changelog but not in the
 recovered table). A RocksDB partition read here starts empty, so values that a SIGKILLed or
 rolled-back transaction left in its files are gone too.
+
+The read blocks the event loop (the store's question is not a coroutine); Faust's consumer thread
+keeps the group membership meanwhile. It stops after STALL seconds without a record, and Faust's
+recovery reads whatever is left.
 """
 from __future__ import annotations
 
