@@ -735,3 +735,25 @@ def test_no_idle_second_at_stop():
         return asyncio.get_running_loop().time() - started
 
     assert asyncio.run(run()) < 0.5
+
+
+def test_a_source_partition_assigned_without_its_changelogs_stops_the_worker(monkeypatch):
+    """eos.tables_follow_sources: at "Worker ready", <app>-accounts partition 3 without its tables'
+    changelog partitions means tables not recovered: exit 70 rather than decide on them."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from streams.worker import eos
+
+    exits, ended = [], []
+    monkeypatch.setattr(eos.os, "_exit", exits.append)
+    assignment = {TP("app-accounts", 1), TP("app-accounts-changelog", 1), TP("app-users-changelog", 1)}
+    app = SimpleNamespace(on_rebalance_end=lambda: ended.append(1),
+                          consumer=SimpleNamespace(assignment=lambda: assignment))
+    eos.tables_follow_sources(app, "app-accounts", ["app-accounts-changelog", "app-users-changelog"])
+    app.on_rebalance_end()
+    assert ended == [1] and exits == []
+    assignment.add(TP("app-accounts", 3))  # its changelog partitions missing
+    app.on_rebalance_end()
+    assert exits == [70]
