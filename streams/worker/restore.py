@@ -33,8 +33,7 @@ from __future__ import annotations
 import logging
 import time
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, IsolationLevel, KafkaError, KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, OffsetSpec
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 from faust.stores.memory import Store as MemoryStore
 from faust.types import TP
 
@@ -48,7 +47,6 @@ class Restore:
     def __init__(self, app, conf: dict, tables: list):
         """`conf`: confluent-kafka settings (Settings.confluent()); `tables`: the Faust tables."""
         self.app = app
-        self.client = conf
         self.conf = {**conf, "group.id": f"{app.conf.id}-restore", "enable.auto.commit": False,
                      "isolation.level": "read_committed", "enable.partition.eof": True, "fetch.wait.max.ms": 50,
                      "fetch.max.bytes": 64 * 1024 * 1024, "max.partition.fetch.bytes": 16 * 1024 * 1024}
@@ -83,34 +81,9 @@ class Restore:
             # A partition that was not active in between may have lost its keys (Faust's memory store
             # drops those of inactive partitions when a recovery completes): read it again.
             self.held &= actives
-            if self.held:
-                self.at_end(self.held)
             if actives - self.held:
                 self.read(actives - self.held)
         return self.answer.pop(tp) if tp in self.answer else own(tp)
-
-    def at_end(self, tps: set[TP]) -> None:
-        """Partitions this process kept through a rebalance: their store already holds their
-        changelog (a rebalance commits or rolls back first: eos.Transactions.on_revoked), so Faust is
-        told their end (the last stable offset). Otherwise it would go on from where the first bulk
-        read left it, reading again, record by record, every value written since: hours of writes
-        after a day's run. Left to Faust if the broker does not answer."""
-        spec = OffsetSpec.latest()
-        try:
-            admin = AdminClient(self.client)
-            futures = admin.list_offsets({TopicPartition(tp.topic, tp.partition): spec for tp in tps},
-                                         isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=STALL)
-            ends = {TP(k.topic, k.partition): f.result().offset for k, f in futures.items()}
-        except KafkaException as err:
-            log.warning("could not ask where kept changelog partitions end (%s); table recovery reads on", err)
-            return
-        for tp, end in ends.items():
-            if end > 0:
-                self.answer[tp] = end - 1
-                store = self.tables[tp.topic].data
-                if is_rocksdb(store):
-                    store.set_persisted_offset(tp, end - 1)
-        log.info("changelog partitions kept through the rebalance: %d, read up to their ends already", len(ends))
 
     def read(self, tps: set[TP]) -> None:
         """Each partition from its start to its last stable offset into its table's memory store."""
