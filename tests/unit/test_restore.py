@@ -28,14 +28,28 @@ class Raw:
     def value(self): return self._v
 
 
+RECORDS = [(0, json.dumps("acct-1").encode(), b'{"account_id":"acct-1","newest":1}'),
+           (1, json.dumps("acct-2").encode(), b'{"account_id":"acct-2"}'),
+           (2, json.dumps("acct-1").encode(), b'{"account_id":"acct-1","newest":2}'),
+           (3, json.dumps("acct-2").encode(), None)]  # a tombstone
+
+
+def faust_applies(faust_app, table, topic: str, records) -> None:
+    """Faust's own recovery step: these records of partition 3 through the store's apply_changelog_batch."""
+    schema = table.changelog_topic.schema
+    events = []
+    for offset, key, value in records:
+        m = Message(topic, 3, offset, 0.0, 0, {}, key, value, None)
+        events.append(SimpleNamespace(key=schema.loads_key(faust_app, m), value=schema.loads_value(faust_app, m),
+                                      message=m))
+    table.data.apply_changelog_batch(events, to_key=table._to_key, to_value=table._to_value)
+
+
 def test_a_changelog_record_lands_in_the_store_as_faust_puts_it_there():
     app = make_app(Settings(app_id="restore-test", kafka_bootstrap="127.0.0.1:1"))
     tables = Tables.create(app, 4)
     topic = tables.changelog("accounts")
-    records = [(0, json.dumps("acct-1").encode(), b'{"account_id":"acct-1","newest":1}'),
-               (1, json.dumps("acct-2").encode(), b'{"account_id":"acct-2"}'),
-               (2, json.dumps("acct-1").encode(), b'{"account_id":"acct-1","newest":2}'),
-               (3, json.dumps("acct-2").encode(), None)]  # a tombstone
+    records = RECORDS
     ours = Restore(app, {}, [tables.accounts])
     for offset, key, value in records:
         ours._apply(tables.accounts, Raw(topic, 3, offset, key, value))
@@ -44,13 +58,7 @@ def test_a_changelog_record_lands_in_the_store_as_faust_puts_it_there():
     faust_app = make_app(Settings(app_id="restore-test-2", kafka_bootstrap="127.0.0.1:1"))
     faust_tables = Tables.create(faust_app, 4)
     table = faust_tables.accounts
-    schema = table.changelog_topic.schema
-    events = []
-    for offset, key, value in records:
-        m = Message(topic, 3, offset, 0.0, 0, {}, key, value, None)
-        events.append(SimpleNamespace(key=schema.loads_key(faust_app, m), value=schema.loads_value(faust_app, m),
-                                      message=m))
-    table.data.apply_changelog_batch(events, to_key=table._to_key, to_value=table._to_value)
+    faust_applies(faust_app, table, topic, records)
     assert mine == (dict(table.data.data), dict(table.data._key_partition))
     assert mine[0] == {"acct-1": b'{"account_id":"acct-1","newest":2}'}
 
@@ -114,10 +122,7 @@ def test_a_rocksdb_partition_is_emptied_then_filled_as_faust_fills_it(tmp_path):
     stale.put(json.dumps("acct-9").encode(), b'{"account_id":"acct-9","aborted":true}')
     other = store._db_for_partition(1)
     other.put(json.dumps("acct-5").encode(), b'{"account_id":"acct-5"}')
-    records = [(0, json.dumps("acct-1").encode(), b'{"account_id":"acct-1","newest":1}'),
-               (1, json.dumps("acct-2").encode(), b'{"account_id":"acct-2"}'),
-               (2, json.dumps("acct-1").encode(), b'{"account_id":"acct-1","newest":2}'),
-               (3, json.dumps("acct-2").encode(), None)]
+    records = RECORDS
     ours = Restore(app, {}, [tables.accounts])
     restore.empty(store, 3)
     for offset, key, value in records:
@@ -126,13 +131,7 @@ def test_a_rocksdb_partition_is_emptied_then_filled_as_faust_fills_it(tmp_path):
 
     faust_app, faust_tables = rocks_tables("rocks-faust")
     table = faust_tables.accounts
-    schema = table.changelog_topic.schema
-    events = []
-    for offset, key, value in records:
-        m = Message(topic, 3, offset, 0.0, 0, {}, key, value, None)
-        events.append(SimpleNamespace(key=schema.loads_key(faust_app, m), value=schema.loads_value(faust_app, m),
-                                      message=m))
-    table.data.apply_changelog_batch(events, to_key=table._to_key, to_value=table._to_value)
+    faust_applies(faust_app, table, topic, records)
     theirs = {k: v for k, v in table.data._db_for_partition(3).items() if k != table.data.offset_key}
     assert mine == theirs == {json.dumps("acct-1").encode(): b'{"account_id":"acct-1","newest":2}'}
     assert dict(store._db_for_partition(1).items()) == {json.dumps("acct-5").encode(): b'{"account_id":"acct-5"}'}
