@@ -376,13 +376,17 @@ def forget_persisted_offsets(store, partitions: set[int]) -> None:
     lost once, session 18). Without the offset, recovery reads the partition's changelog from its start,
     as with the memory store (streams/worker/restore.py). Other stores: nothing to do.
     """
-    key = getattr(store, "offset_key", None)
-    if key is None or not hasattr(store, "_db_for_partition"):
+    if not is_rocksdb(store):
         return
     for p in partitions:
         db = store._db_for_partition(p)
-        if db.get(key) is not None:
-            del db[key]
+        if db.get(store.offset_key) is not None:
+            del db[store.offset_key]
+
+
+def is_rocksdb(store) -> bool:
+    """Faust's RocksDB store (its per-partition databases and offset key, used here and by restore.py)."""
+    return hasattr(store, "_db_for_partition") and hasattr(store, "offset_key")
 
 
 def remembered_topic_groups(cls=None) -> None:

@@ -38,6 +38,7 @@ from faust.stores.memory import Store as MemoryStore
 from faust.types import TP
 
 from streams.worker import metrics
+from streams.worker.eos import is_rocksdb
 
 log = logging.getLogger("pql.worker")
 STALL = 10.0  # seconds without a record before a bulk read gives up (a broker away)
@@ -149,10 +150,6 @@ class Restore:
             return
         store.data[key] = table._to_value(serializers.loads_value(table.value_type, raw, serializer=table.value_serializer))
         store._key_partition[key] = m.partition()
-
-
-def is_rocksdb(store) -> bool:
-    return hasattr(store, "_db_for_partition") and hasattr(store, "offset_key")
 
 
 def empty(store, partition: int) -> None:
