@@ -5,8 +5,12 @@ in:  product.events (Segment JSON), crm.lifecycle (MQL state changes), sales.res
      or several each): read as they are, never created or altered; a missing one stops startup
 out: pql.handoffs, pql.signals, pql.events.dlq, pql.alerts.retry (alerts that failed, retried later)
 internal (per app id): <app>-accounts (envelopes, see streams/worker/envelope.py), <app>-progress (one
-partition: the workers' progress reports, streams/worker/progress.py); Faust adds the changelogs of the
-tables: <app>-accounts-changelog, <app>-users-changelog, <app>-clocks-changelog.
+partition: the workers' progress reports, streams/worker/progress.py), and the changelogs of the
+tables (streams/worker/tables.py): <app>-accounts-changelog, <app>-users-changelog,
+<app>-clocks-changelog (no PQL_TOPIC_PREFIX: Faust names them). Created here, before the worker
+starts, with the config Faust would give them (CHANGELOG_CONFIG): Faust declares them as its tables
+start, and the group's first assignment then came before a just-created changelog was in the
+metadata: a new 64-partition app exited (`eos.tables_follow_sources`, session 21).
 """
 from __future__ import annotations
 
@@ -18,6 +22,17 @@ from streams.config import Settings
 
 INPUT_SETTINGS = {"events": "PQL_EVENTS_TOPICS", "crm": "PQL_CRM_TOPICS", "responses": "PQL_RESPONSES_TOPICS"}
 PROGRESS_CONFIG = {"retention.ms": str(3_600_000), "segment.ms": str(600_000)}
+# A changelog record may be this large (Kafka's default is 1 MB). The engine's caps keep an account
+# well under 1 MB (docs/semantics.md, bounded state); the margin is for a partition's SLA clocks,
+# which grow with its open handoffs (~90 bytes each). The producer's request size matches it.
+MAX_VALUE_BYTES = 8 * 1024 * 1024
+# Compaction only cleans closed segments, and a restarted worker reads its changelogs from the start:
+# with Kafka's 1 GB default, a busy partition's whole history stays in the active segment and every
+# recovery reads all of it. Applies to changelog topics the worker creates (docs/operations.md).
+SEGMENT_BYTES = 64 * 1024 * 1024
+CHANGELOG_EXTRA = {"max.message.bytes": str(MAX_VALUE_BYTES), "segment.bytes": str(SEGMENT_BYTES)}
+CHANGELOG_CONFIG = {"cleanup.policy": "compact", **CHANGELOG_EXTRA}  # (Faust adds compact to a table's)
+TABLES = ("accounts", "users", "clocks")
 TOPIC_SPAN = 100_000  # input report keys: topic k of a list, partition p -> k * TOPIC_SPAN + p
 
 
@@ -38,6 +53,7 @@ class Topics:
     accounts: str
     progress: str
     theirs: frozenset = frozenset()  # input topics set by the user: never created
+    changelogs: tuple[str, ...] = ()  # the tables' changelogs, as TABLES
 
     @classmethod
     def of(cls, s: Settings) -> "Topics":
@@ -49,7 +65,7 @@ class Topics:
             theirs.update(own)
         return cls(**inputs, handoffs=t("pql.handoffs"), signals=t("pql.signals"), dlq=t("pql.events.dlq"),
                    alerts_retry=t("pql.alerts.retry"), accounts=t(f"{s.app_id}-accounts"), progress=t(f"{s.app_id}-progress"),
-                   theirs=frozenset(theirs))
+                   theirs=frozenset(theirs), changelogs=tuple(changelog(s.app_id, t) for t in TABLES))
 
     def index(self, topic: str, partition: int) -> int:
         """The key an input partition is reported under (the barrier, streams/worker/detect.py): the
@@ -61,6 +77,11 @@ class Topics:
     def copartitioned(self) -> tuple[str, ...]:
         """Topics that must have exactly PQL_PARTITIONS partitions (outputs share the source partition)."""
         return (self.accounts, self.handoffs, self.signals)
+
+
+def changelog(app_id: str, table: str) -> str:
+    """Faust's name for a table's changelog topic."""
+    return f"{app_id}-{table}-changelog"
 
 
 class TopicError(RuntimeError):
@@ -113,6 +134,8 @@ def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
                if name not in existing and name not in topics.theirs]
     if topics.progress not in existing:  # a few small records a second, read only by live workers
         missing.append(NewTopic(topics.progress, 1, s.replication_factor, config=PROGRESS_CONFIG))
+    missing += [NewTopic(name, s.partitions, s.replication_factor, config=CHANGELOG_CONFIG)
+                for name in topics.changelogs if name not in existing]
     if missing:
         for name, fut in admin.create_topics(missing, operation_timeout=30).items():
             try:
@@ -123,7 +146,8 @@ def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
     deadline = time.monotonic() + 15
     while True:  # a topic just created can show 0 partitions until the metadata catches up
         meta = admin.list_topics(timeout=15).topics
-        counts = {name: len(meta[name].partitions) if name in meta else 0 for name in topics.copartitioned}
+        counts = {name: len(meta[name].partitions) if name in meta else 0
+                  for name in (*topics.copartitioned, *topics.changelogs)}
         each = [len(meta[t].partitions) if t in meta else 0 for t in (*topics.events, *topics.responses)]
         inputs = (sum(each[:len(topics.events)]), sum(each[len(topics.events):]))
         if (all(counts.values()) and all(each)) or time.monotonic() > deadline:

@@ -24,14 +24,14 @@ from detectors.engine import Engine
 from schemas.rules import Rules
 from streams.config import Settings, alert_max_age_ms
 from streams.mqlstore import AsyncMqlStore
-from streams.topics import Topics, broker_replication, ensure_topics
+from streams.topics import MAX_VALUE_BYTES, Topics, broker_replication, ensure_topics
 from streams.worker import alerts, crm, detect, eos, ingest, ingest_process, metrics, restore
 from streams.worker.dlq import DeadLetters
 from streams.worker.kafka import faust_credentials
 from streams.worker.monitor import Monitor
 from streams.worker.publish import Publisher
 from streams.worker.progress import Progress
-from streams.worker.tables import MAX_VALUE_BYTES, Tables
+from streams.worker.tables import Tables
 
 log = logging.getLogger("pql.worker")
 # Ticks of event time a partition may decide past the lowest report it counts: a busy partition's
@@ -55,7 +55,7 @@ def make_app(s: Settings) -> faust.App:
         datadir=str(s.data_dir / s.app_id),
         processing_guarantee="exactly_once",
         producer_acks=-1,
-        producer_max_request_size=MAX_VALUE_BYTES,  # a large changelog value (streams/worker/tables.py)
+        producer_max_request_size=MAX_VALUE_BYTES,  # a large changelog value (streams/topics.py)
         producer_max_batch_size=BATCH_BYTES,
         topic_replication_factor=s.replication or 1,
         topic_partitions=s.partitions,

@@ -13,16 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from streams.topics import CHANGELOG_EXTRA, TABLES, changelog
 from streams.worker import eos
 
-# A changelog record may be this large (Kafka's default is 1 MB). The engine's caps keep an account
-# well under 1 MB (docs/semantics.md, bounded state); the margin is for a partition's SLA clocks,
-# which grow with its open handoffs (~90 bytes each). The producer's request size matches it.
-MAX_VALUE_BYTES = 8 * 1024 * 1024
-# Compaction only cleans closed segments, and a restarted worker reads its changelogs from the start:
-# with Kafka's 1 GB default, a busy partition's whole history stays in the active segment and every
-# recovery reads all of it. Applies to changelog topics the worker creates (docs/operations.md).
-SEGMENT_BYTES = 64 * 1024 * 1024
 
 @dataclass
 class Tables:
@@ -34,13 +27,11 @@ class Tables:
     @classmethod
     def create(cls, app, partitions: int) -> "Tables":
         def table(name: str):
-            return app.Table(name, partitions=partitions, value_type=bytes,
-                             extra_topic_configs={"max.message.bytes": str(MAX_VALUE_BYTES),
-                                                  "segment.bytes": str(SEGMENT_BYTES)})
-        return cls(table("accounts"), table("users"), table("clocks"), app.conf.id)
+            return app.Table(name, partitions=partitions, value_type=bytes, extra_topic_configs=CHANGELOG_EXTRA)
+        return cls(*(table(t) for t in TABLES), app.conf.id)
 
     def changelog(self, table: str) -> str:
-        return f"{self.app_id}-{table}-changelog"
+        return changelog(self.app_id, table)
 
     def forget(self, partitions: set[int], partition_of: Callable[[str], int]) -> int:
         """Drop every value of these partitions from memory (and a RocksDB store's offsets of their

@@ -179,3 +179,30 @@ def publish_unkeyed(kafka: str, topic: str, lines: list[bytes]) -> None:
         if n % 500 == 0:
             p.poll(0)
     assert p.flush(30) == 0
+
+
+def test_a_new_app_at_64_partitions_starts_with_its_changelogs_created_first(kafka, redis_url, unique, tmp_path):
+    """The changelogs exist, with PQL_PARTITIONS partitions and Faust's configs, before the worker joins
+    its group: when Faust declared them itself, the first assignment of a new 64-partition app came
+    before they were in the metadata, left them out, and `eos.tables_follow_sources` stopped the
+    worker (exit 70) at its first start (session 21)."""
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    env = Env(kafka, redis_url, unique, tmp_path, partitions=64)
+    try:
+        worker = env.start_worker()
+        env.wait_ready(worker)
+        time.sleep(2)
+        assert worker.poll() is None, f"worker exited; read {worker.log_path}"
+    finally:
+        env.stop_all()
+    admin = AdminClient({"bootstrap.servers": kafka})
+    names = [f"app{unique}-{t}-changelog" for t in ("accounts", "users", "clocks")]
+    meta = admin.list_topics(timeout=15).topics
+    assert [len(meta[n].partitions) for n in names] == [64, 64, 64]
+    for res, f in admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, n) for n in names]).items():
+        configs = f.result(timeout=15)
+        assert configs["cleanup.policy"].value == "compact", res.name
+        assert configs["segment.bytes"].value == str(64 * 1024 * 1024), res.name
+    log = open(worker.log_path).read()
+    assert "without their tables' changelog partitions" not in log
