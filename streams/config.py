@@ -35,8 +35,8 @@ class Settings(BaseSettings):
     store: str = "memory://"
     data_dir: Path = Path(".stack/worker-data")
     commit_interval: float = Field(default=0.1, gt=0, description="seconds between transaction commits")
-    catchup_commit_interval: float = Field(default=1.0, ge=0, description="seconds between timer commits while an "
-                                           "owned partition is far behind its log (0: always commit_interval)")
+    catchup_commit_interval: float = Field(default=1.0, ge=0, description="seconds between timer commits while the "
+                                           "owned partitions are far behind their logs (0: always commit_interval)")
     ingest_process: bool = Field(default=False, description="run the ingest tier in a child process (its own core)")
     ingest_batch: int = Field(default=5000, ge=1)
     ingest_linger: float = Field(default=0.01, ge=0, le=1, description="s to gather a batch after its first message")

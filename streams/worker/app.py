@@ -96,6 +96,7 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
     dead = DeadLetters(app, topics.dlq)
 
     tx = eos.Transactions(app, topics.accounts)
+    tx.outputs = [topics.accounts, topics.handoffs, topics.signals, topics.dlq, *topics.changelogs]
     detector = detect.Detect(engine, topics, tables.accounts.data, tables.clocks.data, mql,
                              users=tables.users.data, partitions=s.partitions, slack=int(SLACK_TICKS * 1000 * s.sla_tick),
                              inputs=inputs[0] if inputs else None, answers=inputs[1] if inputs else None)

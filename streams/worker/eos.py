@@ -82,7 +82,7 @@ INTERNALS = [
 CONSUMER_ATTRIBUTES = ["_gap", "_read_offset", "_committed_offset"]
 LIVELOCK_EVERY = 10.0  # s between Faust's livelock checks of every partition (quiet_livelock_check)
 HANDOFF_COMMIT_DELAY = 0.005  # handoffs close together share one early commit
-CATCHUP_RECORDS = 500  # records of an owned <app>-accounts partition not processed yet: catching up
+CATCHUP_RECORDS = 500  # records of the owned <app>-accounts partitions not processed yet: catching up
 BOOTSTRAP_PATIENCE = 120.0  # seconds a starting client waits for a broker that was there a moment ago
 REBALANCE_FETCH_WAIT_MS = 100  # longest wait of a fetch while partitions are assigned and recovered
 
@@ -527,10 +527,11 @@ class Transactions:
         self.held = lambda: set()  # set by the app: partitions with writes in memory but not in their transaction
         self.spacing = 0.0  # s the timer's commits are apart at least now (set by the tick: `catching_up`)
         self._owned: set[int] | None = None  # `owned`, until the next rebalance
+        self.outputs: list[str] = []  # set by the app: every topic `detect` sends to (`on_assigned`)
 
     def catching_up(self, behind: int, interval: float) -> None:
-        """The tick found an owned partition `behind` records short of its log's end: far behind
-        (CATCHUP_RECORDS), the timer commits every `interval` s, not every PQL_COMMIT_INTERVAL."""
+        """The tick found the owned partitions `behind` records short of their logs' ends, in all: far
+        behind (CATCHUP_RECORDS), the timer commits every `interval` s, not every PQL_COMMIT_INTERVAL."""
         self.spacing = interval if behind > CATCHUP_RECORDS else 0.0
 
     def tid(self, partition: int) -> str:
@@ -662,8 +663,28 @@ class Transactions:
                 except Exception:  # already stopped, or fenced: replaced below either way
                     pass
                 await self.app.producer.begin_transaction(tid)
+            await self.know_outputs(owned)
             self.frozen = False
             self._owned = None
+
+    async def know_outputs(self, tids: list[str]) -> None:
+        """Each fresh producer learns every output topic's partitions now, in one metadata request.
+
+        aiokafka's producer asks for a topic's metadata when it first sends to it, and asks again for
+        all its topics so far: at 64 partitions 64 producers made ~380 metadata requests in the first
+        seconds of work (every changelog, the forwards, then pql.signals and pql.handoffs with the
+        first decisions), each answer decoded in Python (session 21). Best effort: a failure here
+        leaves aiokafka to ask when it sends, as before."""
+        if not self.outputs:
+            return
+        waits = []
+        for tid in tids:
+            producer = self.app.producer._transaction_producers.get(tid)
+            if producer is not None:
+                waits.append(producer.client.set_topics(sorted(set(self.outputs) | producer.client._topics)))
+        for outcome in await asyncio.gather(*waits, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                log.info("output topics' metadata not read ahead (%s)", outcome)
 
     def commit_soon(self, partition: int) -> None:
         """A handoff is readable only once its transaction commits: commit this partition's now, not

@@ -549,6 +549,57 @@ def test_timer_commits_are_spaced_while_catching_up_and_others_never():
     assert asyncio.run(run()) == ["timer", "timer", {"topics": {"t"}}, "timer"]
 
 
+def test_a_backlog_spread_thin_over_many_partitions_counts_as_catching_up():
+    """progress.records_behind: the owned partitions' unprocessed records in all; 64 partitions 10
+    behind each are a backlog (the most of one, 10, was not: session 21)."""
+    from streams.worker.eos import CATCHUP_RECORDS
+    from streams.worker.progress import records_behind
+
+    ends = {p: 110 for p in range(64)}
+    done = {p: 100 for p in range(64)}
+    assert records_behind(ends, done) == 640 > CATCHUP_RECORDS
+    assert records_behind({1: 50, 2: 40, 3: 999}, {1: 60, 2: 10}) == 30  # ahead: 0; not processed here: left out
+
+
+def test_fresh_producers_learn_every_output_topic_in_one_metadata_request_each():
+    """eos.Transactions.know_outputs, at each assignment: aiokafka asked for metadata at each first
+    send to a topic (~380 requests at 64 partitions, session 21); a failure is only logged."""
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from streams.worker import eos
+
+    asked = {}
+
+    def client(tid, fails=False):
+        def set_topics(topics):
+            asked[tid] = list(topics)
+            fut = asyncio.get_running_loop().create_future()
+            fut.set_exception(RuntimeError("broker gone")) if fails else fut.set_result(True)
+            return fut
+        return SimpleNamespace(client=SimpleNamespace(set_topics=set_topics, _topics={"already"}))
+
+    producers = {}
+
+    async def begin(tid):
+        producers[tid] = client(tid, fails=tid.endswith("-5"))
+
+    async def nothing(tid):
+        return None
+
+    app = SimpleNamespace(consumer=SimpleNamespace(assignment=set), conf=SimpleNamespace(id="app"),
+                          assignor=SimpleNamespace(group_for_topic=lambda t: 0),
+                          producer=SimpleNamespace(stop_transaction=nothing, begin_transaction=begin,
+                                                   _transaction_producers=producers))
+    tx = eos.Transactions(app, "accounts")
+    tx.outputs = ["accounts", "app-users-changelog"]
+    asyncio.run(tx.on_assigned(None, {TP("accounts", 2), TP("accounts", 5), TP("other", 1)}))
+    assert asked == {"app-0-2": ["accounts", "already", "app-users-changelog"],
+                     "app-0-5": ["accounts", "already", "app-users-changelog"]}
+    assert not tx.frozen
+
+
 def test_a_commit_sends_the_table_writes_of_the_partitions_it_commits_first():
     from faust.types import TP
 
