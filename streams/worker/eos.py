@@ -77,6 +77,7 @@ INTERNALS = [
     ("faust.app.base", "App.on_rebalance_start"),            # quick_fetches_while_rebalancing
     ("faust.app.base", "App.on_rebalance_end"),
     ("mode.worker", "Worker._sentinel_task"),                # no_idle_second
+    ("aiokafka.client", "AIOKafkaClient.set_topics"),        # Transactions.know_outputs (and its `_topics`)
 ]
 # attributes Faust's Consumer sets on its instances, used above (checked in the same test file)
 CONSUMER_ATTRIBUTES = ["_gap", "_read_offset", "_committed_offset"]

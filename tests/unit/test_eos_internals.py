@@ -561,6 +561,16 @@ def test_a_backlog_spread_thin_over_many_partitions_counts_as_catching_up():
     assert records_behind({1: 50, 2: 40, 3: 999}, {1: 60, 2: 10}) == 30  # ahead: 0; not processed here: left out
 
 
+def test_an_aiokafka_client_keeps_the_topics_it_tracks_as_know_outputs_reads_them():
+    """Transactions.know_outputs adds to `client._topics` (an empty set: every topic's metadata)."""
+    from aiokafka.client import AIOKafkaClient
+
+    async def made():
+        return AIOKafkaClient(bootstrap_servers="127.0.0.1:1")._topics
+
+    assert asyncio.run(made()) == set()
+
+
 def test_fresh_producers_learn_every_output_topic_in_one_metadata_request_each():
     """eos.Transactions.know_outputs, at each assignment: aiokafka asked for metadata at each first
     send to a topic (~380 requests at 64 partitions, session 21); a failure is only logged."""
