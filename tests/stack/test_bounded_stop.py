@@ -1,6 +1,8 @@
 """A stop is bounded (issue 24): SIGTERM, then the broker goes away; the worker still exits within
 PQL_SHUTDOWN_TIMEOUT (plus the time the stop takes to notice), with code 0 when its graceful stop
-finished or 1 when the timeout cut it short. Its own Kafka (ports 47092/47093/47094), stopped here."""
+finished or 1 when the timeout cut it short. Its own Kafka (ports 28092/28093/28094, below the
+ephemeral range, 32768-60999 here, which any client connection may hold: a fresh-clone run found
+47092 'Address already in use' once, session 21), stopped here."""
 import os
 import signal
 import subprocess
@@ -11,7 +13,7 @@ import pytest
 from conftest import ROOT
 from live import Env
 
-PORT = 47092
+PORT = 28092
 TIMEOUT = 10
 
 
