@@ -33,6 +33,7 @@ SEGMENT_BYTES = 64 * 1024 * 1024
 CHANGELOG_EXTRA = {"max.message.bytes": str(MAX_VALUE_BYTES), "segment.bytes": str(SEGMENT_BYTES)}
 CHANGELOG_CONFIG = {"cleanup.policy": "compact", **CHANGELOG_EXTRA}  # (Faust adds compact to a table's)
 TABLES = ("accounts", "users", "clocks")
+SERVED_POLL = 0.1  # s between ListOffsets rounds while new partitions are not served yet (`served`)
 TOPIC_SPAN = 100_000  # input report keys: topic k of a list, partition p -> k * TOPIC_SPAN + p
 
 
@@ -126,7 +127,7 @@ def served(admin, topics: dict[str, int], deadline: float) -> None:
         try:
             futures = admin.list_offsets({tp: OffsetSpec.latest() for tp in waiting}, request_timeout=10)
         except Exception:
-            time.sleep(0.5)
+            time.sleep(SERVED_POLL)
             continue
         left = []
         for tp, f in futures.items():
@@ -137,7 +138,7 @@ def served(admin, topics: dict[str, int], deadline: float) -> None:
                 left.append(tp)
         waiting = left
         if waiting:
-            time.sleep(0.5)
+            time.sleep(SERVED_POLL)
 
 
 def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:

@@ -45,4 +45,4 @@ def test_served_gives_up_at_its_deadline():
     admin = Admin({("c", 0): 10**6})
     started = time.monotonic()
     served(admin, {"c": 1}, started + 1.2)
-    assert 1.0 <= time.monotonic() - started < 3 and 2 <= len(admin.asked) <= 4
+    assert 1.0 <= time.monotonic() - started < 3 and len(admin.asked) >= 2
