@@ -174,17 +174,16 @@ def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
                     raise TopicError(f"cannot create topic {name}: {err}") from None
     deadline = time.monotonic() + 30
     created = [t.topic for t in missing]
-    while True:  # a topic just created can show 0 partitions, or partitions without a leader, for a while
+    while True:  # a topic just created can show 0 partitions until the metadata catches up (then: `served`)
         meta = admin.list_topics(timeout=15).topics
         counts = {name: len(meta[name].partitions) if name in meta else 0
                   for name in (*topics.copartitioned, *topics.changelogs)}
         each = [len(meta[t].partitions) if t in meta else 0 for t in (*topics.events, *topics.responses)]
         inputs = (sum(each[:len(topics.events)]), sum(each[len(topics.events):]))
-        led = all(name in meta and all(p.leader >= 0 for p in meta[name].partitions.values()) for name in created)
-        if (all(counts.values()) and all(each) and led) or time.monotonic() > deadline:
+        if (all(counts.values()) and all(each) and all(n in meta for n in created)) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    served(admin, {name: len(meta[name].partitions) for name in created if name in meta}, time.monotonic() + 60)
+    served(admin, {n: len(meta[n].partitions) for n in created if n in meta}, time.monotonic() + 60)
     for name, n in counts.items():
         if n != s.partitions:
             raise TopicError(f"topic {name} has {n} partitions but PQL_PARTITIONS is {s.partitions}; "

@@ -89,7 +89,7 @@ def build(settings: Settings, rules: Rules, inputs: tuple[int, int] | None = Non
     tables = Tables.create(app, s.partitions)
     eos.install(app, topics.accounts)
     restore.Restore(app, s.confluent(), [tables.accounts, tables.users, tables.clocks]).install()
-    eos.tables_follow_sources(app, topics.accounts, [tables.changelog(t) for t in ("accounts", "users", "clocks")])
+    eos.tables_follow_sources(app, topics.accounts, list(topics.changelogs))
     mql = AsyncMqlStore(s.redis_url, s.redis_prefix, s.redis_retry_max, on_error=metrics.redis_errors.inc)
     metrics.rules_info.labels(rules.version).set(1)
     metrics.build_info.labels(_version()).set(1)
