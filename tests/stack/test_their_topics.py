@@ -3,6 +3,7 @@ call type, as RudderStack's multi-topic mode writes them, with other partition c
 user) as they are, publishes replay's handoffs, and never creates or alters a topic it does not own."""
 import json
 import subprocess
+import time
 
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
@@ -14,8 +15,13 @@ TYPES = {"track": 3, "identify": 1, "group": 2, "page": 1}  # topic per call typ
 
 
 def _describe(admin: AdminClient, names: list[str]) -> dict:
-    """name -> (partitions, its topic configs): to see nothing was altered."""
+    """name -> (partitions, its topic configs): to see nothing was altered. (Topics just created may
+    take a moment to show in the metadata.)"""
+    deadline = time.monotonic() + 15
     meta = admin.list_topics(timeout=15).topics
+    while any(n not in meta for n in names) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        meta = admin.list_topics(timeout=15).topics
     configs = admin.describe_configs([ConfigResource(ConfigResource.Type.TOPIC, n) for n in names])
     return {res.name: (len(meta[res.name].partitions),
                        {k: v.value for k, v in f.result(timeout=15).items()}) for res, f in configs.items()}
