@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterable
 
-from streams.worker.envelope import ANSWERS, IDLE, INPUT, WATERMARK
+from streams.worker.envelope import ANSWERS, IDLE, INPUT, OFFSET, WATERMARK
 
 NOTHING = -IDLE  # the barrier of a partition that has not heard from every source yet
 KEEP = 128  # rungs kept per partition: the newest a tick apart, older ones thinned out (`_rung`), the
@@ -40,21 +40,35 @@ def lowest(reports: Iterable[Report]) -> int:
 @dataclass(frozen=True, eq=False)
 class Heard:
     """The newest report of each source, by kind: accounts partitions (`told`), product.events
-    partitions (`inputs`), sales.responses partitions (`answers`). Never changed in place."""
+    partitions (`inputs`), sales.responses partitions (`answers`), and the offset below which each
+    accounts partition has processed and committed its log (`offsets`: (tick, offset)). Never changed
+    in place."""
 
     told: dict[int, Report] = field(default_factory=dict)
     inputs: dict[int, Report] = field(default_factory=dict)
     answers: dict[int, Report] = field(default_factory=dict)
     seq: int = 0  # the batch it is (0: none)
+    offsets: dict[int, Report] = field(default_factory=dict)
 
     def merged(self, reports: Iterable[tuple[str, int, Report]], seq: int | None = None) -> "Heard":
         """A copy with these (kind, source, report) in; a report older than the one kept is ignored."""
-        out = {WATERMARK: dict(self.told), INPUT: dict(self.inputs), ANSWERS: dict(self.answers)}
+        out = {WATERMARK: dict(self.told), INPUT: dict(self.inputs), ANSWERS: dict(self.answers),
+               OFFSET: dict(self.offsets)}
         for kind, source, report in reports:
             into = out[kind]
             if report > into.get(source, (0, 0)):
                 into[source] = report
-        return Heard(out[WATERMARK], out[INPUT], out[ANSWERS], self.seq if seq is None else seq)
+        return Heard(out[WATERMARK], out[INPUT], out[ANSWERS], self.seq if seq is None else seq, out[OFFSET])
+
+    def committed(self, partition: int) -> int:
+        """The offset below which that accounts partition has committed its log (-1: not told)."""
+        return self.offsets.get(partition, (0, -1))[1]
+
+    def speaks_offsets(self, partition: int) -> bool:
+        """Does that partition's owner report its offsets (this release or later)? Its latest
+        report came with one."""
+        told, offset = self.told.get(partition), self.offsets.get(partition)
+        return told is not None and offset is not None and offset[0] >= told[0]
 
     @cached_property
     def _two_lowest(self) -> list[tuple[int, int]]:

@@ -70,6 +70,7 @@ from streams.worker.monitor import Unmoved
 log = logging.getLogger("pql.detect")
 IDLE = envelope.IDLE  # the cut of an idle tick: everything, except accounts still expecting held events
 EXIT_NEWER_FORMAT = 78  # (EX_CONFIG) the exit status of a worker that met a newer format
+MAX_LINKS = 20_000  # group-call slots a partition keeps waiting for their LINK line's partition (oldest go)
 BARRIER_WARN = 60_000  # ms decisions may wait for a barrier that does not move before the worker names who holds it
 
 
@@ -85,6 +86,7 @@ class Result:
     raw: dict[str, bytes] = field(default_factory=dict)  # messageId -> the bytes an event line came as
     waits: Waits | None = None                                            # the partition's settle index, once read
     waits_before: dict = field(default_factory=dict)
+    links_before: list = field(default_factory=list)
     waits_changed: bool = False
     newest: int = 0                                                       # newest event time in the envelope
     barrier: int | None = None                                            # the lowest time other partitions told us
@@ -93,14 +95,20 @@ class Result:
 
 @dataclass
 class Waits:
-    """A partition's stream time and the accounts with qualifications waiting (rules `settle`).
+    """A partition's stream time, the accounts with qualifications waiting (rules `settle`), and the
+    group calls' slots waiting for their user key's partition to commit past their LINK line
+    (`links`: [partition, offset, account, call, slot]; partition -1: wait for the slot's MARK).
     Stored as JSON in the clocks table under key ``w<partition>``."""
 
     stream: int = 0
     index: Waiting = field(default_factory=Waiting)
+    links: list = field(default_factory=list)
 
     def dump(self) -> bytes:
-        return versioned(json.dumps({"stream": self.stream, "accounts": self.index.accounts}, separators=(",", ":")).encode())
+        d = {"stream": self.stream, "accounts": self.index.accounts}
+        if self.links:
+            d["links"] = self.links
+        return versioned(json.dumps(d, separators=(",", ":")).encode())
 
 
 class Detect:
@@ -182,8 +190,9 @@ class Detect:
         if r.waits is None:
             stored = self.clocks.get(f"w{partition}")
             d = json.loads(readable(stored, f"partition {partition}'s waiting decisions")) if stored else {}
-            r.waits = Waits(max(d.get("stream", 0), self.stream.get(partition, 0)), Waiting(d.get("accounts", {})))
-            r.waits_before = dict(r.waits.index.accounts)
+            r.waits = Waits(max(d.get("stream", 0), self.stream.get(partition, 0)), Waiting(d.get("accounts", {})),
+                            d.get("links", []))
+            r.waits_before, r.links_before = dict(r.waits.index.accounts), list(r.waits.links)
         return r.waits
 
     def _emit(self, r: Result, topic: str, ev: CloudEvent) -> None:
@@ -203,6 +212,12 @@ class Detect:
                 self.heard.inband(partition, kind, int(key), envelope.told_value(raw))
                 r.barrier = None
                 continue
+            if kind == envelope.LINKED:
+                try:
+                    self._linked(r, key, envelope.decode(kind, raw), partition)
+                except ValueError:
+                    metrics.events_invalid.labels("invalid_field").inc()
+                continue
             if kind in (envelope.RESPONSE, envelope.TICK):
                 await self._flush(r, pending, partition)
                 if kind == envelope.RESPONSE:
@@ -220,10 +235,13 @@ class Detect:
             self._line(r, pending, kind, key, arg, partition)
         await self._flush(r, pending, partition)
         w = self._waits(r, partition)
+        if w.links:
+            await self._released(r, partition)
         w.stream = self.stream[partition] = max(w.stream, r.newest)  # stored with the index, when that changes
         if w.index.accounts:
             await self._release(r, partition, self._cut(r, partition))
-        r.waits_changed = w.index.accounts != r.waits_before  # (most wait only within the envelope)
+        # (most wait only within the envelope)
+        r.waits_changed = w.index.accounts != r.waits_before or w.links != r.links_before
         r.reported = (w.stream, self._processed(partition))
         return r
 
@@ -303,14 +321,76 @@ class Detect:
         def away(key: str) -> bool:
             return envelope.partition_of(key, self.partitions) != partition
 
-        def forward(line) -> None:
-            r.forward.setdefault(envelope.partition_of(line[1], self.partitions), []).append(envelope.encode(*line))
-
-        held, dropped = self.identity.run_all([(kind, key, arg)], lambda k: self._user(r, k), pending, away, forward)
+        # a LINK line flagged by the ingest tier: its account learns where it is (a LINKED line)
+        flagged = kind == identity.LINK and arg[2] is not None and len(arg[2]) > 2
+        out: list = []
+        held, dropped = self.identity.run_all([(kind, key, arg)], lambda k: self._user(r, k), pending, away,
+                                              out.append if flagged else lambda line: self._forward(r, line))
+        if flagged:
+            self._link_forwards(r, arg, out)
         if held:
             metrics.events_held.inc(held)
         if dropped:
             metrics.events_unattributed.inc(dropped)
+
+    def _forward(self, r: Result, line) -> None:
+        r.forward.setdefault(envelope.partition_of(line[1], self.partitions), []).append(envelope.encode(*line))
+
+    def _link_forwards(self, r: Result, arg, out: list) -> None:
+        """What a flagged LINK line led to for other partitions. Its account learns the slot has
+        released once this partition has committed past the line (`_released`), so a MARK that
+        carries nothing (no event released, the common case) is left out: at 64 partitions such MARKs
+        were most envelopes of a catch-up, one per group call (issue 25). Only if the account's
+        partition's owner reads offsets (a worker of an older release waits for the MARK)."""
+        account, _, call = arg
+        home = envelope.partition_of(account, self.partitions)
+        if len(out) == 1 and out[0][0] == identity.MARK and out[0][1] == account \
+                and self.heard.logged.speaks_offsets(home):
+            metrics.marks_left_out.inc()
+            return
+        went_on = False
+        for kind, key, a in out:
+            if kind == identity.LINK and a[2] is not None:  # on to the key it joined: the MARK comes from there,
+                a, went_on = (a[0], a[1], a[2][:2]), True  # unflagged (that partition is not the one named)
+            self._forward(r, (kind, key, a))
+        if went_on:
+            self._forward(r, (envelope.LINKED, account, (call[0], call[1], -1, 0)))
+
+    def _linked(self, r: Result, account: str, arg, partition: int) -> None:
+        """A LINKED line: where a slot of a group call of `account` waits (envelope.py)."""
+        call, slot, p, o = arg
+        w = self._waits(r, partition)
+        same = [e for e in w.links if e[2] == account and e[3] == call and e[4] == slot]
+        if p < 0:  # its LINK went on to another key: only its MARK answers (whatever order these came in)
+            w.links = [e for e in w.links if e not in same] + [[-1, 0, account, call, slot]]
+        elif not same:
+            w.links.append([p, o, account, call, slot])
+            del w.links[:-MAX_LINKS]
+
+    async def _released(self, r: Result, partition: int) -> None:
+        """The slots whose user key's partition has committed past their LINK line, as this partition
+        counts its reports (barrier.py: by then it has read every line that partition forwarded
+        before): they have released what they held, as a MARK would say."""
+        w, heard = self._waits(r, partition), self.heard.view(partition)
+        keep, done = [], {}
+        for e in w.links:
+            if e[0] >= 0 and heard.committed(e[0]) > e[1]:
+                done.setdefault(e[2], []).append((e[3], e[4]))
+            else:
+                keep.append(e)
+        if not done:
+            return
+        w.links = keep
+        busy = self.busy.get(partition)
+        for account, slots in done.items():
+            state = self._state(r, account)
+            if state is None:
+                continue
+            marks = [(c, s, state.expect[c][0]) for c, s in slots if c in state.expect and s in state.expect[c][1]]
+            if marks:
+                await self._events(r, account, [], partition, marks)
+        if busy is not None:
+            self.busy[partition] = busy  # (no event came)
 
     async def _flush(self, r: Result, pending: dict, partition: int) -> None:
         for account, (events, marks) in pending.items():
@@ -319,6 +399,9 @@ class Detect:
 
     async def _events(self, r: Result, account: str, events: list, partition: int, marks: list = ()) -> None:
         started = time.perf_counter()
+        if marks and (w := self._waits(r, partition)).links:  # a MARK answers the slot, whatever its LINKED line says
+            done = {(account, c, s) for c, s, _ in marks}
+            w.links = [e for e in w.links if (e[2], e[3], e[4]) not in done]
         # the stream time moves once the whole envelope is in (`process`)
         self.busy[partition] = True
         r.newest = max([r.newest, *(e.ms for e in events)])
@@ -405,6 +488,8 @@ class Detect:
 
     async def _tick(self, r: Result, now: int, partition: int) -> None:
         busy = self.busy.get(partition, True)
+        if self._waits(r, partition).links:
+            await self._released(r, partition)
         if not busy and self._waits(r, partition).index.accounts:  # no events for a tick: none earlier is coming soon
             await self._release(r, partition, self._cut(r, partition, idle=True))
         self.busy[partition] = False

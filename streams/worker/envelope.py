@@ -5,15 +5,21 @@ once per batch, not once per event. A line is one of:
 
     <account>\\t<event JSON>            a product event
     \\x1eu<user key>\\t<event JSON>     an event to attribute through its user (detectors/identity.py)
-    \\x1el<user key>\\t[account, ms, [call, slot]]  the user's group call (JSON; or null for the call)
+    \\x1el<user key>\\t[account, ms, [call, slot]]  the user's group call (JSON; or null for the call);
+                                      [call, slot, 1]: the account's partition will learn where this line is
+                                      (a LINKED line), so a MARK with nothing released may be left out
     \\x1em<account>\\t[call, slot, ms]     that user key of the group call has released its held events
+    \\x1ek<account>\\t[call, slot, p, o]   that slot's LINK line is in partition p at or before offset o: once
+                                      p reports it has committed past o, the slot has released (p -1: wait
+                                      for its MARK, the LINK went on to another key)
     \\x1ej<anonymous key>\\t<user key>\\t<ms>  identify/alias: the anonymous key is that user
     \\x1er<account>\\t<response JSON>    a sales response (schemas/sales.py)
     \\x1et\\t<ms>                        a tick: the wall clock, for SLA clocks and waiting decisions
     \\x1ew<partition>\\t<tick ms>\\t<ms>   that partition's stream time at its tick (the barrier, barrier.py)
     \\x1ei<partition>\\t<tick ms>\\t<ms>   how far the ingest tier has routed that product.events partition
     \\x1es<partition>\\t<tick ms>\\t<ms>   how far it has routed that sales.responses partition (answer times)
-                                      (in these three, <ms> IDLE: nothing pending, which counts as <tick ms>;
+    \\x1ec<partition>\\t<tick ms>\\t<offset>  that accounts partition has processed and committed its log below it
+                                      (in the first three, <ms> IDLE: nothing pending, which counts as <tick ms>;
                                       they travel on <app>-progress, packed the same way: progress.py)
     \x1ef<writer>\t<offset>\t<p>:<h>,...  on <app>-progress only: the reports below that offset of it
                                       count for partition p once p has processed its log up to h
@@ -34,8 +40,8 @@ from typing import Iterator
 from detectors.identity import EVENT, JOIN, LINK, USER
 from schemas.events import parse_event
 
-RESPONSE, TICK, WATERMARK, INPUT, ANSWERS, FENCE = "r", "t", "w", "i", "s", "f"
-REPORTS = (WATERMARK, INPUT, ANSWERS)  # the barrier's lines
+RESPONSE, TICK, WATERMARK, INPUT, ANSWERS, FENCE, OFFSET, LINKED = "r", "t", "w", "i", "s", "f", "c", "k"
+REPORTS = (WATERMARK, INPUT, ANSWERS, OFFSET)  # the barrier's lines
 IDLE = 2**62  # a partition with nothing pending: no constraint
 _MARK = "\x1e"
 _q = json.encoder.encode_basestring_ascii  # a JSON string, as json.dumps writes it
@@ -58,8 +64,11 @@ def encode(kind: str, key: str, arg) -> tuple[str, bytes]:
         payload = f"{arg[0]}\t{arg[1]}".encode()
     elif kind == LINK:  # (account, ms, call): the bytes of json.dumps(arg, separators=(",", ":")), built faster
         account, ms, call = arg
-        at = "null" if call is None else f"[{_q(call[0])},{_q(call[1])}]"
+        at = "null" if call is None else f"[{_q(call[0])},{_q(call[1])}{',1' if len(call) > 2 else ''}]"
         payload = f"[{_q(account)},{int(ms)},{at}]".encode()
+    elif kind == LINKED:  # (call, slot, partition, offset)
+        call, slot, p, o = arg
+        payload = f"[{_q(call)},{_q(slot)},{int(p)},{int(o)}]".encode()
     else:  # MARK (call, slot, ms), likewise
         call, slot, ms = arg
         payload = f"[{_q(call)},{_q(slot)},{int(ms)}]".encode()
@@ -67,7 +76,8 @@ def encode(kind: str, key: str, arg) -> tuple[str, bytes]:
 
 
 def decode(kind: str, payload: bytes):
-    """The line's argument back: an event (raises InvalidEvent), (user key, ms), (account, ms, call), (call, slot, ms)."""
+    """The line's argument back: an event (raises InvalidEvent), (user key, ms), (account, ms, call),
+    (call, slot, ms), (call, slot, partition, offset)."""
     if kind in (EVENT, USER):
         return parse_event(payload)
     if kind == JOIN:
@@ -77,6 +87,9 @@ def decode(kind: str, payload: bytes):
     if kind == LINK:
         account, ms, call = arg
         return str(account), int(ms), call
+    if kind == LINKED:
+        call, slot, p, o = arg
+        return str(call), str(slot), int(p), int(o)
     call, slot, ms = arg
     return str(call), str(slot), int(ms)
 

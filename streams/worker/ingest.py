@@ -313,10 +313,10 @@ class Ingest:
             metrics.events_invalid.labels(reason).inc()
             value, headers = dlq.record(m.value(), m.topic(), m.partition(), m.offset(), reason, detail)
             self._produce(self.topics.dlq, value, key=m.key(), headers=headers)
-        while self.producer.flush(0) > 0:  # wait for every ack before committing the input
-            await asyncio.sleep(0.001)
-        if self.failed:
-            raise RuntimeError(f"ingest could not publish: {self.failed[0]}")
+        await self._acks()
+        if batch.links:  # each group call's account learns where its LINK lines are, now that they are in
+            self._linked(batch.links)
+            await self._acks()
         for into, new in ((self.routed, routed), (self.answered, answered)):
             for at, ms in new.items():
                 into[at] = max(into.get(at, 0), ms)
@@ -329,6 +329,26 @@ class Ingest:
             commit.append(TopicPartition(*tp, first if first is not None else self.read[tp] + 1))
         if commit:
             self.consumer.commit(offsets=commit, asynchronous=True)
+
+    async def _acks(self) -> None:
+        """Wait for every ack (before committing the input, or telling where lines are)."""
+        while self.producer.flush(0) > 0:
+            await asyncio.sleep(0.001)
+        if self.failed:
+            raise RuntimeError(f"ingest could not publish: {self.failed[0]}")
+
+    def _linked(self, links: list) -> None:
+        """A LINKED line to each cross-partition group call's account: its LINK line is at or before
+        the last offset acked on its partition. The user key's partition may then leave out a MARK
+        that would carry nothing (detect.py `_line`): the account counts the slot released once that
+        partition reports it has committed past the offset. (Sent after the acks: a line before
+        them could name an offset below the LINK.)"""
+        by_home: dict[int, list] = {}
+        for home, account, call, slot, p in links:
+            by_home.setdefault(home, []).append(envelope.encode(envelope.LINKED, account, (call, slot, p, self.sent[p])))
+        for home, items in by_home.items():
+            for body in envelope.pack_all(items):
+                self._produce(self.topics.accounts, body, partition=home, headers=formats.HEADERS)
 
     def report(self, ms: int) -> list[tuple[str, int, tuple[int, int]]]:
         """This tick's report (the barrier, streams/worker/barrier.py), as (kind, input partition,

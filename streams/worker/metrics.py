@@ -26,6 +26,8 @@ events_late = Counter("pql_events_late", "Events older than their account's newe
                       "(sent to the dead-letter topic as too_late)", registry=REGISTRY)
 events_held = Counter("pql_events_held", "Events held until a group call ties their user to an account",
                       registry=REGISTRY)
+marks_left_out = Counter("pql_marks_left_out", "MARK lines not sent: a group call's user key released nothing, and its "
+                         "account learns that from the key's partition's committed offset", registry=REGISTRY)
 divergence = Counter("pql_divergence", "Published outputs that may differ from a replay of the time-sorted stream, "
                      "by reason (docs/semantics.md)", ["reason"], registry=REGISTRY)
 events_duplicate = Counter("pql_events_duplicate", "Events ignored because their messageId was seen", registry=REGISTRY)

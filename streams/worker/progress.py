@@ -10,7 +10,8 @@
    fence goes to `<app>-progress` too, so the partition's next owner can climb it.
 4. This worker's report of each partition it owns (`Detect.report`): idle when the partition has
    read its log up to that high watermark and committed all it processed; else its stream time as
-   of its last commit (noted before each commit: `noted`). Written to `<app>-progress`; once acked,
+   of its last commit (noted before each commit: `noted`); and the offset below which its log is
+   committed (for a group call's slots: streams/worker/detect.py `_linked`). Written to `<app>-progress`; once acked,
    the worker reads the topic up to it and makes a second fence (steps 2-3 again), so its own
    reports count in the same tick (that fence goes out with the next tick's record).
 5. A partition that has read its log up to its fence counts the batch at once; the others when
@@ -288,6 +289,9 @@ class Progress:
             front = self._front()
             for p in owned:
                 told = self.detector.report(p, now, p in idle, self.committed(p))
+                offset = ends.get(p) if p in idle else eos.committed(self.app, TP(self.topics.accounts, p))
+                if offset is not None:  # (how far its log is committed: a group call's slots, detect.py `_linked`)
+                    lines.append(envelope.told(envelope.OFFSET, p, now, offset))
                 if told is not None:
                     lines.append(envelope.told(envelope.WATERMARK, p, now, told))
                     self.silent.pop(p, None)

@@ -28,6 +28,9 @@ class Batch:
     envelopes: dict[tuple[str, int], list[tuple[str, bytes]]] = field(default_factory=lambda: defaultdict(list))
     rejects: list[tuple[object, str, str]] = field(default_factory=list)  # (message, reason, detail)
     consumed: Counter = field(default_factory=Counter)  # event type -> valid events (one metrics call per batch)
+    # group calls' LINK lines bound for another partition than their account's: (account's partition,
+    # account, call, slot, LINK's partition); once they are acked, a LINKED line tells the account where
+    links: list[tuple[int, str, str, str, int]] = field(default_factory=list)
 
 
 def _field(kind: str, key: str) -> str:
@@ -109,9 +112,13 @@ class Router:
         if b"\n" in raw:  # pretty-printed input: envelopes carry one event per line
             raw = event.model_dump_json(by_alias=True).encode()
         for kind, key, arg in map(lambda line: self._shortcut(*line), lines):
+            p = envelope.partition_of(key, self.partitions)
+            if kind == identity.LINK and (home := envelope.partition_of(arg[0], self.partitions)) != p:
+                arg = (arg[0], arg[1], [*arg[2], 1])  # (flagged: the account will learn where it is)
+                batch.links.append((home, arg[0], arg[2][0], arg[2][1], p))
             line = (envelope.marked(kind, key), raw) if kind in (identity.EVENT, identity.USER) else envelope.encode(
                 kind, key, arg)
-            batch.envelopes[(self.topics.accounts, envelope.partition_of(key, self.partitions))].append(line)
+            batch.envelopes[(self.topics.accounts, p)].append(line)
 
     def _too_large(self, raw: bytes, batch: Batch, msg: object) -> bool:
         if len(raw) <= self.max_bytes:
