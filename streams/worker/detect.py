@@ -86,7 +86,8 @@ class Result:
     raw: dict[str, bytes] = field(default_factory=dict)  # messageId -> the bytes an event line came as
     waits: Waits | None = None                                            # the partition's settle index, once read
     waits_before: dict = field(default_factory=dict)
-    links_before: list = field(default_factory=list)
+    links_changed: bool = False
+    links_added: bool = False                                             # (`_released` looks at them all again)
     waits_changed: bool = False
     newest: int = 0                                                       # newest event time in the envelope
     barrier: int | None = None                                            # the lowest time other partitions told us
@@ -97,18 +98,21 @@ class Result:
 class Waits:
     """A partition's stream time, the accounts with qualifications waiting (rules `settle`), and the
     group calls' slots waiting for their user key's partition to commit past their LINK line
-    (`links`: [partition, offset, account, call, slot]; partition -1: wait for the slot's MARK).
-    Stored as JSON in the clocks table under key ``w<partition>``."""
+    (`links`: {(account, call, slot): [partition, offset]}, oldest first; partition -1: wait for the
+    slot's MARK). Stored as JSON in the clocks table under key ``w<partition>``."""
 
     stream: int = 0
     index: Waiting = field(default_factory=Waiting)
-    links: list = field(default_factory=list)
+    links: dict[tuple[str, str, str], list[int]] = field(default_factory=dict)
 
     def dump(self) -> bytes:
         d = {"stream": self.stream, "accounts": self.index.accounts}
         if self.links:
-            d["links"] = self.links
+            d["links"] = [[*at, *slot] for slot, at in self.links.items()]
         return versioned(json.dumps(d, separators=(",", ":")).encode())
+
+    def copy(self) -> "Waits":
+        return Waits(self.stream, Waiting(dict(self.index.accounts)), dict(self.links))
 
 
 class Detect:
@@ -136,6 +140,9 @@ class Detect:
         self.warned: dict[int, int] = {}  # partition -> tick of the last "decisions have waited" warning
         self.barrier_still = Unmoved()  # partition -> its barrier, and the tick since when it has not moved
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
+        self.owned: set[int] = set()  # the partitions this worker owned at its last tick (progress.py)
+        self.checked: dict[int, object] = {}
+        self.waits_parsed: dict[int, tuple[bytes, Waits]] = {}  # partition -> its `w<partition>` value, parsed  # partition -> the reports it counted when `_released` last looked
         self.parsed_bytes, self.cache_bytes, self.cache_min = 0, cache_bytes, cache_min
 
     def _state(self, r: Result, account: str) -> AccountState | None:
@@ -189,11 +196,24 @@ class Detect:
     def _waits(self, r: Result, partition: int) -> Waits:
         if r.waits is None:
             stored = self.clocks.get(f"w{partition}")
-            d = json.loads(readable(stored, f"partition {partition}'s waiting decisions")) if stored else {}
-            r.waits = Waits(max(d.get("stream", 0), self.stream.get(partition, 0)), Waiting(d.get("accounts", {})),
-                            d.get("links", []))
-            r.waits_before, r.links_before = dict(r.waits.index.accounts), list(r.waits.links)
+            hit = self.waits_parsed.get(partition)
+            if stored and hit is not None and (hit[0] is stored or hit[0] == stored):
+                r.waits = hit[1].copy()  # (behind a backlog it holds thousands of slots: parsed once)
+            else:
+                d = json.loads(readable(stored, f"partition {partition}'s waiting decisions")) if stored else {}
+                r.waits = Waits(d.get("stream", 0), Waiting(d.get("accounts", {})),
+                                {(e[2], e[3], e[4]): [e[0], e[1]] for e in d.get("links", ())})
+                if stored:
+                    self.waits_parsed[partition] = (stored, r.waits.copy())
+            r.waits.stream = max(r.waits.stream, self.stream.get(partition, 0))
+            r.waits_before = dict(r.waits.index.accounts)
         return r.waits
+
+    def dump_waits(self, partition: int, w: Waits) -> bytes:
+        """`w` as the table keeps it; kept parsed too, for the next envelope (`_waits`)."""
+        body = w.dump()
+        self.waits_parsed[partition] = (body, w.copy())
+        return body
 
     def _emit(self, r: Result, topic: str, ev: CloudEvent) -> None:
         r.outputs.append((topic, ev.subject, ev.to_json().encode()))
@@ -241,7 +261,7 @@ class Detect:
         if w.index.accounts:
             await self._release(r, partition, self._cut(r, partition))
         # (most wait only within the envelope)
-        r.waits_changed = w.index.accounts != r.waits_before or w.links != r.links_before
+        r.waits_changed = r.links_changed or w.index.accounts != r.waits_before
         r.reported = (w.stream, self._processed(partition))
         return r
 
@@ -341,11 +361,12 @@ class Detect:
         released once this partition has committed past the line (`_released`), so a MARK that
         carries nothing (no event released, the common case) is left out: at 64 partitions such MARKs
         were most envelopes of a catch-up, one per group call (issue 25). Only if the account's
-        partition's owner reads offsets (a worker of an older release waits for the MARK)."""
+        partition's owner reads offsets: this worker, or one whose reports carry them (a worker of
+        an older release waits for the MARK)."""
         account, _, call = arg
         home = envelope.partition_of(account, self.partitions)
         if len(out) == 1 and out[0][0] == identity.MARK and out[0][1] == account \
-                and self.heard.logged.speaks_offsets(home):
+                and (home in self.owned or self.heard.logged.speaks_offsets(home)):
             metrics.marks_left_out.inc()
             return
         went_on = False
@@ -359,28 +380,36 @@ class Detect:
     def _linked(self, r: Result, account: str, arg, partition: int) -> None:
         """A LINKED line: where a slot of a group call of `account` waits (envelope.py)."""
         call, slot, p, o = arg
-        w = self._waits(r, partition)
-        same = [e for e in w.links if e[2] == account and e[3] == call and e[4] == slot]
+        links, at = self._waits(r, partition).links, (account, call, slot)
         if p < 0:  # its LINK went on to another key: only its MARK answers (whatever order these came in)
-            w.links = [e for e in w.links if e not in same] + [[-1, 0, account, call, slot]]
-        elif not same:
-            w.links.append([p, o, account, call, slot])
-            del w.links[:-MAX_LINKS]
+            links[at] = [-1, 0]
+        elif at not in links:
+            links[at] = [p, o]
+            r.links_added = True
+            if len(links) > MAX_LINKS:
+                del links[next(iter(links))]
+        else:
+            return
+        r.links_changed = True
 
     async def _released(self, r: Result, partition: int) -> None:
         """The slots whose user key's partition has committed past their LINK line, as this partition
         counts its reports (barrier.py: by then it has read every line that partition forwarded
         before): they have released what they held, as a MARK would say."""
         w, heard = self._waits(r, partition), self.heard.view(partition)
-        keep, done = [], {}
-        for e in w.links:
-            if e[0] >= 0 and heard.committed(e[0]) > e[1]:
-                done.setdefault(e[2], []).append((e[3], e[4]))
-            else:
-                keep.append(e)
+        if heard is self.checked.get(partition) and not r.links_added:
+            return  # (nothing new counted, nothing new waiting)
+        self.checked[partition], r.links_added = heard, False
+        done: dict[str, list] = {}
+        for at, (p, o) in w.links.items():
+            if p >= 0 and heard.committed(p) > o:
+                done.setdefault(at[0], []).append(at[1:])
         if not done:
             return
-        w.links = keep
+        for account, slots in done.items():
+            for call, slot in slots:
+                del w.links[(account, call, slot)]
+        r.links_changed = True
         busy = self.busy.get(partition)
         for account, slots in done.items():
             state = self._state(r, account)
@@ -399,9 +428,10 @@ class Detect:
 
     async def _events(self, r: Result, account: str, events: list, partition: int, marks: list = ()) -> None:
         started = time.perf_counter()
-        if marks and (w := self._waits(r, partition)).links:  # a MARK answers the slot, whatever its LINKED line says
-            done = {(account, c, s) for c, s, _ in marks}
-            w.links = [e for e in w.links if (e[2], e[3], e[4]) not in done]
+        if marks and (links := self._waits(r, partition).links):  # a MARK answers the slot, whatever its LINKED line says
+            for c, s, _ in marks:
+                if links.pop((account, c, s), None) is not None:
+                    r.links_changed = True
         # the stream time moves once the whole envelope is in (`process`)
         self.busy[partition] = True
         r.newest = max([r.newest, *(e.ms for e in events)])

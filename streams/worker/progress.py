@@ -277,6 +277,7 @@ class Progress:
             await self._blocking(self._clients)
         owned = sorted(tp.partition for tp in self.app.consumer.assignment() if tp.topic == self.topics.accounts)
         self.publisher.forget(owned)
+        self.detector.owned = set(owned)
         for kept in (self.notes, self.silent):
             for p in [p for p in kept if p not in owned]:
                 del kept[p]

@@ -62,7 +62,7 @@ class Publisher:
         clocks = versioned(json.dumps(r.clocks, separators=(",", ":")).encode(), clock_shaped=True) if r.clocks_changed else None
         if clocks is not None:
             writes[(self.tables.changelog("clocks"), json.dumps(str(p)))] = clocks
-        waits = r.waits.dump() if r.waits_changed else None
+        waits = self.detector.dump_waits(p, r.waits) if r.waits_changed else None
         if waits is not None:
             writes[(self.tables.changelog("clocks"), json.dumps(f"w{p}"))] = waits
         return out, writes, accounts, users, clocks, waits
