@@ -141,8 +141,8 @@ class Detect:
         self.barrier_still = Unmoved()  # partition -> its barrier, and the tick since when it has not moved
         self.parsed: OrderedDict[str, tuple[bytes, AccountState]] = OrderedDict()
         self.owned: set[int] = set()  # the partitions this worker owned at its last tick (progress.py)
-        self.checked: dict[int, object] = {}
-        self.waits_parsed: dict[int, tuple[bytes, Waits]] = {}  # partition -> its `w<partition>` value, parsed  # partition -> the reports it counted when `_released` last looked
+        self.checked: dict[int, object] = {}  # partition -> the reports it counted when `_released` last looked
+        self.waits_parsed: dict[int, tuple[bytes, Waits]] = {}  # partition -> its `w<partition>` value, parsed
         self.parsed_bytes, self.cache_bytes, self.cache_min = 0, cache_bytes, cache_min
 
     def _state(self, r: Result, account: str) -> AccountState | None:

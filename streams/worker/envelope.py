@@ -18,7 +18,8 @@ once per batch, not once per event. A line is one of:
     \\x1ew<partition>\\t<tick ms>\\t<ms>   that partition's stream time at its tick (the barrier, barrier.py)
     \\x1ei<partition>\\t<tick ms>\\t<ms>   how far the ingest tier has routed that product.events partition
     \\x1es<partition>\\t<tick ms>\\t<ms>   how far it has routed that sales.responses partition (answer times)
-    \\x1ec<partition>\\t<tick ms>\\t<offset>  that accounts partition has processed and committed its log below it
+    \\x1ec*\\t<tick ms>\\t<p>:<offset>,...  those accounts partitions have processed and committed their logs
+                                      below those offsets (one line for all of a worker's partitions)
                                       (in the first three, <ms> IDLE: nothing pending, which counts as <tick ms>;
                                       they travel on <app>-progress, packed the same way: progress.py)
     \x1ef<writer>\t<offset>\t<p>:<h>,...  on <app>-progress only: the reports below that offset of it
@@ -109,6 +110,19 @@ def told_value(payload: bytes) -> tuple[int, int]:
     """A barrier line's payload back: (tick ms, ms)."""
     tick, _, ms = payload.partition(b"\t")
     return int(tick), int(ms)
+
+
+def offsets(tick_ms: int, committed: dict[int, int]) -> tuple[str, bytes]:
+    """The offset below which each of a worker's partitions has committed its log, one line (for
+    `pack_all`, on `<app>-progress`)."""
+    return marked(OFFSET, "*"), f"{tick_ms}\t{','.join(f'{p}:{o}' for p, o in committed.items())}".encode()
+
+
+def offsets_value(payload: bytes) -> list[tuple[int, tuple[int, int]]]:
+    """An offsets line's payload back: [(partition, (tick ms, offset))]."""
+    tick, _, pairs = payload.partition(b"\t")
+    t = int(tick)
+    return [(int(p), (t, int(o))) for p, _, o in (e.partition(b":") for e in pairs.split(b",") if e)]
 
 
 def fence(writer: str, offset: int, ends: dict[int, int]) -> tuple[str, bytes]:

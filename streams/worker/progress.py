@@ -52,7 +52,9 @@ def parse(body: bytes) -> tuple[list[tuple[str, int, tuple[int, int]]], list[tup
     offset, {partition: high watermark}); other lines are skipped."""
     reports, fences = [], []
     for kind, key, raw in envelope.unpack(body):
-        if kind in envelope.REPORTS:
+        if kind == envelope.OFFSET and key == "*":
+            reports += [(kind, p, told) for p, told in envelope.offsets_value(raw)]
+        elif kind in envelope.REPORTS:
             reports.append((kind, int(key), envelope.told_value(raw)))
         elif kind == envelope.FENCE:
             fences.append((key, *envelope.fence_value(raw)))
@@ -288,17 +290,20 @@ class Progress:
             ends, idle, lines = made
             self.publisher.tx.catching_up(records_behind(ends, self.publisher.processed), self.catchup)
             front = self._front()
+            committed = {}  # (how far each log is committed: a group call's slots, detect.py `_released`)
             for p in owned:
                 told = self.detector.report(p, now, p in idle, self.committed(p))
                 offset = ends.get(p) if p in idle else eos.committed(self.app, TP(self.topics.accounts, p))
-                if offset is not None:  # (how far its log is committed: a group call's slots, detect.py `_linked`)
-                    lines.append(envelope.told(envelope.OFFSET, p, now, offset))
+                if offset is not None:
+                    committed[p] = offset
                 if told is not None:
                     lines.append(envelope.told(envelope.WATERMARK, p, now, told))
                     self.silent.pop(p, None)
                     self._behind(p, now, told, ends.get(p, -1), front)
                 else:
                     self._silent(p, now, ends.get(p, -1))
+            if committed:
+                lines.append(envelope.offsets(now, committed))
             for body in envelope.pack_all(self.later + lines):
                 produce(self.producer, self.topics.progress, body, on_delivery=self._acked, headers=formats.HEADERS)
             # Our reports count here too once acked and read back, under a second fence (else a

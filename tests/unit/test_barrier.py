@@ -2,7 +2,7 @@
 has processed its log up to a fence made after the report was read, per partition; a partition taken
 over with a backlog climbs the old owner's fences; what is kept is bounded."""
 from streams.worker.barrier import EMPTY, Heard, Reports, lowest
-from streams.worker.envelope import ANSWERS, IDLE, INPUT, WATERMARK
+from streams.worker.envelope import ANSWERS, IDLE, INPUT, OFFSET, WATERMARK
 
 
 def test_a_report_counts_once_the_partition_has_read_up_to_its_fence():
@@ -110,3 +110,16 @@ def test_a_partition_read_again_from_an_earlier_offset_counts_nothing_it_passed_
     assert r.promote(0, 12) and r.view(0).told
     r.promote(0, 8)  # a seek back to the committed offset: lines 8..9 are not processed again yet
     assert r.view(0) is EMPTY
+
+
+def test_a_partitions_committed_offset_counts_under_the_same_fence_as_its_time():
+    """A group call's slot is answered once its user key's partition has committed past its LINK line
+    (docs/semantics.md, Group calls' answers): that offset counts like any report, under a fence."""
+    r = Reports()
+    r.hear([(WATERMARK, 1, (1000, 500)), (OFFSET, 1, (1000, 77))], after=1)
+    r.fence(1, {0: 40})
+    assert r.view(0).committed(1) == -1  # not counted yet
+    assert r.promote(0, 40) and r.view(0).committed(1) == 77
+    assert r.logged.speaks_offsets(1) and not r.logged.speaks_offsets(2)
+    r.hear([(WATERMARK, 1, (2000, 900))], after=2)  # a later report without an offset: an earlier release's worker
+    assert not r.logged.speaks_offsets(1)

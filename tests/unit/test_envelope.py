@@ -48,3 +48,8 @@ def test_link_and_mark_payloads_are_compact_json():
         _, mark = envelope.encode(MARK, account, (call, slot, ms))
         assert mark == json.dumps([call, slot, ms], separators=(",", ":")).encode()
         assert envelope.decode(MARK, mark) == (call, slot, ms)
+        _, flagged = envelope.encode(LINK, "u:k", (account, ms, [call, slot, 1]))
+        assert envelope.decode(LINK, flagged) == (account, ms, [call, slot, 1])
+        _, linked = envelope.encode(envelope.LINKED, account, (call, slot, 7, 12345))
+        assert linked == json.dumps([call, slot, 7, 12345], separators=(",", ":")).encode()
+        assert envelope.decode(envelope.LINKED, linked) == (call, slot, 7, 12345)

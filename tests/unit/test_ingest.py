@@ -215,3 +215,18 @@ def test_a_partition_that_looks_caught_up_is_asked_again_before_the_others_run_w
     assert loop.consumer.asked == [1]
     assert loop.merge.held == 20  # held: partition 1 has unread data
     assert loop._behind(owned[1])
+
+
+def test_each_cross_partition_link_is_told_to_its_account_with_the_last_offset_acked_on_its_partition():
+    from streams.worker import envelope
+
+    loop = ingest(dict)
+    loop._delivered(None, Msg(TOPICS.accounts, 2, 40, None))
+    loop._delivered(None, Msg(TOPICS.accounts, 2, 41, None))  # the batch's last envelope on partition 2
+    sent = []
+    loop._produce = lambda topic, value, **kw: sent.append((topic, kw["partition"], value))
+    loop._linked([(1, "acme", "g-1", "u", 2), (1, "acme", "g-1", "a", 2), (3, "beta", "g-2", "u", 2)])
+    assert [(t, p) for t, p, _ in sent] == [(TOPICS.accounts, 1), (TOPICS.accounts, 3)]
+    lines = {p: [(k, key, envelope.decode(k, raw)) for k, key, raw in envelope.unpack(v)] for _, p, v in sent}
+    assert lines[1] == [("k", "acme", ("g-1", "u", 2, 41)), ("k", "acme", ("g-1", "a", 2, 41))]
+    assert lines[3] == [("k", "beta", ("g-2", "u", 2, 41))]

@@ -52,9 +52,10 @@ def test_a_partition_is_idle_once_it_has_read_and_committed_its_log(monkeypatch)
 
 def test_a_progress_record_reads_back_as_its_reports_and_fences():
     lines = [envelope.told(envelope.WATERMARK, 3, 1000, 900), envelope.told(envelope.INPUT, 100_001, 1000, envelope.IDLE),
-             envelope.fence("w1", 77, {0: 12, 5: 0})]
+             envelope.fence("w1", 77, {0: 12, 5: 0}), envelope.offsets(1000, {3: 41, 7: 0})]
     (body,) = envelope.pack_all(lines)
-    assert progress.parse(body) == ([("w", 3, (1000, 900)), ("i", 100_001, (1000, envelope.IDLE))],
+    assert progress.parse(body) == ([("w", 3, (1000, 900)), ("i", 100_001, (1000, envelope.IDLE)),
+                                     ("c", 3, (1000, 41)), ("c", 7, (1000, 0))],
                                     [("w1", 77, {0: 12, 5: 0})])
 
 
