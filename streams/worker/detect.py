@@ -428,7 +428,7 @@ class Detect:
 
     async def _events(self, r: Result, account: str, events: list, partition: int, marks: list = ()) -> None:
         started = time.perf_counter()
-        if marks and (links := self._waits(r, partition).links):  # a MARK answers the slot, whatever its LINKED line says
+        if marks and (links := self._waits(r, partition).links):  # a MARK answers its slot, whatever LINKED said
             for c, s, _ in marks:
                 if links.pop((account, c, s), None) is not None:
                     r.links_changed = True

@@ -340,7 +340,7 @@ class Ingest:
     def _linked(self, links: list) -> None:
         """A LINKED line to each cross-partition group call's account: its LINK line is at or before
         the last offset acked on its partition. The user key's partition may then leave out a MARK
-        that would carry nothing (detect.py `_line`): the account counts the slot released once that
+        that would carry nothing (detect.py `_link_forwards`): the account counts the slot released once that
         partition reports it has committed past the offset. (Sent after the acks: a line before
         them could name an offset below the LINK.)"""
         by_home: dict[int, list] = {}

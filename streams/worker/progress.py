@@ -10,10 +10,11 @@
    fence goes to `<app>-progress` too, so the partition's next owner can climb it.
 4. This worker's report of each partition it owns (`Detect.report`): idle when the partition has
    read its log up to that high watermark and committed all it processed; else its stream time as
-   of its last commit (noted before each commit: `noted`); and the offset below which its log is
-   committed (for a group call's slots: streams/worker/detect.py `_linked`). Written to `<app>-progress`; once acked,
-   the worker reads the topic up to it and makes a second fence (steps 2-3 again), so its own
-   reports count in the same tick (that fence goes out with the next tick's record).
+   of its last commit (noted before each commit: `noted`); and, in one line, the offset below which
+   each one's log is committed (a group call's slots: streams/worker/detect.py `_released`). Written
+   to `<app>-progress`; once acked, the worker reads the topic up to it and makes a second fence
+   (steps 2-3 again), so its own reports count in the same tick (that fence goes out with the next
+   tick's record).
 5. A partition that has read its log up to its fence counts the batch at once; the others when
    `detect` gets there.
 6. A tick line to each owned partition a tick has something to decide for (`Publisher.needs_tick`:
