@@ -232,12 +232,6 @@ class Detect:
                 self.heard.inband(partition, kind, int(key), envelope.told_value(raw))
                 r.barrier = None
                 continue
-            if kind == envelope.LINKED:
-                try:
-                    self._linked(r, key, envelope.decode(kind, raw), partition)
-                except ValueError:
-                    metrics.events_invalid.labels("invalid_field").inc()
-                continue
             if kind in (envelope.RESPONSE, envelope.TICK):
                 await self._flush(r, pending, partition)
                 if kind == envelope.RESPONSE:
@@ -249,6 +243,9 @@ class Detect:
                 arg = envelope.decode(kind, raw)
             except (InvalidEvent, ValueError):  # the ingest tier validated it; only a foreign producer gets here
                 metrics.events_invalid.labels("invalid_field").inc()
+                continue
+            if kind == envelope.LINKED:
+                self._linked(r, key, arg, partition)
                 continue
             if kind in (envelope.EVENT, envelope.USER):
                 r.raw[arg.messageId] = raw

@@ -112,29 +112,37 @@ def told_value(payload: bytes) -> tuple[int, int]:
     return int(tick), int(ms)
 
 
+def _numbered(first: int, by_partition: dict[int, int]) -> bytes:
+    """`<first>\\t<p>:<n>,...`: the payload of fence and offsets lines."""
+    return f"{first}\t{','.join(f'{p}:{n}' for p, n in by_partition.items())}".encode()
+
+
+def _numbered_value(payload: bytes) -> tuple[int, dict[int, int]]:
+    first, _, pairs = payload.partition(b"\t")
+    return int(first), {int(p): int(n) for p, _, n in (e.partition(b":") for e in pairs.split(b",") if e)}
+
+
 def offsets(tick_ms: int, committed: dict[int, int]) -> tuple[str, bytes]:
     """The offset below which each of a worker's partitions has committed its log, one line (for
     `pack_all`, on `<app>-progress`)."""
-    return marked(OFFSET, "*"), f"{tick_ms}\t{','.join(f'{p}:{o}' for p, o in committed.items())}".encode()
+    return marked(OFFSET, "*"), _numbered(tick_ms, committed)
 
 
 def offsets_value(payload: bytes) -> list[tuple[int, tuple[int, int]]]:
     """An offsets line's payload back: [(partition, (tick ms, offset))]."""
-    tick, _, pairs = payload.partition(b"\t")
-    t = int(tick)
-    return [(int(p), (t, int(o))) for p, _, o in (e.partition(b":") for e in pairs.split(b",") if e)]
+    tick, committed = _numbered_value(payload)
+    return [(p, (tick, o)) for p, o in committed.items()]
 
 
 def fence(writer: str, offset: int, ends: dict[int, int]) -> tuple[str, bytes]:
     """A fence line (for `pack_all`, streams/worker/barrier.py): `writer` names the worker that read
     `<app>-progress` up to `offset`, then each partition's high watermark (`ends`)."""
-    return marked(FENCE, writer), f"{offset}\t{','.join(f'{p}:{h}' for p, h in ends.items())}".encode()
+    return marked(FENCE, writer), _numbered(offset, ends)
 
 
 def fence_value(payload: bytes) -> tuple[int, dict[int, int]]:
     """A fence line's payload back: (offset, {partition: high watermark})."""
-    offset, _, ends = payload.partition(b"\t")
-    return int(offset), {int(p): int(h) for p, _, h in (e.partition(b":") for e in ends.split(b",") if e)}
+    return _numbered_value(payload)
 
 
 MAX_BYTES = 512 * 1024  # well under Kafka's default 1 MB message limit
