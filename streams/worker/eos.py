@@ -78,6 +78,8 @@ INTERNALS = [
     ("faust.app.base", "App.on_rebalance_end"),
     ("mode.worker", "Worker._sentinel_task"),                # no_idle_second
     ("aiokafka.client", "AIOKafkaClient.set_topics"),        # Transactions.know_outputs (and its `_topics`)
+    ("aiokafka.cluster", "ClusterMetadata.update_metadata"),  # adopt_metadata: the attributes it replaces
+    ("faust.transport.consumer", "TransactionManager._start_transactions"),  # concurrent_starts
 ]
 # attributes Faust's Consumer sets on its instances, used above (checked in the same test file)
 CONSUMER_ATTRIBUTES = ["_gap", "_read_offset", "_committed_offset"]
@@ -86,6 +88,7 @@ HANDOFF_COMMIT_DELAY = 0.005  # handoffs close together share one early commit
 CATCHUP_RECORDS = 500  # records of the owned <app>-accounts partitions not processed yet: catching up
 BOOTSTRAP_PATIENCE = 120.0  # seconds a starting client waits for a broker that was there a moment ago
 REBALANCE_FETCH_WAIT_MS = 100  # longest wait of a fetch while partitions are assigned and recovered
+STARTS_AT_ONCE = 32  # transactional producers started side by side (concurrent_starts, on_assigned)
 
 
 def install(app, source: str) -> None:
@@ -93,6 +96,7 @@ def install(app, source: str) -> None:
     the input topic of the partition transactions (<app>-accounts)."""
     short_retries(app.producer)
     concurrent_commits(app.producer)
+    concurrent_starts()
     seek_uncommitted_to_start()
     quiet_livelock_check()
     rare_livelock_check()
@@ -529,6 +533,7 @@ class Transactions:
         self.spacing = 0.0  # s the timer's commits are apart at least now (set by the tick: `catching_up`)
         self._owned: set[int] | None = None  # `owned`, until the next rebalance
         self.outputs: list[str] = []  # set by the app: every topic `detect` sends to (`on_assigned`)
+        self.before: dict = {}  # transactional id -> its producer when the last rebalance began (`on_assigned`)
 
     def catching_up(self, behind: int, interval: float) -> None:
         """The tick found the owned partitions `behind` records short of their logs' ends, in all: far
@@ -623,6 +628,7 @@ class Transactions:
         self.frozen = True
         self._owned = None
         self.spacing = 0.0
+        self.before = dict(self.app.producer._transaction_producers)
         try:
             await self.app.consumer.commit()
         except Exception as err:
@@ -654,38 +660,53 @@ class Transactions:
         Faust (0.15) does not always stop the transactional producers of partitions it loses in an
         eager rebalance; the new owner fences them, and when a partition comes back Faust reuses the
         fenced producer. A fresh producer's init fences any other and aborts leftovers (what was
-        acked was committed when the partitions were revoked).
+        acked was committed when the partitions were revoked). A producer Faust made in this
+        rebalance is fresh already: made again, a 256-partition start made 512 producers, in turn.
         """
         owned = sorted({self.tid(tp.partition) for tp in assigned if tp.topic == self.source})
+        before, self.before = self.before, {}
+        stale = [tid for tid in owned if not self._fresh(tid, before)]
         async with self.lock:
-            for tid in owned:
-                try:
-                    await self.app.producer.stop_transaction(tid)
-                except Exception:  # already stopped, or fenced: replaced below either way
-                    pass
-                await self.app.producer.begin_transaction(tid)
+            await at_most(STARTS_AT_ONCE, [self._renew(tid) for tid in stale])
             await self.know_outputs(owned)
             self.frozen = False
             self._owned = None
 
+    def _fresh(self, tid: str, before: dict) -> bool:
+        """Made in this rebalance (not there when it began), and in a transaction."""
+        producer = self.app.producer._transaction_producers.get(tid)
+        txn = getattr(producer, "_txn_manager", None)
+        return producer is not None and producer is not before.get(tid) and txn is not None and txn.is_in_transaction()
+
+    async def _renew(self, tid: str) -> None:
+        try:
+            await self.app.producer.stop_transaction(tid)
+        except Exception:  # already stopped, or fenced: replaced below either way
+            pass
+        await self.app.producer.begin_transaction(tid)
+
     async def know_outputs(self, tids: list[str]) -> None:
-        """Each fresh producer learns every output topic's partitions now, in one metadata request.
+        """Each fresh producer learns every output topic's partitions now, from one metadata request.
 
         aiokafka's producer asks for a topic's metadata when it first sends to it, and asks again for
         all its topics so far: at 64 partitions 64 producers made ~380 metadata requests in the first
         seconds of work (every changelog, the forwards, then pql.signals and pql.handoffs with the
-        first decisions), each answer decoded in Python (session 21). Best effort: a failure here
-        leaves aiokafka to ask when it sends, as before."""
-        if not self.outputs:
+        first decisions), each answer decoded in Python (session 21). One request each still took
+        256 partitions' producers 9 s of decoding at start, past the session timeout (session 23):
+        one producer asks, the others take its answer (`adopt_metadata`). Best effort: a failure
+        here leaves aiokafka to ask when it sends, as before."""
+        producers = [p for tid in tids if (p := self.app.producer._transaction_producers.get(tid)) is not None]
+        if not self.outputs or not producers:
             return
-        waits = []
-        for tid in tids:
-            producer = self.app.producer._transaction_producers.get(tid)
-            if producer is not None:
-                waits.append(producer.client.set_topics(sorted(set(self.outputs) | producer.client._topics)))
-        for outcome in await asyncio.gather(*waits, return_exceptions=True):
-            if isinstance(outcome, BaseException):
-                log.info("output topics' metadata not read ahead (%s)", outcome)
+        topics = set(self.outputs).union(*(p.client._topics for p in producers))
+        try:
+            await producers[0].client.set_topics(sorted(topics))
+        except Exception as err:
+            log.info("output topics' metadata not read ahead (%s)", err)
+            return
+        for p in producers[1:]:
+            p.client._topics = set(topics)
+            adopt_metadata(p.client.cluster, producers[0].client.cluster)
 
     def commit_soon(self, partition: int) -> None:
         """A handoff is readable only once its transaction commits: commit this partition's now, not
@@ -938,6 +959,51 @@ def concurrent_commits(producer) -> None:
                 raise outcome
 
     producer.commit_transactions = commit_transactions
+
+
+async def at_most(n: int, coros: list) -> None:
+    """Run the coroutines side by side, n at a time at most."""
+    limit = asyncio.Semaphore(n)
+
+    async def one(coro):
+        async with limit:
+            await coro
+
+    await asyncio.gather(*(one(c) for c in coros))
+
+
+def concurrent_starts(cls=None) -> None:
+    """Start the partitions' transactional producers side by side, not one after the other.
+
+    Faust (0.15.3, `TransactionManager._start_transactions`) starts them in turn at each rebalance:
+    a client, its bootstrap, FindCoordinator and InitProducerId each, about 10 ms: 2.6 s for 256
+    partitions, while the group waits for the rebalance to end (session 23). Each partition has its
+    own producer; `maybe_begin_transaction` logs and swallows its own failures, as before.
+    """
+    from faust.transport.consumer import TransactionManager
+
+    cls = cls or TransactionManager
+
+    async def _start_transactions(self, tids) -> None:
+        await at_most(STARTS_AT_ONCE, [self.producer.maybe_begin_transaction(t) for t in tids])
+
+    cls._start_transactions = _start_transactions
+
+
+def adopt_metadata(cluster, source) -> None:
+    """`cluster` takes `source`'s brokers and topic partitions (both aiokafka ClusterMetadata of the
+    same Kafka cluster). aiokafka's `update_metadata` replaces these containers whole, never changes
+    them in place, so they can be shared; each client still refreshes its own when it has to."""
+    with cluster._lock:
+        cluster._brokers = source._brokers
+        cluster.controller = source.controller
+        cluster._partitions = source._partitions
+        cluster._broker_partitions = source._broker_partitions
+        cluster.unauthorized_topics = source.unauthorized_topics
+        cluster.internal_topics = source.internal_topics
+        cluster._last_refresh_ms = source._last_refresh_ms
+        cluster._last_successful_refresh_ms = source._last_successful_refresh_ms
+        cluster._need_update = False
 
 
 def stop_within(worker, seconds: float) -> None:
