@@ -168,7 +168,7 @@ class Publisher:
         owned = self.tx.owned()
         return {p: offset for p, offset in self.processed.items() if p in owned}
 
-    def forget(self, owned: list[int]) -> None:
+    def forget(self, owned: set[int]) -> None:
         """Partitions this worker no longer owns leave the progress and the open-clocks gauge."""
         for gone in (self.open_clocks, self.processed, self.reported, self.tick_cache, self.unsent, self.forwards):
             for p in [p for p in gone if p not in owned]:

@@ -925,3 +925,43 @@ def test_a_source_partition_assigned_without_its_changelogs_stops_the_worker(mon
     assignment.add(TP("app-accounts", 3))  # its changelog partitions missing
     app.on_rebalance_end()
     assert exits == [70]
+
+
+def test_producers_retry_soon_and_refresh_their_metadata_rarely():
+    """eos.short_retries and eos.rare_metadata_refresh reach every producer Faust makes (through
+    `_settings_extra`, which `_new_producer` spreads into aiokafka's keyword arguments)."""
+    from types import SimpleNamespace
+
+    from aiokafka import AIOKafkaProducer
+    from faust.transport.drivers.aiokafka import Producer
+
+    from streams.worker import eos
+
+    assert "**self._settings_extra()" in inspect.getsource(Producer._new_producer)
+    producer = SimpleNamespace(_settings_extra=lambda: {"acks": "all"})
+    eos.short_retries(producer)
+    eos.rare_metadata_refresh(producer)
+    settings = producer._settings_extra()
+    assert settings == {"acks": "all", "retry_backoff_ms": 20, "metadata_max_age_ms": eos.PRODUCER_METADATA_MAX_AGE_MS}
+    assert set(settings) <= set(inspect.signature(AIOKafkaProducer).parameters)
+
+
+def test_the_fetch_loop_wakes_on_its_own_only_as_often_as_a_fetch_waits():
+    """eos.fetch_wait: aiokafka's fetch loop woke every 0.2 s to look at every assigned partition
+    (1,281 at 256 partitions); it waits on everything it reacts to, its timeout is a fallback."""
+    from types import SimpleNamespace
+
+    from aiokafka.consumer.fetcher import Fetcher
+
+    from streams.worker import eos
+
+    assert "backoff = self._fetcher_timeout" in inspect.getsource(Fetcher._get_actions_per_node)
+    loop = inspect.getsource(Fetcher._fetch_requests_routine)
+    assert "self._wait_consume_future, assignment.unassign_future" in loop and "resume_futures" in loop
+    fetcher = SimpleNamespace(_fetch_max_wait_ms=1500, _fetcher_timeout=0.2)
+    consumer = SimpleNamespace(_fetch_max_wait_ms=1500, _fetcher=fetcher)
+    app = SimpleNamespace(consumer=SimpleNamespace(_thread=SimpleNamespace(_consumer=consumer)))
+    eos.fetch_wait(app, eos.REBALANCE_FETCH_WAIT_MS)
+    assert (fetcher._fetch_max_wait_ms, fetcher._fetcher_timeout) == (100, 0.1)
+    eos.fetch_wait(app, eos.FAUST_FETCH_WAIT_MS)
+    assert (fetcher._fetch_max_wait_ms, fetcher._fetcher_timeout) == (1500, 1.5)

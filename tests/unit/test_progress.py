@@ -115,7 +115,7 @@ class _Loop:
 def _worker(log: _Log, owned: list[int], ends: dict[int, int], monkeypatch):
     pr, detector, pub = _progress({})
     detector.inputs = None  # no ingest tier here: the partitions' own reports are the test
-    pr.app.consumer.assignment = lambda: {TP(TOPICS.accounts, p) for p in owned}
+    pub.tx.owned = lambda: set(owned)  # (eos.Transactions.owned: Faust's assignment as of the last rebalance)
     pr.feed = SimpleNamespace(loop=_Loop())
     pr.reader, pr.producer = log.reader(), log.producer()
     pr._ends = lambda asked: {p: ends[p] for p in asked}
@@ -129,6 +129,7 @@ def test_a_partition_taken_over_counts_the_old_owners_fences_as_it_catches_up(mo
     log, ends = _Log(), {0: 0, 1: 0, 2: 0}
     monkeypatch.setattr(eos, "read_to", lambda app, tp: (None, None))  # nothing idle: reports come from commits
     a, _, pub_a = _worker(log, [0, 1, 2], ends, monkeypatch)
+    pub_a.needs_tick = lambda p, now: True  # (each tick has something to decide: its second fence is made)
     for t in range(1, 6):
         for p in (0, 1, 2):
             ends[p] = 100 * t
@@ -146,6 +147,37 @@ def test_a_partition_taken_over_counts_the_old_owners_fences_as_it_catches_up(mo
     assert {at for _, at in heard.view(0).told.values()} == {2000}  # A's tick 2 reports, read back under its fence
     assert heard.promote(0, 500)  # (tick 5's second fence would go out with tick 6's record)
     assert {at for _, at in heard.view(0).told.values()} == {4000}
+
+
+def test_a_tick_with_nothing_to_decide_reads_the_ends_once_and_its_reports_count_at_the_next(monkeypatch):
+    """The second fence (our own reports counted in the same tick) is made only when a partition has
+    something to decide; else the next tick's first fence counts them: one ListOffsets per idle tick."""
+    log, ends = _Log(), {0: 0, 1: 0}
+    monkeypatch.setattr(eos, "read_to", lambda app, tp: (None, None))
+    pr, detector, pub = _worker(log, [0, 1], ends, monkeypatch)
+    calls, ticks = [], []
+    pr._ends = lambda asked: calls.append(list(asked)) or {p: ends[p] for p in asked}
+    pr.feed.loop.tick = lambda partitions, ms: ticks.append(list(partitions))
+
+    def tick(t):
+        for p in (0, 1):
+            ends[p] = pub.processed[p] = 100 * t
+            pub.reported[p] = (t * 1000, t * 1000)
+        pr.noted()
+        pr.app.consumer._committed_offset.update({TP(TOPICS.accounts, p): 100 * t for p in (0, 1)})
+        asyncio.run(pr.tick())
+
+    tick(1)
+    tick(2)
+    assert len(calls) == 2 and ticks == [[], []]
+    heard = detector.heard
+    assert heard.promote(0, 200)  # (partition 0 has read its log up to the fence)
+    assert {at for _, at in heard.view(0).told.values()} == {1000}  # tick 1's, counted under tick 2's fence
+    pub.needs_tick = lambda p, now: p == 1
+    tick(3)
+    assert len(calls) == 4 and ticks[-1] == [1]  # something to decide: the second fence too
+    assert heard.promote(0, 300)
+    assert {at for _, at in heard.view(0).told.values()} == {3000}  # this tick's own, in this tick
 
 
 def test_the_tick_tells_the_transactions_how_far_behind_the_worker_is(monkeypatch):
