@@ -141,6 +141,9 @@ def served(admin, topics: dict[str, int], deadline: float) -> None:
             time.sleep(SERVED_POLL)
 
 
+FEW = 4  # partitions of the low-volume topics the worker creates (`ensure_topics`)
+
+
 def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
     """Create our missing topics; refuse to start when an input topic of the user's is missing, or a
     co-partitioned topic has the wrong count. Returns how many partitions the event topics and the
@@ -158,9 +161,10 @@ def ensure_topics(s: Settings, topics: Topics) -> tuple[int, int]:
         raise TopicError(f"{INPUT_SETTINGS[kind]}: topic {absent[0]!r} does not exist on {s.kafka_bootstrap}; "
                          "the worker reads your input topics as they are and never creates one: create it, or "
                          "fix the name")
-    ours = [*topics.events, *topics.crm, topics.dlq, *topics.responses, topics.alerts_retry, *topics.copartitioned]
-    missing = [NewTopic(name, s.partitions, s.replication_factor) for name in dict.fromkeys(ours)
-               if name not in existing and name not in topics.theirs]
+    quiet = {*topics.crm, topics.dlq, *topics.responses, topics.alerts_retry}
+    ours = [*topics.events, *quiet, *topics.copartitioned]
+    missing = [NewTopic(name, min(s.partitions, FEW) if name in quiet else s.partitions, s.replication_factor)
+               for name in dict.fromkeys(ours) if name not in existing and name not in topics.theirs]
     if topics.progress not in existing:  # a few small records a second, read only by live workers
         missing.append(NewTopic(topics.progress, 1, s.replication_factor, config=PROGRESS_CONFIG))
     missing += [NewTopic(name, s.partitions, s.replication_factor, config=CHANGELOG_CONFIG)

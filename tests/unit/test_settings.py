@@ -65,3 +65,40 @@ def test_replication_is_the_brokers_default_unless_set(monkeypatch):
     monkeypatch.setenv("PQL_REPLICATION", "0")
     with pytest.raises(SettingsError, match="PQL_REPLICATION"):
         load_settings()
+
+
+def test_the_worker_creates_its_low_volume_topics_with_few_partitions(monkeypatch):
+    """ensure_topics: the CRM, responses, alerts-retry and dead-letter topics it creates get at most
+    topics.FEW partitions (every partition is fetched by some consumer, idle or not: at 256 they were
+    a fifth of an idle worker's CPU, session 23); the others PQL_PARTITIONS."""
+    from types import SimpleNamespace
+
+    import confluent_kafka.admin
+
+    from streams import topics as topics_module
+    from streams.topics import Topics, ensure_topics
+
+    made = {}
+
+    class Admin:
+        def __init__(self, conf):
+            pass
+
+        def list_topics(self, timeout):
+            return SimpleNamespace(topics={n: SimpleNamespace(partitions=dict.fromkeys(range(k))) for n, k in made.items()})
+
+        def create_topics(self, new, operation_timeout):
+            done = {}
+            for t in new:
+                made[t.topic] = t.num_partitions
+                done[t.topic] = SimpleNamespace(result=lambda timeout: None)
+            return done
+
+    monkeypatch.setattr(confluent_kafka.admin, "AdminClient", Admin)
+    monkeypatch.setattr(topics_module, "served", lambda admin, topics, deadline: None)
+    monkeypatch.setenv("PQL_PARTITIONS", "64")
+    s = load_settings()
+    t = Topics.of(s)
+    assert ensure_topics(s, t) == (64, topics_module.FEW)
+    assert {made[n] for n in (*t.crm, *t.responses, t.alerts_retry, t.dlq)} == {topics_module.FEW}
+    assert {made[n] for n in (*t.events, *t.copartitioned, *t.changelogs)} == {64} and made[t.progress] == 1
