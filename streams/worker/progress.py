@@ -12,16 +12,18 @@
    read its log up to that high watermark and committed all it processed; else its stream time as
    of its last commit (noted before each commit: `noted`); and, in one line, the offset below which
    each one's log is committed (a group call's slots: streams/worker/detect.py `_released`). Written
-   to `<app>-progress`; once acked, the worker reads the topic up to it and makes a second fence
-   (steps 2-3 again), so its own reports count in the same tick (that fence goes out with the next
-   tick's record).
+   to `<app>-progress`; when a partition has something to decide (step 6), once acked, the worker
+   reads the topic up to it and makes a second fence (steps 2-3 again), so its own reports count in
+   the same tick (that fence goes out with the next tick's record).
 5. A partition that has read its log up to its fence counts the batch at once; the others when
    `detect` gets there.
 6. A tick line to each owned partition a tick has something to decide for (`Publisher.needs_tick`:
    accounts waiting, an SLA clock due). An idle partition costs nothing.
+A tick with nothing to do or tell is skipped (`_quiet`): at most QUIET_MAX apart, a full one.
 
-Per tick: a record per worker and one per ingest tier, two ListOffsets per worker, work linear in the
-partitions. (The reports used to be lines from every partition to every other one: issue 25.)
+Per tick: a record per worker and one per ingest tier, one or two ListOffsets per worker, work linear
+in the partitions; nothing in a quiet tick but reading `<app>-progress`. (The reports used to be
+lines from every partition to every other one: issue 25.)
 """
 from __future__ import annotations
 
@@ -38,12 +40,13 @@ from schemas import formats
 from schemas.formats import NewerFormat, check_headers
 from streams.produce import produce
 from streams.topics import Topics
-from streams.worker import envelope, eos
+from streams.worker import envelope, eos, metrics
 from streams.worker.detect import refuse
 
 log = logging.getLogger("pql.progress")
 HISTORY = 600  # s of reports a starting worker reads (`_clients`): the fences of a partition minutes behind
 FLUSH_WAIT = 1.0  # s a tick waits for its record's ack before reading it back
+QUIET_MAX = 10_000  # ms a worker with nothing to do or tell goes without a full tick at most (`_quiet`)
 SILENT_WARN = 30_000  # ms an owned partition may tell nothing before the worker says why
 BEHIND_INFO = 20_000  # ms an owned partition's report may be behind its tick before the worker says why
 
@@ -78,6 +81,7 @@ class Progress:
         self.group = f"{settings.app_id}-progress"
         self.notes: dict[int, deque[tuple[int, tuple[int, int]]]] = {}  # partition -> (offset, reported) per commit
         self.reader = self.admin = self.producer = None
+        self.calm: tuple | None = None  # what the last full tick saw (`_quiet`); None: make the next one full
         self.asked: tuple[list[int], dict] = ([], {})  # the owned partitions, and their ListOffsets request (`_ends`)
         self.me = uuid.uuid4().hex[:12]  # names this worker's fences (it counts its own at once)
         self.read: int | None = None  # the offset after the last record read
@@ -289,8 +293,12 @@ class Progress:
             for p in [p for p in kept if p not in owned]:
                 del kept[p]
         now = int(time.time() * 1000)
+        if self._quiet(mine, now):
+            metrics.ticks_quiet.inc()
+            return
         loop.report(now)
         made = await self._fence(owned)
+        self.calm = None
         if made is not None:
             ends, idle, lines = made
             self.publisher.tx.catching_up(records_behind(ends, self.publisher.processed), self.catchup)
@@ -322,6 +330,28 @@ class Progress:
             else:
                 self.producer.poll(0)
                 self.later = []
+            self.calm = (now, set(mine), dict(self.publisher.processed), self._others(mine))
         else:
             ticked = [p for p in owned if self.publisher.needs_tick(p, now)]
         loop.tick(ticked, now)
+
+    def _quiet(self, mine: set[int], now: int) -> bool:
+        """Has a tick nothing to do or tell since the last full one (at most QUIET_MAX ago)? Then it
+        is skipped: none of our partitions processed anything or has anything to decide, they are the
+        same partitions, and no other worker's partition processed anything and no input is pending
+        (their reports, read here). Skipping a tick is a tick that comes late: nothing counts early.
+        The first decision after a quiet spell can wait a tick or two longer (docs/semantics.md)."""
+        self._read()
+        if self.calm is None or now - self.calm[0] >= QUIET_MAX:
+            return False
+        _, owned, processed, others = self.calm
+        return (owned == mine and processed == self.publisher.processed and others == self._others(mine)
+                and not any(self.publisher.needs_tick(p, now) for p in mine))
+
+    def _others(self, mine: set[int]) -> tuple[dict, dict, dict]:
+        """What moves when others work, from the reports heard: the committed offsets of the partitions
+        other workers own, and the inputs not idle (an idle one reports only its tick)."""
+        heard = self.detector.heard.logged
+        return ({p: o for p, (_, o) in heard.offsets.items() if p not in mine},
+                {s: v for s, (_, v) in heard.inputs.items() if v < envelope.IDLE},
+                {s: v for s, (_, v) in heard.answers.items() if v < envelope.IDLE})

@@ -180,6 +180,49 @@ def test_a_tick_with_nothing_to_decide_reads_the_ends_once_and_its_reports_count
     assert {at for _, at in heard.view(0).told.values()} == {3000}  # this tick's own, in this tick
 
 
+def test_a_tick_with_nothing_to_do_or_tell_is_skipped_until_something_moves(monkeypatch):
+    """progress._quiet: after a full tick, ticks that would find nothing new (no partition processed
+    anything or waits for a decision, no other worker's offsets or inputs moved) write nothing and ask
+    the broker nothing; every QUIET_MAX a full one goes out anyway."""
+    log, ends = _Log(), {0: 100, 1: 100}
+    monkeypatch.setattr(eos, "read_to", lambda app, tp: (None, None))
+    pr, _, pub = _worker(log, [0, 1], ends, monkeypatch)
+    calls = []
+    pr._ends = lambda asked: calls.append(1) or {p: ends[p] for p in asked}
+    clock = [1_000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: clock[0])
+    pub.processed.update({0: 100, 1: 100})
+    pub.reported.update({0: (500, 500), 1: (500, 500)})
+    pr.noted()
+    pr.app.consumer._committed_offset.update({TP(TOPICS.accounts, p): 100 for p in (0, 1)})
+
+    def tick(seconds=1.0):
+        clock[0] += seconds
+        written = len(log.records)
+        asyncio.run(pr.tick())
+        return len(log.records) > written
+
+    def other(*lines):  # another worker's record on <app>-progress
+        (body,) = envelope.pack_all(list(lines))
+        log.records.append(body)
+
+    assert tick()  # the first tick is full
+    assert not tick() and not tick() and len(calls) == 1  # nothing moved: skipped
+    pub.processed[1] = 140  # a partition of ours processed something
+    assert tick() and not tick()
+    other(envelope.offsets(2_000, {7: 50}))  # another worker's partition 7 committed up to 50
+    assert tick() and not tick()
+    other(envelope.told(envelope.INPUT, 3, 3_000, envelope.IDLE))  # an input idle: only its tick moved
+    assert not tick()
+    other(envelope.told(envelope.INPUT, 3, 4_000, 3_900))  # input 3 has events pending
+    assert tick() and not tick()
+    pub.needs_tick = lambda p, now: p == 0  # a decision waits
+    assert tick()
+    pub.needs_tick = lambda p, now: False
+    assert not tick()
+    assert tick(progress.QUIET_MAX / 1000)  # the longest a quiet worker goes without a full tick
+
+
 def test_the_tick_tells_the_transactions_how_far_behind_the_worker_is(monkeypatch):
     """Commits are spaced while a partition is far behind its log (eos.guard_commits): the tick
     measures it, the furthest-behind owned partition (processed offset to high watermark)."""
