@@ -24,14 +24,15 @@ stack-down:
 stack-status:
 	@deploy/stack.sh status
 
-# The whole suite: tests/unit/, then tests/stack/, which starts its own Kafka and Redis on separate
-# ports (see tests/conftest.py).
+# The whole suite: tests/unit/ (two processes: CPU-bound, no services), then tests/stack/, one at a
+# time, which starts its own Kafka and Redis on separate ports (see tests/conftest.py).
 test: install
-	$(BIN)/pytest -q --durations=30
+	$(BIN)/pytest -q -n 2 --durations=10 tests/unit
+	$(BIN)/pytest -q --durations=30 tests/stack
 
 # The unit half: tests/unit/, no services.
 test-fast: install
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q -n 2 tests/unit
 
 demo: stack
 	$(BIN)/python -m streams.tools.demo

@@ -35,16 +35,16 @@ def test_a_rolling_upgrade_under_load_keeps_every_handoff_exact_and_once(eo, tmp
     eo.create_topic("product.events", 4)
     a, b = eo.start_worker("a-old", cwd=old_release), eo.start_worker("b-old", cwd=old_release)
     eo.wait_ready(a, b)
-    sender = threading.Thread(target=publish, args=(eo.kafka, eo.topic("product.events"), lines), kwargs={"rate": 75})
-    sender.start()
-    time.sleep(8)
+    sender = threading.Thread(target=publish, args=(eo.kafka, eo.topic("product.events"), lines), kwargs={"rate": 110})
+    sender.start()  # (~33 s of sending: as long as the upgrade below)
+    time.sleep(5)
     new = []
     for old, name in ((a, "a-new"), (b, "b-new")):  # stop one, start the new release, then the other
         old.terminate()
         assert old.wait(60) == 0
         new.append(eo.start_worker(name))
         eo.wait_ready(new[-1])
-        time.sleep(8)
+        time.sleep(5)  # both releases run side by side
     sender.join()
     counts = handoff_counts(eo, len(expected))
     missing = [i for i in expected if counts[i] == 0]
