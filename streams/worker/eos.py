@@ -257,10 +257,18 @@ def tables_follow_sources(app, source: str, changelogs: list[str]) -> None:
 
 
 FAUST_FETCH_WAIT_MS = 1500  # what faust.transport.drivers.aiokafka gives its worker consumer
+QUIET_FETCH_WAIT_MS = 5000  # while the worker's ticks are quiet (streams/worker/progress.py `_quiet`)
 
 
 def fetch_wait(app, ms: int) -> None:
-    """The longest wait of the worker consumer's next fetches (aiokafka reads it per request)."""
+    """The longest wait of the worker consumer's next fetches (aiokafka reads it per request).
+
+    A fetch returns as soon as there is something to read (a transaction's commit included), so the
+    wait costs no latency; only a request behind the one in flight on its connection waits for it (a
+    rebalance's ListOffsets: `quick_fetches_while_rebalancing`). Every empty answer costs Python work
+    per assigned partition (about 70 us each at 256 partitions): while its ticks are quiet, the
+    worker waits QUIET_FETCH_WAIT_MS (idle at 256 partitions 5.3 -> 3.8 % of a core, session 23),
+    then Faust's FAUST_FETCH_WAIT_MS again."""
     consumer = getattr(getattr(app.consumer, "_thread", None), "_consumer", None)
     if consumer is None:
         return

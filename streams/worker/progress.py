@@ -293,7 +293,10 @@ class Progress:
             for p in [p for p in kept if p not in owned]:
                 del kept[p]
         now = int(time.time() * 1000)
-        if self._quiet(mine, now):
+        quiet = self._quiet(mine, now)
+        if not getattr(self.app, "rebalancing", False):  # (a rebalance sets its own: eos.quick_fetches_while_rebalancing)
+            eos.fetch_wait(self.app, eos.QUIET_FETCH_WAIT_MS if quiet else eos.FAUST_FETCH_WAIT_MS)
+        if quiet:
             metrics.ticks_quiet.inc()
             return
         loop.report(now)

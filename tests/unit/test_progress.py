@@ -206,8 +206,15 @@ def test_a_tick_with_nothing_to_do_or_tell_is_skipped_until_something_moves(monk
         (body,) = envelope.pack_all(list(lines))
         log.records.append(body)
 
+    waits = []
+    monkeypatch.setattr(eos, "fetch_wait", lambda app, ms: waits.append(ms))
     assert tick()  # the first tick is full
     assert not tick() and not tick() and len(calls) == 1  # nothing moved: skipped
+    assert waits == [eos.FAUST_FETCH_WAIT_MS] + 2 * [eos.QUIET_FETCH_WAIT_MS]  # quiet: longer empty fetches
+    pr.app.rebalancing = True
+    tick()
+    assert len(waits) == 3, "a rebalance sets its own fetch wait"
+    pr.app.rebalancing = False
     pub.processed[1] = 140  # a partition of ours processed something
     assert tick() and not tick()
     other(envelope.offsets(2_000, {7: 50}))  # another worker's partition 7 committed up to 50
