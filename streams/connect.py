@@ -36,8 +36,15 @@ class _Collect(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def check_kafka(s: Settings, timeout: float = 15.0) -> None:
-    """Connect and read the cluster's metadata; a refused login or an unreachable broker stops here."""
+KAFKA_PATIENCE = 60.0  # s `pql worker` waits at start for a broker that does not answer (`check_kafka`)
+SAY_WAITING = 15.0  # s after which it says it is still waiting
+
+
+def check_kafka(s: Settings, timeout: float = KAFKA_PATIENCE) -> None:
+    """Connect and read the cluster's metadata; a refused login stops here at once, a broker that
+    does not answer after `timeout` seconds too. A worker restarted while its broker restarts (a
+    single node takes 15-30 s with 64-partition topics) waits for it: it gave up after 15 s and exited
+    (chaos seed 2 at 64 partitions, session 23: a SIGKILL's restart a second before a broker restart)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
@@ -46,7 +53,8 @@ def check_kafka(s: Settings, timeout: float = 15.0) -> None:
     logger.propagate = False
     errors: list = []
     admin = AdminClient({**s.confluent(), "error_cb": errors.append, "logger": logger})
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline, said = start + timeout, False
     try:
         while True:
             try:
@@ -63,6 +71,10 @@ def check_kafka(s: Settings, timeout: float = 15.0) -> None:
                     f"PQL_KAFKA_SASL_MECHANISM: {auth[-1].split(': ', 1)[-1]}", s))
             if time.monotonic() > deadline:
                 break
+            if not said and time.monotonic() > start + SAY_WAITING:
+                said = True
+                logging.getLogger("pql.connect").warning(
+                    "Kafka at %s does not answer yet (PQL_KAFKA_BOOTSTRAP); waiting up to %.0f s", s.kafka_bootstrap, timeout)
     finally:
         logger.removeHandler(seen)
     detail = str(errors[-1]) if errors else "no answer"

@@ -102,3 +102,25 @@ def test_the_worker_creates_its_low_volume_topics_with_few_partitions(monkeypatc
     assert ensure_topics(s, t) == (64, topics_module.FEW)
     assert {made[n] for n in (*t.crm, *t.responses, t.alerts_retry, t.dlq)} == {topics_module.FEW}
     assert {made[n] for n in (*t.events, *t.copartitioned, *t.changelogs)} == {64} and made[t.progress] == 1
+
+
+def test_a_broker_that_does_not_answer_is_waited_for_then_named(monkeypatch, caplog):
+    """streams.connect.check_kafka: a worker started while its broker restarts waits (saying so after
+    SAY_WAITING s), then exits naming the setting; it gave up after 15 s (chaos seed 2, session 23)."""
+    import logging
+    import socket
+
+    import pytest
+
+    from streams import connect
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("PQL_KAFKA_BOOTSTRAP", f"127.0.0.1:{port}")
+    monkeypatch.setattr(connect, "SAY_WAITING", 0.5)
+    assert connect.KAFKA_PATIENCE >= 60
+    with caplog.at_level(logging.WARNING, logger="pql.connect"):
+        with pytest.raises(connect.ConnectError, match="cannot reach Kafka at 127.0.0.1.*PQL_KAFKA_BOOTSTRAP"):
+            connect.check_kafka(load_settings(), timeout=2.0)
+    assert "does not answer yet" in caplog.text
