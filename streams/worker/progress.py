@@ -302,6 +302,7 @@ class Progress:
         loop.report(now)
         made = await self._fence(owned)
         self.calm = None
+        ticked = [p for p in owned if self.publisher.needs_tick(p, now)]
         if made is not None:
             ends, idle, lines = made
             self.publisher.tx.catching_up(records_behind(ends, self.publisher.processed), self.catchup)
@@ -322,7 +323,6 @@ class Progress:
                 lines.append(envelope.offsets(now, committed))
             for body in envelope.pack_all(self.later + lines):
                 produce(self.producer, self.topics.progress, body, on_delivery=self._acked, headers=formats.HEADERS)
-            ticked = [p for p in owned if self.publisher.needs_tick(p, now)]
             if ticked:
                 # Our reports count here too once acked and read back, under a second fence (else a
                 # partition's report reached the others a tick later: p99 event -> handoff 1.9 s, not
@@ -334,8 +334,6 @@ class Progress:
                 self.producer.poll(0)
                 self.later = []
             self.calm = (now, set(mine), dict(self.publisher.processed), self._others(mine))
-        else:
-            ticked = [p for p in owned if self.publisher.needs_tick(p, now)]
         loop.tick(ticked, now)
 
     def _quiet(self, mine: set[int], now: int) -> bool:
